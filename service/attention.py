@@ -1,0 +1,117 @@
+"""Attention with a correct causal mask for every layer, whatever its cache length.
+
+transformers builds one mask for all layers from layer 0's cache length
+(huggingface/transformers#35168). After KVCompose's global allocation or PyramidKV,
+layers hold different numbers of tokens, so that shared mask is wrong (or crashes).
+This attention function ignores the shared mask and builds, per layer, the mask its
+own key length calls for:
+
+- the new queries are the last ``q_len`` keys, so query ``i`` sees keys ``j <= k_len - q_len + i``
+  (bottom-right aligned causal mask);
+- head-wise presses evict per KV head: ``evicted[layer]`` of shape ``(kv_heads, cached_len)``
+  (True = evicted) hides those positions from that head's queries.
+
+The per-layer evicted masks travel as a forward keyword (``kvc_evicted``), never as state on
+the model, so one model serves many caches concurrently. A caller that needs the softmax
+normaliser of every query (KVCompose's scoring) passes a dict as ``kvc_lse``; on CPU it is filled
+from the fused kernel at no extra cost, per layer, with (heads, q_len) log-sum-exp values.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+
+ATTENTION_NAME = "kvcompose_sdpa"
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """Bool mask (q_len, k_len), True = may attend; the queries are the last q_len keys."""
+    rows = torch.arange(q_len, device=device).unsqueeze(1)
+    cols = torch.arange(k_len, device=device).unsqueeze(0)
+    return cols <= rows + (k_len - q_len)
+
+
+def key_mask(
+    q_len: int, k_len: int, evicted: torch.Tensor | None, num_groups: int, device: torch.device
+) -> torch.Tensor | None:
+    """Bool attention mask (1|heads, 1, q_len, k_len) for one layer, or None when plain causal will do.
+
+    evicted: (kv_heads, cached_len) bool with cached_len <= k_len; positions after it are new tokens.
+    """
+    if evicted is None:
+        if q_len == 1 or q_len == k_len:
+            return None
+        return causal_mask(q_len, k_len, device)[None, None]
+    keep = torch.ones(evicted.shape[0], k_len, dtype=torch.bool, device=device)
+    keep[:, : evicted.shape[1]] = ~evicted.to(device)
+    keep = keep.repeat_interleave(num_groups, dim=0)  # kv heads -> query heads
+    mask = keep[:, None, :].expand(-1, q_len, -1)
+    if q_len > 1:
+        mask = mask & causal_mask(q_len, k_len, device)
+    return mask.unsqueeze(0)
+
+
+def per_layer_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    kvc_evicted: list[torch.Tensor | None] | None = None,
+    kvc_lse: dict[int, torch.Tensor] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Scaled dot-product attention; query (b, heads, q, d), key/value (b, kv_heads, k, d)."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    evicted = kvc_evicted[module.layer_idx] if kvc_evicted is not None else None
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    if kvc_lse is not None and evicted is None and query.device.type == "cpu" and k_len >= q_len:
+        out, lse = attention_with_lse(query, key, value, scaling)
+        kvc_lse[module.layer_idx] = lse[0]
+        return out.transpose(1, 2).contiguous(), None
+    mask = key_mask(q_len, k_len, evicted, groups, query.device)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=mask is None and q_len == k_len and q_len > 1,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU fused attention of the last q_len keys' queries, with its log-sum-exp (b, heads, q).
+
+    The fused kernel's causal flag is top-left aligned, so the cached keys (all visible) and the
+    new keys (causal, square) are attended separately and merged by their log-sum-exps: exact,
+    and no (q, k) mask is materialised.
+    """
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    split = key.shape[2] - query.shape[2]
+    if split == 0:
+        out, lse = flash(query, key, value, 0.0, True, scale=scale)[:2]
+        return out.to(query.dtype), lse
+    out_a, lse_a = flash(query, key[:, :, :split], value[:, :, :split], 0.0, False, scale=scale)[:2]
+    out_b, lse_b = flash(query, key[:, :, split:], value[:, :, split:], 0.0, True, scale=scale)[:2]
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = out_a * (lse_a - lse).exp().unsqueeze(-1) + out_b * (lse_b - lse).exp().unsqueeze(-1)
+    return out.to(query.dtype), lse
+
+
+def use_per_layer_attention(model: torch.nn.Module) -> None:
+    """Register the attention function (idempotent) and switch ``model`` to it."""
+    import kvpress  # noqa: F401  kvpress wraps every registered attention function on import: register after it
+
+    AttentionInterface.register(ATTENTION_NAME, per_layer_sdpa)
+    model.set_attn_implementation(ATTENTION_NAME)

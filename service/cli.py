@@ -1,0 +1,108 @@
+"""``kvcompose`` command line: compress a document to a cache file, ask questions from it, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from service.codec import CorruptCacheError
+
+
+def _quiet() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _engine(model: str | None, storage_dtype: str | None = None):
+    from service.config import EngineConfig
+    from service.engine import Engine
+
+    return Engine(EngineConfig.from_env(model=model, storage_dtype=storage_dtype))
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from service import codec
+
+    text = Path(args.document).read_text() if args.document != "-" else sys.stdin.read()
+    engine = _engine(args.model, args.dtype)
+    kv, stats = engine.compress(text, json.loads(args.press) if args.press else None, args.task_prompt or None)
+    written = codec.save(kv, args.out)
+    print(json.dumps({**stats.to_json(), "file": str(args.out), "file_bytes": written, "press": kv.meta.press,
+                      "model": kv.meta.model_id}, indent=2))
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from service import codec
+    from service.decode import Sampling
+
+    kv = codec.load(args.cache)
+    engine = _engine(args.model or kv.meta.model_id)
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        seed=args.seed, stop_token_ids=engine.stop_token_ids())
+    results = []
+    for question in args.question:
+        start = time.perf_counter()
+        answer = engine.answer(kv, question, sampling)
+        results.append({"question": question, "answer": answer, "seconds": round(time.perf_counter() - start, 3)})
+    print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Compress a generated needle-in-a-haystack document and ask for the needle."""
+    from service.haystack import needle_document
+
+    engine = _engine(args.model)
+    doc, question, needle = needle_document(engine.loaded.tokenizer, args.tokens)
+    kv, stats = engine.compress(doc, {"press": "kvcompose", "compression_ratio": args.ratio})
+    answer = engine.answer(kv, question)
+    print(json.dumps({**stats.to_json(), "question": question, "answer": answer, "expected": needle,
+                      "correct": needle in answer}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvcompose", description=__doc__)
+    parser.add_argument("--model", help="embedded default, a Hugging Face id or a local path")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compress", help="prefill + compress a document into a cache file")
+    p.add_argument("document", help="text file ('-' for stdin)")
+    p.add_argument("--press", help='JSON spec, e.g. \'{"press": "kvcompose", "compression_ratio": 0.5}\'')
+    p.add_argument("--task-prompt", action="append", help="expected question (task-aware KVCompose); repeatable")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="storage dtype (default float16)")
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("ask", help="answer questions from a cache file")
+    p.add_argument("cache", type=Path)
+    p.add_argument("question", nargs="+")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("demo", help="needle-in-a-haystack demo with the embedded model")
+    p.add_argument("--tokens", type=int, default=2000)
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    _quiet()
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, CorruptCacheError) as e:
+        print(f"kvcompose: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The in-process engine: one loaded model; compress contexts and answer questions from compressed caches.
+
+This is the object the CLI, the store and the Ray Serve deployments call. It is not thread-safe:
+one engine runs one model call at a time (callers serialise, e.g. one request per replica).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from service.config import EngineConfig
+from service.decode import Sampling, generate, question_logits
+from service.kvcache import CacheMeta, CompressedKV
+from service.models import LoadedModel, load_model
+from service.prefill import prefill
+from service.presses import build, canonical, presses_in
+from service.prompt import PromptFormat
+
+
+@dataclass(frozen=True)
+class CompressStats:
+    original_tokens: int
+    kept_tokens_per_layer: list[float]
+    compressed_bytes: int
+    uncompressed_bytes: int
+    seconds: float
+
+    @property
+    def kept_fraction(self) -> float:
+        return sum(self.kept_tokens_per_layer) / (len(self.kept_tokens_per_layer) * self.original_tokens)
+
+    def to_json(self) -> dict:
+        return {
+            "original_tokens": self.original_tokens,
+            "kept_tokens": round(sum(self.kept_tokens_per_layer) / len(self.kept_tokens_per_layer), 2),
+            "kept_tokens_per_layer": [round(x, 2) for x in self.kept_tokens_per_layer],
+            "kept_fraction": round(self.kept_fraction, 4),
+            "compressed_bytes": self.compressed_bytes,
+            "uncompressed_bytes": self.uncompressed_bytes,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None):
+        self.config = config or EngineConfig()
+        self.loaded = loaded or load_model(self.config)
+        self.prompt = PromptFormat(self.loaded.tokenizer)
+        self.storage_dtype = _torch_dtype(self.config.storage_dtype)
+
+    @property
+    def model_id(self) -> str:
+        return self.loaded.model_id
+
+    def context_ids(self, context: str | list[int]) -> list[int]:
+        """Token ids of a context given as text (chat-templated) or as ids (used as given)."""
+        ids = self.prompt.context_ids(context) if isinstance(context, str) else [int(i) for i in context]
+        if not ids:
+            raise ValueError("context is empty")
+        if len(ids) > self.config.max_context_tokens:
+            raise ValueError(f"context has {len(ids)} tokens; the limit is {self.config.max_context_tokens}")
+        vocab = self.loaded.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"context token ids must be in [0, {vocab})")
+        return ids
+
+    def compress(
+        self,
+        context: str | list[int],
+        press: str | dict | None = None,
+        task_prompts: list[str] | None = None,
+    ) -> tuple[CompressedKV, CompressStats]:
+        """Prefill and compress one context. ``press`` None = the configured default; ``{}`` = no compression.
+
+        task_prompts: expected questions; KVCompose scores the context by their attention (task-aware).
+        """
+        start = time.perf_counter()
+        ids = self.context_ids(context)
+        spec = canonical(self.config.default_press if press is None else press)
+        built = build(spec)
+        if task_prompts:
+            scorers = [p for p in presses_in(built) if hasattr(p, "task_ids")]
+            if not scorers:
+                raise ValueError("task_prompts need a task-aware press (kvcompose)")
+            for p in scorers:
+                p.task_ids = [self.prompt.question_ids(q) for q in task_prompts]
+        meta = CacheMeta(self.loaded.model_id, self.loaded.revision, len(ids), spec)
+        kv = prefill(self.loaded.model, ids, built, meta).to(dtype=self.storage_dtype)
+        stats = CompressStats(
+            original_tokens=len(ids),
+            kept_tokens_per_layer=kv.kept_tokens_per_layer(),
+            compressed_bytes=kv.nbytes(),
+            uncompressed_bytes=kv.uncompressed_nbytes(self.storage_dtype),
+            seconds=time.perf_counter() - start,
+        )
+        return kv, stats
+
+    def check_compatible(self, kv: CompressedKV) -> None:
+        if (kv.meta.model_id, kv.meta.model_revision) != (self.loaded.model_id, self.loaded.revision):
+            raise ValueError(
+                f"cache was made by {kv.meta.model_id}@{kv.meta.model_revision}; "
+                f"this engine runs {self.loaded.model_id}@{self.loaded.revision}"
+            )
+        cfg = self.loaded.model.config
+        if kv.num_layers != cfg.num_hidden_layers:
+            raise ValueError(f"cache has {kv.num_layers} layers; the model has {cfg.num_hidden_layers}")
+
+    def stop_token_ids(self) -> tuple[int, ...]:
+        eos = self.loaded.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        extra = [self.loaded.tokenizer.eos_token_id]
+        return tuple(sorted({int(t) for t in eos + extra if t is not None}))
+
+    def stream(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
+               stop_strings: tuple[str, ...] = ()) -> Iterator[str]:
+        """Yield answer text pieces as tokens are produced; stop strings end the answer (not included)."""
+        self.check_compatible(kv)
+        sampling = sampling or Sampling(stop_token_ids=self.stop_token_ids())
+        if not sampling.stop_token_ids:
+            sampling = Sampling(**{**sampling.__dict__, "stop_token_ids": self.stop_token_ids()})
+        tokenizer = self.loaded.tokenizer
+        tokens: list[int] = []
+        sent = ""
+        for token in generate(self.loaded.model, kv, self.prompt.question_ids(question), sampling):
+            tokens.append(token)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
+            if cut >= 0:
+                if cut > len(sent):
+                    yield text[len(sent):cut]
+                return
+            # Hold back text that may be the start of a stop string or an incomplete character.
+            safe = len(text) - max((len(s) - 1 for s in stop_strings), default=0)
+            if text.endswith("\ufffd"):
+                safe = min(safe, len(text) - 1)
+            if safe > len(sent):
+                yield text[len(sent):safe]
+                sent = text[:safe]
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if len(text) > len(sent):
+            yield text[len(sent):]
+
+    def answer(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
+               stop_strings: tuple[str, ...] = ()) -> str:
+        return "".join(self.stream(kv, question, sampling, stop_strings))
+
+    def question_logits(self, kv: CompressedKV, question_ids: list[int]):
+        return question_logits(self.loaded.model, kv, question_ids)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)

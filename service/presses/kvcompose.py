@@ -1,0 +1,200 @@
+"""KVCompose (arXiv 2509.05165) as a kvpress press that decodes correctly and composes.
+
+Differences from kvpress 0.5.5's KVComposePress (same positions on the same scores otherwise):
+- prefill stays on the model's attention (SDPA); task attention is computed a block of queries at
+  a time (``scoring.TaskAttention``), O(L x T) memory instead of eager (heads, L, 2L) weights;
+- task-aware scoring works: ``task_ids`` are replayed (each prompt on its own, against the context
+  only); with none, the context itself is replayed (task-agnostic), or, with
+  ``replay_context=False``, scored from the prefill's own attention in one pass;
+- the replay reads the cache through a view that never stores the replayed tokens, so the cache
+  is not doubled and nothing of the replay is left behind;
+- it is a plain forward hook (no patched ``model.forward``), so ``ComposedPress`` accepts it:
+  at the last layer it scores what is cached, allocates globally and compresses every layer;
+- unstructured mode packs each head's picks densely (the layer is as wide as its busiest head)
+  and marks the padding evicted, instead of keeping every position and masking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from kvpress.presses.base_press import BasePress, is_prefilling
+from kvpress.utils import get_prerope_query_states
+from torch import nn
+from transformers import Cache
+from transformers.cache_utils import DynamicLayer
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from service import selection
+from service.presses.scoring import TaskAttention
+
+SCORE_BLOCK_BYTES = 64 * 2**20  # memory for one block of attention weights while scoring
+
+
+class _ReadOnlyLayer(DynamicLayer):
+    """Returns cached + new states without storing the new ones; remembers the last keys for scoring."""
+
+    def __init__(self, base: DynamicLayer):
+        super().__init__()
+        self.base = base
+        self.is_initialized = True
+        self.last_keys: torch.Tensor | None = None
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        keys = torch.cat([self.base.keys, key_states], dim=-2)
+        values = torch.cat([self.base.values, value_states], dim=-2)
+        self.last_keys = keys
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.base.get_seq_length()
+
+
+def _read_only(cache: Cache) -> Cache:
+    return Cache(layers=[_ReadOnlyLayer(layer) for layer in cache.layers])
+
+
+@dataclass
+class KVComposePress(BasePress):
+    """Structured KV-cache compression with composite tokens and global layer allocation.
+
+    compression_ratio: fraction of all layers' slots removed, globally.
+    agg_task / agg_group / agg_head: "max" or "mean" over task tokens / query heads of a GQA group /
+        KV heads (for composite scores).
+    add_v_norm: weight scores by value norms. add_mean_across_heads: add the KV-head mean (stabiliser).
+    keep_token_lower_bound: composite slots every layer keeps at least (at least 1 always).
+    structured: aligned composite tokens (dense, default) or per-head counts (unstructured).
+    replay_context: task-agnostic scoring replays the context as the task (as kvpress does); False
+        scores from the prefill's own causal attention, with no second pass.
+    task_ids: token ids of task prompts (e.g. expected questions) for task-aware scoring.
+    """
+
+    compression_ratio: float = 0.0
+    agg_task: str = "max"
+    agg_group: str = "mean"
+    agg_head: str = "mean"
+    add_v_norm: bool = False
+    add_mean_across_heads: bool = True
+    keep_token_lower_bound: int = 0
+    structured: bool = True
+    replay_context: bool = True
+    task_ids: list[list[int]] | None = None
+    _state: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.compression_ratio < 1:
+            raise ValueError(f"compression_ratio must be in [0, 1), got {self.compression_ratio}")
+        for name in ("agg_task", "agg_group", "agg_head"):
+            if getattr(self, name) not in ("max", "mean"):
+                raise ValueError(f"{name} must be 'max' or 'mean', got {getattr(self, name)!r}")
+        if self.keep_token_lower_bound < 0:
+            raise ValueError("keep_token_lower_bound must be >= 0")
+        if self.task_ids is not None and not all(len(ids) > 0 for ids in self.task_ids):
+            raise ValueError("task_ids must be non-empty token id lists")
+
+    # kvpress calls this when the press (or a ComposedPress holding it) is entered.
+    def post_init_from_model(self, model: nn.Module) -> None:
+        old = self._state.get("input_hook")
+        if old is not None:
+            old.remove()
+        decoder = model.model
+        self._state = {
+            "model": model,
+            "num_layers": len(decoder.layers),
+            # The context ids are needed to replay it; an attention hook only sees hidden states.
+            "input_hook": decoder.register_forward_pre_hook(self._remember_input, with_kwargs=True),
+        }
+
+    def _remember_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._state.get("replaying"):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self._state["context_ids"] = ids
+
+    def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
+        state = self._state
+        layer = module.layer_idx
+        cache = kwargs["past_key_values"]
+        if state.get("replaying"):
+            lse = state["lse"].pop(layer, None)
+            self._score(module, kwargs, cache.layers[layer].last_keys, state["n_cached"][layer], lse)
+            cache.layers[layer].last_keys = None
+            return output
+        q_len = kwargs["hidden_states"].shape[1]
+        if not is_prefilling(kwargs["cache_position"], q_len):
+            return output
+        if layer == 0:
+            state.update(scores={}, n_cached={}, context_length=q_len)
+        if not self._needs_replay():
+            keys = cache.layers[layer].keys
+            if keys.shape[2] != q_len:
+                raise ValueError("KVCompose with replay_context=false must come first in a composition")
+            state["n_cached"][layer] = q_len
+            self._score(module, kwargs, keys, q_len)
+        if layer == state["num_layers"] - 1:
+            try:
+                if self._needs_replay():
+                    self._replay(cache)
+                self._compress(cache)
+            finally:
+                self._state = {"model": state["model"], "num_layers": state["num_layers"],
+                               "input_hook": state.get("input_hook")}
+        return output
+
+    def _needs_replay(self) -> bool:
+        return bool(self.task_ids) or self.replay_context
+
+    def _replay(self, cache: Cache) -> None:
+        """Run each task prompt (or the context) after the cached context; hooks collect scores."""
+        state = self._state
+        model = state["model"]
+        device = cache.layers[0].keys.device
+        prompts = [torch.tensor([ids], device=device) for ids in self.task_ids] if self.task_ids \
+            else [state["context_ids"]]
+        state["n_cached"] = {i: layer.keys.shape[2] for i, layer in enumerate(cache.layers)}
+        start = state["context_length"]
+        state["replaying"] = True
+        try:
+            for ids in prompts:
+                positions = torch.arange(start, start + ids.shape[1], device=device).unsqueeze(0)
+                # kvc_lse: the per-layer attention fills in each query's softmax normaliser
+                state["lse"] = {}
+                model.model(input_ids=ids, past_key_values=_read_only(cache), position_ids=positions,
+                            use_cache=True, kvc_lse=state["lse"])
+        finally:
+            state["replaying"] = False
+
+    def _score(self, module: nn.Module, kwargs: dict, keys: torch.Tensor, n_context: int,
+               lse: torch.Tensor | None = None) -> None:
+        hidden = kwargs["hidden_states"]
+        query = get_prerope_query_states(module, hidden)
+        cos, sin = kwargs["position_embeddings"]
+        query, _ = apply_rotary_pos_emb(query, query, cos, sin)
+        agg = self._state["scores"].setdefault(module.layer_idx, TaskAttention(self.agg_task, n_context))
+        heads, k_len = query.shape[1], keys.shape[2]
+        chunk = max(1, SCORE_BLOCK_BYTES // (4 * heads * k_len))
+        agg.add(query[0], keys[0], module.scaling, chunk, lse)
+
+    def _compress(self, cache: Cache) -> None:
+        state = self._state
+        kv_heads = cache.layers[0].keys.shape[1]
+        scores = []
+        for i, layer in enumerate(cache.layers):
+            s = selection.group_scores(state["scores"][i].result(), kv_heads, self.agg_group)
+            values = layer.values[0, :, : s.shape[1]] if self.add_v_norm else None
+            scores.append(selection.enhance(s, values, self.add_mean_across_heads))
+        if self.structured:
+            composite = selection.composite_scores(scores, self.agg_head, self.keep_token_lower_bound)
+            counts = selection.allocate(composite, self.compression_ratio, max(1, self.keep_token_lower_bound))
+        else:
+            counts = selection.allocate_per_head(scores, self.compression_ratio, self.keep_token_lower_bound)
+        layers = state["model"].model.layers
+        for i, layer in enumerate(cache.layers):
+            positions, padding = selection.select(scores[i], counts[i])
+            index = positions.to(layer.keys.device)[None, :, :, None].expand(-1, -1, -1, layer.keys.shape[-1])
+            layer.keys = layer.keys.gather(2, index)
+            layer.values = layer.values.gather(2, index)
+            if padding is not None:
+                head, slot = padding.nonzero(as_tuple=True)
+                layers[i].self_attn.masked_key_indices = (torch.zeros_like(head), head, slot)

@@ -1,0 +1,75 @@
+"""Attention of task tokens onto context keys, without materialising (heads, T, L) weights.
+
+SDPA does not return attention weights, and eager attention materialises (heads, L, L) per layer.
+KVCompose needs, per query head and context position, the max (or mean) over task tokens of the
+softmax weight exp(l_ij - lse_i). Given each query's log-sum-exp ``lse_i`` (from the fused
+attention kernel, see ``service.attention``), a block of queries at a time is enough: for max,
+max_i exp(l_ij - lse_i) = exp(max_i (l_ij - lse_i)), so only (heads, L) values are exponentiated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from service.attention import attention_with_lse, causal_mask
+
+
+@dataclass
+class TaskAttention:
+    """Running aggregate over task tokens of attention weights onto the first ``n_context`` keys.
+
+    Holds (query_heads, n_context) float32: the running max of log-weights, or the running sum
+    of weights and the count for mean.
+    """
+
+    how: str
+    n_context: int
+    total: torch.Tensor | None = None
+    count: int = 0
+
+    def add(self, query: torch.Tensor, keys: torch.Tensor, scale: float, chunk: int,
+            lse: torch.Tensor | None = None) -> None:
+        """Fold in one pass of task queries.
+
+        query: (heads, T, d), post-RoPE; keys: (kv_heads, K, d) with the T task keys last, so task
+        token i sees keys j <= K - T + i. lse: (heads, T) log-sum-exp of each query's logits, or
+        None to compute it here.
+        """
+        heads, t_len, _ = query.shape
+        keys = keys.repeat_interleave(heads // keys.shape[0], dim=0)
+        if lse is None and query.device.type == "cpu":  # the fused kernel is far cheaper than logsumexp
+            lse = attention_with_lse(query[None], keys[None], keys[None], scale)[1][0]
+        context_t = keys[:, : self.n_context].transpose(1, 2)
+        for start in range(0, t_len, chunk):
+            q = query[:, start : start + chunk].float()
+            if lse is None:
+                block_lse = self._lse(q, keys, scale, start, t_len)
+            else:
+                block_lse = lse[:, start : start + chunk].float()
+            logw = torch.matmul(q, context_t.float()).mul_(scale).sub_(block_lse.unsqueeze(-1))
+            self._fold(logw)
+            del logw
+
+    @staticmethod
+    def _lse(q: torch.Tensor, keys: torch.Tensor, scale: float, start: int, t_len: int) -> torch.Tensor:
+        k_len = keys.shape[1]
+        logits = torch.matmul(q, keys.transpose(1, 2).float()).mul_(scale)
+        allowed = causal_mask(t_len, k_len, q.device)[start : start + q.shape[1]]
+        return torch.logsumexp(logits.masked_fill_(~allowed, float("-inf")), dim=-1)
+
+    def _fold(self, logw: torch.Tensor) -> None:
+        if self.how == "max":
+            part = logw.amax(dim=1)
+            self.total = part if self.total is None else torch.maximum(self.total, part)
+        else:
+            part = logw.exp_().sum(dim=1)
+            self.total = part if self.total is None else self.total + part
+        self.count += logw.shape[1]
+
+    def result(self) -> torch.Tensor:
+        """(query_heads, n_context) aggregated attention weights."""
+        if self.total is None:
+            raise RuntimeError("no task tokens were scored")
+        return self.total.exp() if self.how == "max" else self.total / self.count

@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny random Llama (unit tests) and the real embedded SmolLM2 (marked ``model``)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from service.attention import use_per_layer_attention  # noqa: E402
+from service.config import EngineConfig  # noqa: E402
+from service.kvcache import CacheMeta  # noqa: E402
+from service.models import LoadedModel, embedded_model_dir, tokenizer_digest  # noqa: E402
+
+TINY_VOCAB = 49152  # SmolLM2's tokenizer, so text round-trips through the tiny model too
+
+
+def tiny_llama(layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
+    """A random Llama small enough for unit tests: 4 query heads sharing 2 KV heads (GQA)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
+    )
+    model = LlamaForCausalLM(config).eval()
+    use_per_layer_attention(model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    return embedded_model_dir(EngineConfig().cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny(tokenizer) -> LoadedModel:
+    return LoadedModel(tiny_llama(), tokenizer, "tiny-llama", "seed-0", tokenizer_digest(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny):
+    from service.engine import Engine
+
+    return Engine(EngineConfig(model="tiny-llama", storage_dtype="float32"), loaded=tiny)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from service.engine import Engine
+
+    return Engine(EngineConfig())
+
+
+def meta(length: int, press: dict | None = None) -> CacheMeta:
+    return CacheMeta("tiny-llama", "seed-0", length, press or {})
+
+
+def random_ids(n: int, seed: int = 1) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 2000, (n,), generator=g).tolist()
