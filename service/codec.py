@@ -58,7 +58,9 @@ def encode(kv: CompressedKV, dtype: torch.dtype | None = None) -> bytes:
     for name, t in tensors:
         blob = _raw(t)
         dtype_name = str(t.dtype).removeprefix("torch.")
-        entries.append({"name": name, "dtype": dtype_name, "shape": list(t.shape), "offset": offset, "nbytes": len(blob)})
+        entries.append(
+            {"name": name, "dtype": dtype_name, "shape": list(t.shape), "offset": offset, "nbytes": len(blob)}
+        )
         blobs.append(blob)
         offset += len(blob)
     header = json.dumps({"meta": kv.meta.to_json(), "layers": kv.num_layers, "tensors": entries},

@@ -47,7 +47,7 @@ class EngineConfig:
             raise ValueError("max_context_tokens must be >= 1")
 
     @classmethod
-    def from_env(cls, **overrides) -> "EngineConfig":
+    def from_env(cls, **overrides) -> EngineConfig:
         """Defaults, then ``KVCOMPOSE_<FIELD>`` environment variables, then explicit overrides."""
         values: dict = {}
         for f in dataclasses.fields(cls):

@@ -35,7 +35,7 @@ class CacheMeta:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> "CacheMeta":
+    def from_json(cls, data: dict) -> CacheMeta:
         return cls(
             model_id=str(data["model_id"]),
             model_revision=str(data["model_revision"]),
@@ -95,7 +95,7 @@ class CompressedKV:
         per_token = sum(k.shape[0] * k.shape[2] * 2 for k in self.keys)
         return per_token * self.meta.original_length * item
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "CompressedKV":
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> CompressedKV:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=dtype)
 
@@ -124,7 +124,7 @@ class CompressedKV:
     @classmethod
     def from_cache(
         cls, cache: DynamicCache, evicted: list[torch.Tensor | None], meta: CacheMeta
-    ) -> "CompressedKV":
+    ) -> CompressedKV:
         keys = [layer.keys[0] for layer in cache.layers]
         values = [layer.values[0] for layer in cache.layers]
         return cls(keys=keys, values=values, evicted=evicted, meta=meta)

@@ -52,6 +52,13 @@ class _ReadOnlyLayer(DynamicLayer):
         return self.base.get_seq_length()
 
 
+def _remove_input_hook(decoder: nn.Module) -> None:
+    handle = getattr(decoder, "_kvcompose_input_hook", None)
+    if handle is not None:
+        handle.remove()
+        decoder._kvcompose_input_hook = None
+
+
 def _read_only(cache: Cache) -> Cache:
     return Cache(layers=[_ReadOnlyLayer(layer) for layer in cache.layers])
 
@@ -96,16 +103,12 @@ class KVComposePress(BasePress):
 
     # kvpress calls this when the press (or a ComposedPress holding it) is entered.
     def post_init_from_model(self, model: nn.Module) -> None:
-        old = self._state.get("input_hook")
-        if old is not None:
-            old.remove()
         decoder = model.model
-        self._state = {
-            "model": model,
-            "num_layers": len(decoder.layers),
-            # The context ids are needed to replay it; an attention hook only sees hidden states.
-            "input_hook": decoder.register_forward_pre_hook(self._remember_input, with_kwargs=True),
-        }
+        _remove_input_hook(decoder)
+        # The context ids are needed to replay it, and an attention hook only sees hidden states.
+        # At most one such hook exists per model; it is removed once the cache is compressed.
+        decoder._kvcompose_input_hook = decoder.register_forward_pre_hook(self._remember_input, with_kwargs=True)
+        self._state = {"model": model, "num_layers": len(decoder.layers)}
 
     def _remember_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._state.get("replaying"):
@@ -138,8 +141,8 @@ class KVComposePress(BasePress):
                     self._replay(cache)
                 self._compress(cache)
             finally:
-                self._state = {"model": state["model"], "num_layers": state["num_layers"],
-                               "input_hook": state.get("input_hook")}
+                _remove_input_hook(state["model"].model)
+                self._state = {"model": state["model"], "num_layers": state["num_layers"]}
         return output
 
     def _needs_replay(self) -> bool:
@@ -190,8 +193,10 @@ class KVComposePress(BasePress):
         else:
             counts = selection.allocate_per_head(scores, self.compression_ratio, self.keep_token_lower_bound)
         layers = state["model"].model.layers
+        self.last_selection = {"scores": scores, "counts": counts, "positions": []}  # for inspection
         for i, layer in enumerate(cache.layers):
             positions, padding = selection.select(scores[i], counts[i])
+            self.last_selection["positions"].append(positions)
             index = positions.to(layer.keys.device)[None, :, :, None].expand(-1, -1, -1, layer.keys.shape[-1])
             layer.keys = layer.keys.gather(2, index)
             layer.values = layer.values.gather(2, index)

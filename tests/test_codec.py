@@ -1,0 +1,67 @@
+"""The cache file format: bit-exact round trips, and every kind of damage refused."""
+
+import struct
+
+import pytest
+import torch
+from conftest import meta, random_ids, tiny_llama
+
+from service import codec
+from service.codec import CorruptCacheError
+from service.prefill import prefill
+from service.presses import build
+
+
+@pytest.fixture(scope="module")
+def kv():
+    spec = {"press": "kvcompose", "compression_ratio": 0.5, "structured": False}
+    return prefill(tiny_llama(), random_ids(128), build(spec), meta(128, spec))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_round_trip_is_bit_exact(kv, dtype, tmp_path):
+    path = tmp_path / "c.kvc"
+    codec.save(kv, path, dtype)
+    back = codec.load(path)
+    assert back.meta == kv.meta
+    for a, b in zip(kv.to(dtype=dtype).keys + kv.to(dtype=dtype).values, back.keys + back.values):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    for a, b in zip(kv.evicted, back.evicted):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_truncated_file_is_refused(kv):
+    data = codec.encode(kv)
+    for cut in (10, len(data) // 2, len(data) - 1):
+        with pytest.raises(CorruptCacheError):
+            codec.decode(data[:cut])
+
+
+def test_any_flipped_byte_is_refused(kv):
+    data = bytearray(codec.encode(kv))
+    for at in (20, len(data) // 3, len(data) - 40):
+        bad = bytearray(data)
+        bad[at] ^= 0x01
+        with pytest.raises(CorruptCacheError, match="checksum|magic|version"):
+            codec.decode(bytes(bad))
+
+
+def test_unknown_version_and_foreign_files_are_refused(kv):
+    data = bytearray(codec.encode(kv))
+    struct.pack_into("<I", data, 8, 99)
+    with pytest.raises(CorruptCacheError, match="version 99"):
+        codec.decode(bytes(data))
+    with pytest.raises(CorruptCacheError, match="magic"):
+        codec.decode(b"\x80\x04\x95" + b"\x00" * 100)  # a pickle is not a cache
+
+
+def test_header_records_what_decode_needs(kv):
+    import json
+
+    data = codec.encode(kv, torch.float16)
+    hlen = struct.unpack_from("<I", data, 12)[0]
+    header = json.loads(data[16 : 16 + hlen])
+    assert header["meta"]["original_length"] == 128 and header["meta"]["press"]["press"] == "kvcompose"
+    shapes = {t["name"]: t["shape"] for t in header["tensors"]}
+    assert [shapes[f"k.{i}"][1] for i in range(4)] == kv.layer_lengths
+    assert {t["dtype"] for t in header["tensors"] if t["name"].startswith("k.")} == {"float16"}

@@ -1,0 +1,56 @@
+"""Decoding from a compressed cache: positions, no mutation, sampling, stops."""
+
+import torch
+from conftest import random_ids
+
+from service.decode import Sampling, generate
+
+
+def test_questions_do_not_mutate_the_cache(tiny_engine):
+    kv, _ = tiny_engine.compress(random_ids(200), {"press": "kvcompose", "compression_ratio": 0.5})
+    before = [k.clone() for k in kv.keys]
+    first = tiny_engine.answer(kv, "What is it?", Sampling(max_new_tokens=8))
+    tiny_engine.answer(kv, "Something else entirely", Sampling(max_new_tokens=8))
+    assert all(torch.equal(a, b) for a, b in zip(before, kv.keys))
+    assert tiny_engine.answer(kv, "What is it?", Sampling(max_new_tokens=8)) == first
+
+
+def test_sampling_is_repeatable_with_a_seed_and_varies_without(tiny_engine):
+    kv, _ = tiny_engine.compress(random_ids(100), {})
+    model = tiny_engine.loaded.model
+    q = random_ids(4, seed=2)
+    s = Sampling(max_new_tokens=12, temperature=1.5, top_p=0.95, seed=7)
+    a, b = list(generate(model, kv, q, s)), list(generate(model, kv, q, s))
+    c = list(generate(model, kv, q, Sampling(max_new_tokens=12, temperature=1.5, top_p=0.95, seed=8)))
+    assert a == b and a != c
+
+
+def test_stop_token_ends_generation(tiny_engine):
+    kv, _ = tiny_engine.compress(random_ids(100), {})
+    model = tiny_engine.loaded.model
+    q = random_ids(4, seed=2)
+    greedy = list(generate(model, kv, q, Sampling(max_new_tokens=6)))
+    stopped = list(generate(model, kv, q, Sampling(max_new_tokens=6, stop_token_ids=(greedy[2],))))
+    assert stopped == greedy[: greedy.index(greedy[2])]
+
+
+def test_positions_continue_from_the_original_length(tiny_engine):
+    """A compressed cache answers as if the question sat after all original tokens (RoPE positions)."""
+    from service.decode import question_logits
+
+    ids = random_ids(120)
+    model = tiny_engine.loaded.model
+    kv, _ = tiny_engine.compress(ids, {"press": "streamingllm", "compression_ratio": 0.0})
+    shifted = type(kv.meta)(kv.meta.model_id, kv.meta.model_revision, 60, kv.meta.press)
+    q = random_ids(5, seed=6)
+    a = question_logits(model, kv, q)
+    b = question_logits(model, type(kv)(kv.keys, kv.values, kv.evicted, shifted), q)
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_stop_strings_cut_the_answer(tiny_engine):
+    kv, _ = tiny_engine.compress(random_ids(80), {})
+    full = tiny_engine.answer(kv, "hi", Sampling(max_new_tokens=10))
+    assert len(full) > 3
+    cut = tiny_engine.answer(kv, "hi", Sampling(max_new_tokens=10), stop_strings=(full[2:4],))
+    assert cut == full[: full.index(full[2:4])]

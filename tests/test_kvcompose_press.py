@@ -1,0 +1,88 @@
+"""The project's KVCompose press against kvpress's reference, and what the reference cannot do."""
+
+import kvpress
+import pytest
+import torch
+from conftest import meta, random_ids, tiny_llama
+
+from service.decode import question_logits
+from service.prefill import prefill
+from service.presses import build
+from service.presses.kvcompose import KVComposePress
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(layers=4, seed=3)
+
+
+def reference_selection(model, ids, ratio):
+    ref = kvpress.KVComposePress(compression_ratio=ratio)
+    ref._reset_state = lambda: None  # keep its masks for inspection
+    prefill(model, ids, ref, meta(len(ids)))
+    return ref
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.7])
+def test_same_positions_as_kvpress_reference_except_ties(model, ratio):
+    ids = random_ids(256, seed=11)
+    ref = reference_selection(model, ids, ratio)
+    ours = KVComposePress(compression_ratio=ratio)
+    prefill(model, ids, ours, meta(len(ids)))
+    sel = ours.last_selection
+    assert sel["counts"] == [int(c) for c in ref.important_per_layer]
+    mismatched = 0
+    for layer, positions in enumerate(sel["positions"]):
+        scores = sel["scores"][layer]
+        for head in range(positions.shape[0]):
+            mine = set(positions[head].tolist())
+            theirs = set(ref.important_mask_per_kv_head[layer][head].nonzero().flatten().tolist())
+            diff = mine ^ theirs
+            if diff:
+                # only where scores tie with the selection boundary
+                boundary = scores[head].sort(descending=True).values[len(mine) - 1]
+                assert all(abs(scores[head, p] - boundary) <= 1e-5 * boundary.abs() + 1e-8 for p in diff)
+                mismatched += len(diff)
+    assert mismatched <= 0.01 * sum(len(p.flatten()) for p in sel["positions"])
+
+
+def test_task_prompts_are_used(model):
+    ids = random_ids(256, seed=11)
+    agnostic = KVComposePress(compression_ratio=0.5)
+    aware = KVComposePress(compression_ratio=0.5, task_ids=[random_ids(8, seed=2)])
+    prefill(model, ids, agnostic, meta(256))
+    prefill(model, ids, aware, meta(256))
+    a, b = agnostic.last_selection["scores"][1], aware.last_selection["scores"][1]
+    assert not torch.allclose(a, b)
+
+
+def test_one_pass_mode_scores_without_replay(model):
+    press = KVComposePress(compression_ratio=0.5, replay_context=False)
+    kv = prefill(model, random_ids(200), press, meta(200))
+    assert sum(kv.layer_lengths) <= 0.5 * 200 * 4 + 4
+
+
+def test_replay_leaves_nothing_behind_and_model_stateless(model):
+    kv = prefill(model, random_ids(128), build({"press": "kvcompose", "compression_ratio": 0.25,
+                                                 "structured": False}), meta(128))
+    assert all(n <= 128 for n in kv.layer_lengths)  # kvpress's unstructured mode left 256 here
+    assert all(getattr(layer.self_attn, "masked_key_indices", None) is None for layer in model.model.layers)
+    assert not model.model._forward_pre_hooks  # the context-ids hook is gone
+
+
+def test_composes_with_think(model):
+    spec = {"compose": [{"press": "think", "key_channel_compression_ratio": 0.5},
+                        {"press": "kvcompose", "compression_ratio": 0.5}]}
+    kv = prefill(model, random_ids(200), build(spec), meta(200))
+    assert len(set(kv.layer_lengths)) > 1
+    zero_channels = (kv.keys[0].abs().sum(dim=1) == 0).sum().item()
+    assert zero_channels == kv.keys[0].shape[0] * kv.keys[0].shape[2] // 2
+    assert question_logits(model, kv, random_ids(4, seed=9)).isfinite().all()
+
+
+def test_kvpress_composition_refuses_the_reference_but_accepts_ours():
+    from service.presses import PressSpecError
+
+    build({"compose": [{"press": "snapkv", "compression_ratio": 0.3}, {"press": "kvcompose"}]})
+    with pytest.raises(PressSpecError, match="compose\\[0\\].press"):
+        build({"compose": [{"press": "kvpress_kvcompose"}]})

@@ -1,0 +1,62 @@
+"""The real embedded model: exactness against plain transformers, and the needle demo through the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from service.haystack import needle_document
+
+pytestmark = pytest.mark.model
+
+
+def test_no_press_logits_equal_plain_transformers(smollm2):
+    prompt = smollm2.prompt
+    context = prompt.context_ids("Paris is the capital of France. " * 20)
+    question = prompt.question_ids("What is the capital of France?")
+    kv, _ = smollm2.compress(context, {})
+    ours = smollm2.question_logits(kv.to(dtype=torch.float32), question)
+    model = smollm2.loaded.model
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            plain = model(torch.tensor([context + question])).logits[0, -len(question):].float()
+    finally:
+        from service.attention import use_per_layer_attention
+
+        use_per_layer_attention(model)
+    assert kv.dtype == torch.float16  # the default storage dtype: small rounding only
+    assert (ours - plain).abs().max() < 5e-2
+    fp32 = type(smollm2)(smollm2.config.__class__(storage_dtype="float32"), loaded=smollm2.loaded)
+    kv32, _ = fp32.compress(context, {})
+    assert torch.allclose(fp32.question_logits(kv32, question), plain, atol=1e-4)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_compress_then_ask_finds_the_needle(smollm2, tmp_path):
+    doc, question, needle = needle_document(smollm2.loaded.tokenizer, 2000)
+    (tmp_path / "doc.txt").write_text(doc)
+    out = tmp_path / "doc.kvc"
+    made = run_cli("compress", str(tmp_path / "doc.txt"), "--press",
+                   '{"press": "kvcompose", "compression_ratio": 0.5}', "--out", str(out))
+    assert made.returncode == 0, made.stderr
+    stats = json.loads(made.stdout)
+    assert 1900 <= stats["original_tokens"] <= 2100
+    assert abs(stats["kept_fraction"] - 0.5) < 0.02 and len(stats["kept_tokens_per_layer"]) == 30
+    assert stats["compressed_bytes"] < 0.55 * stats["uncompressed_bytes"]
+    asked = run_cli("ask", str(out), question)
+    assert asked.returncode == 0, asked.stderr
+    assert needle in json.loads(asked.stdout)["answer"]
+
+
+def test_cli_refuses_a_damaged_cache_file(tmp_path):
+    bad = tmp_path / "bad.kvc"
+    bad.write_bytes(b"KVCPRS\r\n" + b"\x01\x00\x00\x00" + b"\x00" * 64)
+    result = run_cli("ask", str(bad), "anything?")
+    assert result.returncode == 2
+    assert "checksum" in result.stderr and "Traceback" not in result.stderr
