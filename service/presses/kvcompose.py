@@ -30,7 +30,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from service import selection
 from service.presses.scoring import TaskAttention
 
-SCORE_BLOCK_BYTES = 64 * 2**20  # memory for one block of attention weights while scoring
+SCORE_BLOCK_BYTES = 8 * 2**20  # memory for one block of attention weights while scoring
 
 
 class _ReadOnlyLayer(DynamicLayer):

@@ -1,0 +1,86 @@
+"""Wall time and peak extra memory of the project's KVCompose vs kvpress 0.5.5's KVComposePress.
+
+Each measurement runs in a fresh process: load SmolLM2, build the same needle document, note the
+resident set, reset the kernel's peak counter (/proc/self/clear_refs), compress, read the peak
+(VmHWM). "Peak extra" = peak - resident before compressing. Prints a table and the ratios; the
+target (issue #2) is at most 1/3 of the reference's time and 1/4 of its peak extra memory.
+
+    python benchmarks/kvcompose_vs_reference.py [--lengths 2048,4096] [--ratio 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _status(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(which: str, tokens: int, ratio: float) -> dict:
+    import time
+
+    import kvpress
+
+    from service.engine import Engine
+    from service.haystack import needle_document
+    from service.kvcache import CacheMeta
+    from service.prefill import prefill
+    from service.presses.kvcompose import KVComposePress
+
+    engine = Engine()
+    doc, question, needle = needle_document(engine.loaded.tokenizer, tokens)
+    ids = engine.context_ids(doc)
+    presses = {"ours": KVComposePress, "reference": kvpress.KVComposePress}
+    press = presses[which](compression_ratio=ratio) if which in presses else None
+    meta = CacheMeta(engine.model_id, engine.loaded.revision, len(ids), {})
+    prefill(engine.loaded.model, ids[:64], None, meta)  # warm-up: kernels' first-use allocations
+    base = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    start = time.perf_counter()
+    kv = prefill(engine.loaded.model, ids, press, meta)
+    seconds = time.perf_counter() - start
+    peak = _status("VmHWM")
+    answer = engine.answer(kv.to(dtype=engine.storage_dtype), question)
+    return {"which": which, "tokens": len(ids), "seconds": seconds, "peak_extra_mib": (peak - base) / 2**20,
+            "needle_found": needle in answer}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="2048,4096")
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child[0], int(args.child[1]), args.ratio)))
+        return
+    print(f"{'tokens':>6}  {'press':<26} {'time s':>8} {'peak extra MiB':>15} {'needle':>7}")
+    for tokens in [int(x) for x in args.lengths.split(",")]:
+        rows = {}
+        for which in ("ours", "reference"):
+            out = subprocess.run([sys.executable, __file__, "--ratio", str(args.ratio), "--child", which, str(tokens)],
+                                 capture_output=True, text=True, check=True)
+            rows[which] = r = json.loads(out.stdout.strip().splitlines()[-1])
+            name = "service KVComposePress" if which == "ours" else "kvpress KVComposePress"
+            print(f"{r['tokens']:>6}  {name:<26} {r['seconds']:>8.1f} {r['peak_extra_mib']:>15.0f} "
+                  f"{str(r['needle_found']):>7}", flush=True)
+        t = rows["ours"]["seconds"] / rows["reference"]["seconds"]
+        m = rows["ours"]["peak_extra_mib"] / max(rows["reference"]["peak_extra_mib"], 1e-9)
+        print(f"{'':>6}  ratio ours/reference: time {t:.2f} (target <= 0.33), peak extra memory {m:.2f} "
+              f"(target <= 0.25)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
