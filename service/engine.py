@@ -6,9 +6,12 @@ one engine runs one model call at a time (callers serialise, e.g. one request pe
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+import torch
 
 from service.config import EngineConfig
 from service.decode import Sampling, generate, question_logits
@@ -48,7 +51,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.loaded = loaded or load_model(self.config)
         self.prompt = PromptFormat(self.loaded.tokenizer)
-        self.storage_dtype = _torch_dtype(self.config.storage_dtype)
+        self.storage_dtype = getattr(torch, self.config.storage_dtype)
 
     @property
     def model_id(self) -> str:
@@ -117,9 +120,9 @@ class Engine:
                stop_strings: tuple[str, ...] = ()) -> Iterator[str]:
         """Yield answer text pieces as tokens are produced; stop strings end the answer (not included)."""
         self.check_compatible(kv)
-        sampling = sampling or Sampling(stop_token_ids=self.stop_token_ids())
+        sampling = sampling or Sampling()
         if not sampling.stop_token_ids:
-            sampling = Sampling(**{**sampling.__dict__, "stop_token_ids": self.stop_token_ids()})
+            sampling = dataclasses.replace(sampling, stop_token_ids=self.stop_token_ids())
         tokenizer = self.loaded.tokenizer
         tokens: list[int] = []
         sent = ""
@@ -146,11 +149,5 @@ class Engine:
                stop_strings: tuple[str, ...] = ()) -> str:
         return "".join(self.stream(kv, question, sampling, stop_strings))
 
-    def question_logits(self, kv: CompressedKV, question_ids: list[int]):
+    def question_logits(self, kv: CompressedKV, question_ids: list[int]) -> torch.Tensor:
         return question_logits(self.loaded.model, kv, question_ids)
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
