@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +60,6 @@ class EngineConfig:
             elif f.name == "max_context_tokens":
                 values[f.name] = int(raw)
             elif f.name == "default_press":
-                import json
-
                 values[f.name] = json.loads(raw)
             else:
                 values[f.name] = raw

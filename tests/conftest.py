@@ -68,3 +68,13 @@ def meta(length: int, press: dict | None = None) -> CacheMeta:
 def random_ids(n: int, seed: int = 1) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(10, 2000, (n,), generator=g).tolist()
+
+
+def plain_transformers_logits(model, context: list[int], question: list[int]) -> torch.Tensor:
+    """Logits at the question positions from one plain transformers forward (stock SDPA, no cache)."""
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            return model(torch.tensor([context + question])).logits[0, -len(question):].float()
+    finally:
+        use_per_layer_attention(model)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import meta, random_ids, tiny_llama
+from conftest import meta, plain_transformers_logits, random_ids, tiny_llama
 
 from service.decode import question_logits
 from service.kvcache import CompressedKV
@@ -49,12 +49,5 @@ def test_uncompressed_cache_matches_plain_transformers(model):
     context, question = random_ids(200), random_ids(9, seed=3)
     kv = prefill(model, context, None, meta(200))
     ours = question_logits(model, kv, question)
-    model.set_attn_implementation("sdpa")
-    try:
-        with torch.inference_mode():
-            plain = model(torch.tensor([context + question])).logits[0, -len(question):].float()
-    finally:
-        from service.attention import use_per_layer_attention
-
-        use_per_layer_attention(model)
+    plain = plain_transformers_logits(model, context, question)
     assert torch.allclose(ours, plain, atol=1e-5), (ours - plain).abs().max()

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import plain_transformers_logits
 
 from service.haystack import needle_document
 
@@ -18,15 +19,7 @@ def test_no_press_logits_equal_plain_transformers(smollm2):
     question = prompt.question_ids("What is the capital of France?")
     kv, _ = smollm2.compress(context, {})
     ours = smollm2.question_logits(kv.to(dtype=torch.float32), question)
-    model = smollm2.loaded.model
-    model.set_attn_implementation("sdpa")
-    try:
-        with torch.inference_mode():
-            plain = model(torch.tensor([context + question])).logits[0, -len(question):].float()
-    finally:
-        from service.attention import use_per_layer_attention
-
-        use_per_layer_attention(model)
+    plain = plain_transformers_logits(smollm2.loaded.model, context, question)
     assert kv.dtype == torch.float16  # the default storage dtype: small rounding only
     assert (ours - plain).abs().max() < 5e-2
     fp32 = type(smollm2)(smollm2.config.__class__(storage_dtype="float32"), loaded=smollm2.loaded)

@@ -1,0 +1,48 @@
+"""Content addresses of compressed caches: the same document + model + press + codec + tenant gives
+the same id on any replica, in any process (no ``hash()``, no pickling).
+
+id = SHA-256 over::
+
+    b"kvcompose/cache-id" | u32 FORMAT_VERSION
+    | field* (each: u32 byte length, UTF-8 bytes): model id, model revision, tokenizer digest,
+      canonical press spec (JSON, sorted keys, no spaces), storage codec, tenant
+    | u32 token count | token ids as little-endian uint32
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.codec import FORMAT_VERSION
+
+_DOMAIN = b"kvcompose/cache-id"
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything that makes two compressed caches interchangeable, except the tokens."""
+
+    model_id: str
+    model_revision: str
+    tokenizer_digest: str
+    press: dict
+    codec: str
+    tenant: str = ""
+
+    def cache_id(self, token_ids: Sequence[int]) -> str:
+        h = hashlib.sha256(_DOMAIN + struct.pack("<I", FORMAT_VERSION))
+        press = json.dumps(self.press, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        for text in (self.model_id, self.model_revision, self.tokenizer_digest, press, self.codec, self.tenant):
+            raw = text.encode()
+            h.update(struct.pack("<I", len(raw)) + raw)
+        tokens = np.asarray(token_ids, dtype=np.int64)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**32):
+            raise ValueError("token ids must fit in uint32")
+        h.update(struct.pack("<I", tokens.size) + tokens.astype("<u4").tobytes())
+        return h.hexdigest()
