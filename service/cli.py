@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from service.codec import CorruptCacheError
+from service.config import CODECS
 
 
 def _quiet() -> None:
@@ -19,22 +20,23 @@ def _quiet() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _engine(model: str | None, storage_dtype: str | None = None):
+def _engine(model: str | None):
     from service.config import EngineConfig
     from service.engine import Engine
 
-    return Engine(EngineConfig.from_env(model=model, storage_dtype=storage_dtype))
+    return Engine(EngineConfig.from_env(model=model))
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from service import codec
 
     text = Path(args.document).read_text() if args.document != "-" else sys.stdin.read()
-    engine = _engine(args.model, args.dtype)
-    kv, stats = engine.compress(text, json.loads(args.press) if args.press else None, args.task_prompt or None)
-    written = codec.save(kv, args.out)
+    engine = _engine(args.model)
+    kv, stats = engine.compress(text, args.press, args.task_prompt or None,
+                                args.codec)
+    written = codec.save(kv, args.out, args.codec or engine.config.codec)
     print(json.dumps({**stats.to_json(), "file": str(args.out), "file_bytes": written, "press": kv.meta.press,
-                      "model": kv.meta.model_id}, indent=2))
+                      "codec": args.codec or engine.config.codec, "model": kv.meta.model_id}, indent=2))
     return 0
 
 
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("document", help="text file ('-' for stdin)")
     p.add_argument("--press", help='JSON spec, e.g. \'{"press": "kvcompose", "compression_ratio": 0.5}\'')
     p.add_argument("--task-prompt", action="append", help="expected question (task-aware KVCompose); repeatable")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="storage dtype (default float16)")
+    p.add_argument("--codec", choices=list(CODECS), help="storage codec (default float16)")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_compress)
 

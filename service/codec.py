@@ -1,18 +1,29 @@
-"""The project's cache file format, version 1: pickle-free, self-describing, checksummed.
+"""The project's cache byte format, version 1: pickle-free, self-describing, checksummed.
 
 Layout (all integers little-endian)::
 
     magic    8 bytes   b"KVCPRS\\r\\n"
     version  u32       FORMAT_VERSION
     hlen     u32       length of the header
-    header   hlen      UTF-8 JSON: {"meta": {...}, "dtype": "float16", "tensors": [
-                           {"name": "k.0", "dtype": "float16", "shape": [3, 812, 64], "offset": 0, "nbytes": ...}, ...]}
+    header   hlen      UTF-8 JSON: {"meta": {...}, "codec": "int8", "layers": 30, "tensors": [
+                           {"name": "k.0", "dtype": "int8", "shape": [812, 96], "offset": 0, "nbytes": ...}, ...]}
     payload  ...       the tensors' raw bytes, C order, at the header's offsets
     digest   32 bytes  SHA-256 of everything before it
 
+Tensors of layer i (H KV heads, n slots, head dim d):
+
+- ``k.i``: keys as (n, columns), columns = the kept channels of every head, head-major. Channels
+  that are zero for every token (ThinK's pruned key channels) are not stored: ``kc.i`` (uint8,
+  (H, d), 1 = stored) says which; without ``kc.i`` all H*d channels are stored.
+- ``v.i``: values (H, n, d).
+- ``e.i``: evicted mask (H, n) uint8, for head-wise eviction.
+- codec ``int8``: symmetric absmax quantisation, keys per channel (``ks.i``: float16 per column),
+  values per token (``vs.i``: float16 (H, n)), the split KIVI (arXiv 2402.02750) found suits
+  keys' outlier channels and values' per-token spread.
+  Other codecs store k and v in float16 / bfloat16 / float32.
+
 Every read checks magic, version, sizes and the digest before any tensor is built; a truncated or
-altered file raises ``CorruptCacheError``. Tensors are named ``k.<layer>``, ``v.<layer>`` and,
-for head-wise eviction, ``e.<layer>`` (uint8 mask, 1 = evicted).
+altered buffer raises ``CorruptCacheError``.
 """
 
 from __future__ import annotations
@@ -25,13 +36,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service.config import CODECS
 from service.kvcache import CacheMeta, CompressedKV
 
 MAGIC = b"KVCPRS\r\n"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sII")
 _DIGEST = 32
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8}
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+           "uint8": torch.uint8, "int8": torch.int8}
 
 
 class CorruptCacheError(ValueError):
@@ -45,32 +58,57 @@ def _raw(t: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
 
 
-def encode(kv: CompressedKV, dtype: torch.dtype | None = None) -> bytes:
-    """Serialise ``kv`` (cast to ``dtype`` when given) to bytes in format version 1."""
-    if dtype is not None:
-        kv = kv.to(dtype=dtype)
-    tensors: list[tuple[str, torch.Tensor]] = []
-    for i, (k, v, e) in enumerate(zip(kv.keys, kv.values, kv.evicted)):
-        tensors += [(f"k.{i}", k), (f"v.{i}", v)]
-        if e is not None:
-            tensors.append((f"e.{i}", e.to(torch.uint8)))
+def quantize(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one float16 scale per slice along ``dim`` reduced away.
+
+    The scale is rounded to float16 before quantising, so dequantising with the stored scale is exact.
+    """
+    x = x.float()
+    scale = (x.abs().amax(dim=dim, keepdim=True) / 127).clamp(min=1e-6).half()
+    return torch.round(x / scale.float()).clamp(-127, 127).to(torch.int8), scale.squeeze(dim)
+
+
+def _layer_tensors(i: int, k: torch.Tensor, v: torch.Tensor, e: torch.Tensor | None, codec: str):
+    heads, n, d = k.shape
+    cols = k.transpose(0, 1).reshape(n, heads * d)  # (n, H*d), head-major columns
+    kept = (k != 0).any(dim=1)  # (H, d): channels with any non-zero value
+    out = []
+    if not bool(kept.all()):
+        cols = cols[:, kept.reshape(-1)]
+        out.append((f"kc.{i}", kept.to(torch.uint8)))
+    if codec == "int8":
+        kq, ks = quantize(cols, dim=0)
+        vq, vs = quantize(v, dim=2)
+        out += [(f"k.{i}", kq), (f"ks.{i}", ks), (f"v.{i}", vq), (f"vs.{i}", vs)]
+    else:
+        dtype = _DTYPES[codec]
+        out += [(f"k.{i}", cols.to(dtype)), (f"v.{i}", v.to(dtype))]
+    if e is not None:
+        out.append((f"e.{i}", e.to(torch.uint8)))
+    return out
+
+
+def encode(kv: CompressedKV, codec: str = "float16") -> bytes:
+    """Serialise ``kv`` with ``codec`` (float16 | bfloat16 | float32 | int8) to bytes."""
+    if codec not in CODECS:
+        raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
     entries, blobs, offset = [], [], 0
-    for name, t in tensors:
-        blob = _raw(t)
-        dtype_name = str(t.dtype).removeprefix("torch.")
-        entries.append(
-            {"name": name, "dtype": dtype_name, "shape": list(t.shape), "offset": offset, "nbytes": len(blob)}
-        )
-        blobs.append(blob)
-        offset += len(blob)
-    header = json.dumps({"meta": kv.meta.to_json(), "layers": kv.num_layers, "tensors": entries},
+    for i, (k, v, e) in enumerate(zip(kv.keys, kv.values, kv.evicted)):
+        for name, t in _layer_tensors(i, k, v, e, codec):
+            blob = _raw(t)
+            dtype = str(t.dtype).removeprefix("torch.")
+            entries.append({"name": name, "dtype": dtype, "shape": list(t.shape), "offset": offset,
+                            "nbytes": len(blob)})
+            blobs.append(blob)
+            offset += len(blob)
+    header = json.dumps({"meta": kv.meta.to_json(), "codec": codec, "layers": kv.num_layers, "tensors": entries},
                         sort_keys=True, separators=(",", ":")).encode()
     body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)) + header + b"".join(blobs)
     return body + hashlib.sha256(body).digest()
 
 
-def decode(data: bytes | memoryview) -> CompressedKV:
-    """Parse and verify bytes written by ``encode``. Raises CorruptCacheError."""
+def read_header(data: bytes | memoryview) -> dict:
+    """Check framing and digest, then return the parsed header. Raises CorruptCacheError."""
     data = memoryview(data)
     if len(data) < _PREFIX.size + _DIGEST:
         raise CorruptCacheError(f"cache is truncated: {len(data)} bytes")
@@ -79,22 +117,43 @@ def decode(data: bytes | memoryview) -> CompressedKV:
         raise CorruptCacheError("not a KVCompose cache (bad magic bytes)")
     if version != FORMAT_VERSION:
         raise CorruptCacheError(f"cache format version {version} is not supported (this build reads {FORMAT_VERSION})")
-    body, digest = data[:-_DIGEST], data[-_DIGEST:]
-    if hashlib.sha256(body).digest() != bytes(digest):
+    if hashlib.sha256(data[:-_DIGEST]).digest() != bytes(data[-_DIGEST:]):
         raise CorruptCacheError("cache checksum mismatch: the bytes were truncated or altered")
     try:
-        header = json.loads(bytes(body[_PREFIX.size : _PREFIX.size + hlen]))
-        payload = body[_PREFIX.size + hlen :]
-        tensors = {e["name"]: _tensor(payload, e) for e in header["tensors"]}
-        layers = range(int(header["layers"]))
-        return CompressedKV(
-            keys=[tensors[f"k.{i}"] for i in layers],
-            values=[tensors[f"v.{i}"] for i in layers],
-            evicted=[tensors[f"e.{i}"].bool() if f"e.{i}" in tensors else None for i in layers],
-            meta=CacheMeta.from_json(header["meta"]),
-        )
-    except (KeyError, TypeError, ValueError) as e:
+        return json.loads(bytes(data[_PREFIX.size : _PREFIX.size + hlen]))
+    except ValueError as e:
+        raise CorruptCacheError(f"cache header is not JSON: {e}") from None
+
+
+def decode(data: bytes | memoryview) -> CompressedKV:
+    """Parse and verify bytes written by ``encode``; int8 caches come back as float16."""
+    data = memoryview(data)
+    header = read_header(data)
+    try:
+        hlen = _PREFIX.unpack_from(data)[2]
+        payload = data[_PREFIX.size + hlen : -_DIGEST]
+        t = {e["name"]: _tensor(payload, e) for e in header["tensors"]}
+        keys, values, evicted = [], [], []
+        for i in range(int(header["layers"])):
+            k, v = _restore_layer(t, i)
+            keys.append(k), values.append(v)
+            evicted.append(t[f"e.{i}"].bool() if f"e.{i}" in t else None)
+        return CompressedKV(keys=keys, values=values, evicted=evicted, meta=CacheMeta.from_json(header["meta"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CorruptCacheError(f"cache header is inconsistent: {e}") from None
+
+
+def _restore_layer(t: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    cols, v = t[f"k.{i}"], t[f"v.{i}"]
+    if f"ks.{i}" in t:
+        cols = (cols.float() * t[f"ks.{i}"].float()).to(torch.float16)
+        v = (v.float() * t[f"vs.{i}"].float().unsqueeze(-1)).to(torch.float16)
+    heads, n, d = v.shape
+    if f"kc.{i}" in t:
+        full = torch.zeros(n, heads * d, dtype=cols.dtype)
+        full[:, t[f"kc.{i}"].bool().reshape(-1)] = cols
+        cols = full
+    return cols.reshape(n, heads, d).transpose(0, 1).contiguous(), v
 
 
 def _tensor(payload: memoryview, entry: dict) -> torch.Tensor:
@@ -104,14 +163,18 @@ def _tensor(payload: memoryview, entry: dict) -> torch.Tensor:
     if start < 0 or start + n > len(payload) or n != int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size():
         raise ValueError(f"tensor {entry['name']} does not fit the payload")
     raw = np.frombuffer(payload[start : start + n], dtype=np.uint8).copy()
-    t = torch.from_numpy(raw)
-    return t.view(dtype).reshape(shape)
+    return torch.from_numpy(raw).view(dtype).reshape(shape)
 
 
-def save(kv: CompressedKV, path: str | Path, dtype: torch.dtype | None = None) -> int:
+def memory_dtype(codec: str) -> torch.dtype:
+    """The dtype a cache stored with ``codec`` has in memory (int8 dequantises to float16)."""
+    return torch.float16 if codec == "int8" else _DTYPES[codec]
+
+
+def save(kv: CompressedKV, path: str | Path, codec: str = "float16") -> int:
     """Write atomically (temp file + rename); returns the bytes written."""
     path = Path(path)
-    data = encode(kv, dtype)
+    data = encode(kv, codec)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     tmp.replace(path)

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
-STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
+CODECS = ("float16", "bfloat16", "float32", "int8")  # see service/codec.py
 
 
 def _default_cache_dir() -> Path:
@@ -24,7 +25,8 @@ class EngineConfig:
     model_revision: hub revision for hub ids.
     device: torch device ("cpu", "cuda", "cuda:1").
     compute_dtype: dtype the model runs in ("float32" on CPU; "bfloat16" is typical on GPUs).
-    storage_dtype: dtype of stored caches (float16 halves fp32's bytes with negligible loss).
+    codec: default storage codec of caches: float16 (halves fp32 with negligible loss), bfloat16, float32,
+        int8 (keys per channel, values per token; about half of float16).
     cache_dir: where converted models are kept.
     max_context_tokens: longer contexts are refused, not truncated.
     default_press: press spec used when a request names none.
@@ -34,16 +36,16 @@ class EngineConfig:
     model_revision: str | None = None
     device: str = "cpu"
     compute_dtype: str = "float32"
-    storage_dtype: str = "float16"
+    codec: str = "float16"
     cache_dir: Path = field(default_factory=_default_cache_dir)
     max_context_tokens: int = 32_768
     default_press: dict = field(default_factory=lambda: {"press": "kvcompose", "compression_ratio": 0.5})
 
     def __post_init__(self) -> None:
-        if self.storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {self.storage_dtype!r}")
-        if self.compute_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {STORAGE_DTYPES}, got {self.compute_dtype!r}")
+        if self.codec not in CODECS:
+            raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         if self.max_context_tokens < 1:
             raise ValueError("max_context_tokens must be >= 1")
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from service.config import EngineConfig
+from service.codec import memory_dtype
+from service.config import CODECS, EngineConfig
 from service.decode import Sampling, generate, question_logits
 from service.kvcache import CacheMeta, CompressedKV
 from service.models import LoadedModel, load_model
@@ -51,7 +52,6 @@ class Engine:
         self.config = config or EngineConfig()
         self.loaded = loaded or load_model(self.config)
         self.prompt = PromptFormat(self.loaded.tokenizer)
-        self.storage_dtype = getattr(torch, self.config.storage_dtype)
 
     @property
     def model_id(self) -> str:
@@ -74,11 +74,17 @@ class Engine:
         context: str | list[int],
         press: str | dict | None = None,
         task_prompts: list[str] | None = None,
+        codec: str | None = None,
     ) -> tuple[CompressedKV, CompressStats]:
         """Prefill and compress one context. ``press`` None = the configured default; ``{}`` = no compression.
 
         task_prompts: expected questions; KVCompose scores the context by their attention (task-aware).
+        codec: the storage codec the cache is meant for (default: the configured one); the returned
+            cache is in that codec's in-memory dtype, and ``codec.encode(kv, codec)`` gives its bytes.
         """
+        codec = codec or self.config.codec
+        if codec not in CODECS:
+            raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
         start = time.perf_counter()
         ids = self.context_ids(context)
         spec = canonical(self.config.default_press if press is None else press)
@@ -90,12 +96,13 @@ class Engine:
             for p in scorers:
                 p.task_ids = [self.prompt.question_ids(q) for q in task_prompts]
         meta = CacheMeta(self.loaded.model_id, self.loaded.revision, len(ids), spec)
-        kv = prefill(self.loaded.model, ids, built, meta).to(dtype=self.storage_dtype)
+        dtype = memory_dtype(codec)
+        kv = prefill(self.loaded.model, ids, built, meta).to(dtype=dtype)
         stats = CompressStats(
             original_tokens=len(ids),
             kept_tokens_per_layer=kv.kept_tokens_per_layer(),
             compressed_bytes=kv.nbytes(),
-            uncompressed_bytes=kv.uncompressed_nbytes(self.storage_dtype),
+            uncompressed_bytes=kv.uncompressed_nbytes(dtype),
             seconds=time.perf_counter() - start,
         )
         return kv, stats

@@ -51,7 +51,7 @@ def tiny(tokenizer) -> LoadedModel:
 def tiny_engine(tiny):
     from service.engine import Engine
 
-    return Engine(EngineConfig(model="tiny-llama", storage_dtype="float32"), loaded=tiny)
+    return Engine(EngineConfig(model="tiny-llama", codec="float32"), loaded=tiny)
 
 
 @pytest.fixture(scope="session")

@@ -18,16 +18,36 @@ def kv():
     return prefill(tiny_llama(), random_ids(128), build(spec), meta(128, spec))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_round_trip_is_bit_exact(kv, dtype, tmp_path):
+@pytest.mark.parametrize("name", ["float16", "bfloat16", "float32"])
+def test_round_trip_is_bit_exact(kv, name, tmp_path):
     path = tmp_path / "c.kvc"
-    codec.save(kv, path, dtype)
+    codec.save(kv, path, name)
     back = codec.load(path)
     assert back.meta == kv.meta
+    dtype = getattr(torch, name)
     for a, b in zip(kv.to(dtype=dtype).keys + kv.to(dtype=dtype).values, back.keys + back.values):
         assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
     for a, b in zip(kv.evicted, back.evicted):
         assert (a is None and b is None) or torch.equal(a, b)
+    assert codec.encode(back, name) == path.read_bytes()
+
+
+def test_int8_halves_float16_and_stays_close(kv):
+    fp16, int8 = codec.encode(kv, "float16"), codec.encode(kv, "int8")
+    assert len(int8) < 0.6 * len(fp16)  # head_dim 16 here: scales weigh more than at 64
+    back = codec.decode(int8)
+    for a, b in zip(kv.keys + kv.values, back.keys + back.values):
+        assert (a - b.float()).abs().max() <= a.abs().amax() / 100
+
+
+def test_zeroed_key_channels_are_not_stored(kv):
+    think = [k.clone() for k in kv.keys]
+    for k in think:
+        k[:, :, ::2] = 0  # what ThinK does to half the key channels
+    pruned = type(kv)(think, kv.values, kv.evicted, kv.meta)
+    assert len(codec.encode(pruned)) < 0.78 * len(codec.encode(kv))
+    back = codec.decode(codec.encode(pruned, "float32"))
+    assert all(torch.equal(a, b) for a, b in zip(think, back.keys))
 
 
 def test_truncated_file_is_refused(kv):
@@ -58,10 +78,10 @@ def test_unknown_version_and_foreign_files_are_refused(kv):
 def test_header_records_what_decode_needs(kv):
     import json
 
-    data = codec.encode(kv, torch.float16)
+    data = codec.encode(kv, "float16")
     hlen = struct.unpack_from("<I", data, 12)[0]
     header = json.loads(data[16 : 16 + hlen])
     assert header["meta"]["original_length"] == 128 and header["meta"]["press"]["press"] == "kvcompose"
     shapes = {t["name"]: t["shape"] for t in header["tensors"]}
-    assert [shapes[f"k.{i}"][1] for i in range(4)] == kv.layer_lengths
-    assert {t["dtype"] for t in header["tensors"] if t["name"].startswith("k.")} == {"float16"}
+    assert [shapes[f"v.{i}"][1] for i in range(4)] == kv.layer_lengths
+    assert {t["dtype"] for t in header["tensors"] if t["name"][0] in "kv"} == {"float16"}

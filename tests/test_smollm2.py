@@ -22,7 +22,7 @@ def test_no_press_logits_equal_plain_transformers(smollm2):
     plain = plain_transformers_logits(smollm2.loaded.model, context, question)
     assert kv.dtype == torch.float16  # the default storage dtype: small rounding only
     assert (ours - plain).abs().max() < 5e-2
-    fp32 = type(smollm2)(smollm2.config.__class__(storage_dtype="float32"), loaded=smollm2.loaded)
+    fp32 = type(smollm2)(smollm2.config.__class__(codec="float32"), loaded=smollm2.loaded)
     kv32, _ = fp32.compress(context, {})
     assert torch.allclose(fp32.question_logits(kv32, question), plain, atol=1e-4)
 
