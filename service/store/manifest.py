@@ -1,0 +1,58 @@
+"""The manifest of a stored entry (the commit marker, written last) and its proto/JSON forms."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from service.store.ids import CacheKey
+
+
+@dataclass(frozen=True)
+class Manifest:
+    cache_id: str
+    format_version: int
+    total_bytes: int
+    chunk_count: int
+    chunk_bytes: int
+    sha256: bytes
+    context_tokens: int
+    key: CacheKey
+    created_unix_ms: int
+    ttl_s: int
+    write_id: str  # names this write's chunks, so two writers never mix chunks
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["sha256"] = self.sha256.hex()
+        return json.dumps(data, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Manifest":
+        data = json.loads(raw)
+        data["sha256"] = bytes.fromhex(data["sha256"])
+        data["key"] = CacheKey(**data["key"])
+        return cls(**data)
+
+    def to_proto(self, pb):
+        """As a ``kvcompose.v1.Manifest`` (``pb`` is the generated module)."""
+        return pb.Manifest(
+            cache_id=self.cache_id, format_version=self.format_version, total_bytes=self.total_bytes,
+            chunk_count=self.chunk_count, chunk_bytes=self.chunk_bytes, sha256=self.sha256,
+            context_tokens=self.context_tokens, key=key_to_proto(self.key, pb),
+            created_unix_ms=self.created_unix_ms, ttl_s=self.ttl_s,
+        )
+
+
+def key_to_proto(key: CacheKey, pb):
+    return pb.CacheKey(model_id=key.model_id, model_revision=key.model_revision,
+                       tokenizer_digest=key.tokenizer_digest,
+                       press_json=json.dumps(key.press, sort_keys=True, separators=(",", ":")), codec=key.codec)
+
+
+def key_from_proto(msg, tenant: str) -> CacheKey:
+    try:
+        press = json.loads(msg.press_json or "{}")
+    except ValueError:
+        raise ValueError("key.press_json is not valid JSON") from None
+    return CacheKey(msg.model_id, msg.model_revision, msg.tokenizer_digest, press, msg.codec, tenant)
