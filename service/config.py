@@ -109,7 +109,7 @@ class StoreConfig:
             raise ValueError("lock_lease_s, wait_s and redis_timeout_s must be > 0")
 
     @classmethod
-    def from_env(cls, **overrides) -> "StoreConfig":
+    def from_env(cls, **overrides) -> StoreConfig:
         """Defaults, then ``KVCOMPOSE_STORE_<FIELD>`` (and ``REDIS_URL``), then explicit overrides."""
         values: dict = {}
         if os.environ.get("REDIS_URL"):

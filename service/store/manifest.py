@@ -28,7 +28,7 @@ class Manifest:
         return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> "Manifest":
+    def from_json(cls, raw: bytes) -> Manifest:
         data = json.loads(raw)
         data["sha256"] = bytes.fromhex(data["sha256"])
         data["key"] = CacheKey(**data["key"])

@@ -34,7 +34,8 @@ from service.store.keys import CACHE_ID, Keys, check_tenant
 from service.store.manifest import Manifest
 
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
-_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+_RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
+          "else return 0 end")
 _MGET_BATCH = 8  # chunks per round trip when reading
 
 
