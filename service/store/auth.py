@@ -1,0 +1,34 @@
+"""Who is calling: bearer tokens in gRPC metadata map to tenants (configurable; off = dev mode)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from service.store.errors import PermissionDenied, Unauthenticated
+from service.store.keys import check_tenant
+
+DEFAULT_TENANT = "default"
+
+
+class Auth:
+    """tokens: bearer token -> tenant. With no tokens, the tenant is the ``x-tenant`` metadata (or "default")."""
+
+    def __init__(self, tokens: Mapping[str, str] | None = None):
+        self.tokens = dict(tokens or {})
+
+    def tenant(self, metadata: Mapping[str, str]) -> str:
+        asked = metadata.get("x-tenant")
+        if not self.tokens:
+            try:
+                return check_tenant(asked or DEFAULT_TENANT)
+            except ValueError as e:
+                raise PermissionDenied(f"x-tenant: {e}") from None
+        header = metadata.get("authorization", "")
+        if not header.startswith("Bearer "):
+            raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <token>'")
+        tenant = self.tokens.get(header.removeprefix("Bearer ").strip())
+        if tenant is None:
+            raise Unauthenticated("the bearer token is not valid")
+        if asked and asked != tenant:
+            raise PermissionDenied(f"this token may not act for tenant {asked!r}")
+        return tenant

@@ -1,0 +1,109 @@
+"""Python client of the PrefixStore (used by decode workers): deadlines, and retries that are safe.
+
+Every call is idempotent (entries are content-addressed), so UNAVAILABLE is retried with
+exponential backoff (50 ms, x2, cap 1 s) up to ``retries`` times, each attempt under ``deadline_s``.
+Errors arrive as the store's exceptions (``service.store.errors``), mapped from status codes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+import grpc
+from kvcompose.v1 import store_pb2 as pb
+from kvcompose.v1 import store_pb2_grpc as pb_grpc
+
+from service.store.errors import BY_STATUS, DataLoss, StoreError
+from service.store.ids import CacheKey
+from service.store.manifest import key_to_proto
+
+T = TypeVar("T")
+UPLOAD_CHUNK_BYTES = 1 << 20
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+class PrefixStoreClient:
+    def __init__(self, target: str, token: str | None = None, tenant: str | None = None,
+                 deadline_s: float = 60.0, retries: int = 3):
+        self.target = target
+        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.PrefixStoreStub(self.channel)
+        self.metadata = tuple((k, v) for k, v in (("authorization", f"Bearer {token}" if token else None),
+                                                   ("x-tenant", tenant)) if v)
+        self.deadline_s = deadline_s
+        self.retries = retries
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> PrefixStoreClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, attempt: Callable[[], T]) -> T:
+        delay = 0.05
+        for n in range(self.retries + 1):
+            try:
+                return attempt()
+            except grpc.RpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.UNAVAILABLE and n < self.retries:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                raise BY_STATUS.get(code, StoreError)(e.details() or str(code)) from None
+        raise AssertionError("unreachable")
+
+    def _kw(self) -> dict:
+        return {"timeout": self.deadline_s, "metadata": self.metadata}
+
+    def put(self, key: CacheKey, context_ids: Sequence[int], data: bytes, ttl_s: int = 0) -> tuple[pb.Manifest, bool]:
+        """Upload cache bytes; returns (manifest, existed)."""
+        header = pb.PutHeader(key=key_to_proto(key, pb), context_ids=list(context_ids), total_bytes=len(data),
+                              sha256=hashlib.sha256(data).digest(), ttl_s=ttl_s)
+
+        def requests() -> Iterator[pb.PutRequest]:
+            yield pb.PutRequest(header=header)
+            view = memoryview(data)
+            for start in range(0, len(data), UPLOAD_CHUNK_BYTES):
+                yield pb.PutRequest(chunk=bytes(view[start : start + UPLOAD_CHUNK_BYTES]))
+
+        reply = self._call(lambda: self.stub.Put(requests(), **self._kw()))
+        return reply.manifest, reply.existed
+
+    def fetch(self, cache_id: str) -> tuple[pb.Manifest, bytes]:
+        """The verified cache bytes (SHA-256 against the manifest), or an exception; never partial bytes."""
+
+        def attempt() -> tuple[pb.Manifest, bytes]:
+            stream = self.stub.Fetch(pb.FetchRequest(cache_id=cache_id), **self._kw())
+            manifest, parts = None, []
+            for msg in stream:
+                if msg.HasField("manifest"):
+                    manifest = msg.manifest
+                else:
+                    parts.append(msg.chunk)
+            data = b"".join(parts)
+            intact = manifest is not None and len(data) == manifest.total_bytes
+            if not intact or hashlib.sha256(data).digest() != manifest.sha256:
+                raise DataLoss(f"cache {cache_id} arrived damaged")
+            return manifest, data
+
+        return self._call(attempt)
+
+    def stat(self, cache_id: str) -> pb.Manifest:
+        return self._call(lambda: self.stub.Stat(pb.StatRequest(cache_id=cache_id), **self._kw())).manifest
+
+    def lookup(self, key: CacheKey, token_ids: Sequence[int], longest_prefix: bool = False) -> tuple[pb.Manifest, int]:
+        """(manifest, matched tokens); raises NotFound."""
+        reply = self._call(lambda: self.stub.Lookup(
+            pb.LookupRequest(key=key_to_proto(key, pb), token_ids=list(token_ids), longest_prefix=longest_prefix),
+            **self._kw()))
+        return reply.manifest, reply.matched_tokens
+
+    def delete(self, cache_id: str) -> bool:
+        return self._call(lambda: self.stub.Delete(pb.DeleteRequest(cache_id=cache_id), **self._kw())).deleted

@@ -1,0 +1,178 @@
+"""The PrefixStore gRPC server: thin methods over ``RedisStore``, standard health and reflection.
+
+    python -m service.store.server --port 50051      # REDIS_URL unset: starts an embedded redis-server
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import hashlib
+import logging
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from kvcompose.v1 import store_pb2 as pb
+from kvcompose.v1 import store_pb2_grpc as pb_grpc
+
+from service.config import StoreConfig
+from service.store.auth import Auth
+from service.store.embedded import EmbeddedRedis
+from service.store.errors import InvalidArgument, StoreError
+from service.store.manifest import key_from_proto
+from service.store.redis_store import RedisStore, connect
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrefixStore"].full_name
+MAX_MESSAGE_BYTES = 64 << 20
+GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+
+async def _abort(context: grpc.aio.ServicerContext, e: Exception, method: str) -> None:
+    if isinstance(e, StoreError):
+        await context.abort(e.status, str(e))
+    if isinstance(e, ValueError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    request_id = uuid.uuid4().hex[:12]
+    log.exception("PrefixStore.%s failed (request %s)", method, request_id)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request {request_id})")
+
+
+def _unary(fn):
+    @functools.wraps(fn)
+    async def wrapper(self, request, context):
+        try:
+            return await fn(self, request, context, self.auth.tenant(dict(context.invocation_metadata())))
+        except Exception as e:  # noqa: BLE001 - every error leaves as a status, never a traceback
+            await _abort(context, e, fn.__name__)
+    return wrapper
+
+
+def _streaming(fn):
+    @functools.wraps(fn)
+    async def wrapper(self, request, context):
+        try:
+            async for item in fn(self, request, context, self.auth.tenant(dict(context.invocation_metadata()))):
+                yield item
+        except Exception as e:  # noqa: BLE001
+            await _abort(context, e, fn.__name__)
+    return wrapper
+
+
+class PrefixStoreServicer(pb_grpc.PrefixStoreServicer):
+    def __init__(self, store: RedisStore, auth: Auth):
+        self.store = store
+        self.auth = auth
+
+    @_unary
+    async def Put(self, requests, context, tenant):
+        header, parts, size = None, [], 0
+        async for req in requests:
+            if req.HasField("header"):
+                if header is not None:
+                    raise InvalidArgument("Put stream has two headers")
+                header = req.header
+                if header.total_bytes > self.store.config.max_entry_bytes:
+                    raise InvalidArgument(f"total_bytes {header.total_bytes} exceeds the store's limit "
+                                          f"{self.store.config.max_entry_bytes}")
+            else:
+                if header is None:
+                    raise InvalidArgument("Put stream must start with a header")
+                size += len(req.chunk)
+                if size > header.total_bytes:
+                    raise InvalidArgument("Put stream sent more bytes than its header's total_bytes")
+                parts.append(req.chunk)
+        if header is None or size != header.total_bytes:
+            raise InvalidArgument(f"Put stream ended after {size} of {header.total_bytes if header else '?'} bytes")
+        data = b"".join(parts)
+        if header.sha256 and hashlib.sha256(data).digest() != header.sha256:
+            raise InvalidArgument("uploaded bytes do not match the header's sha256")
+        manifest, existed = await self.store.put(key_from_proto(header.key, tenant), list(header.context_ids), data,
+                                                 header.ttl_s or None)
+        return pb.PutResponse(manifest=manifest.to_proto(pb), existed=existed)
+
+    @_streaming
+    async def Fetch(self, request, context, tenant):
+        manifest, chunks = await self.store.fetch(tenant, request.cache_id)
+        yield pb.FetchResponse(manifest=manifest.to_proto(pb))
+        async for chunk in chunks:
+            yield pb.FetchResponse(chunk=chunk)
+
+    @_unary
+    async def Stat(self, request, context, tenant):
+        return pb.StatResponse(manifest=(await self.store.stat(tenant, request.cache_id)).to_proto(pb))
+
+    @_unary
+    async def Lookup(self, request, context, tenant):
+        if not request.token_ids:
+            raise InvalidArgument("token_ids is empty")
+        manifest, matched = await self.store.lookup(key_from_proto(request.key, tenant), list(request.token_ids),
+                                                    request.longest_prefix)
+        return pb.LookupResponse(found=True, cache_id=manifest.cache_id, matched_tokens=matched,
+                                 manifest=manifest.to_proto(pb))
+
+    @_unary
+    async def Delete(self, request, context, tenant):
+        return pb.DeleteResponse(deleted=await self.store.delete(tenant, request.cache_id))
+
+
+async def _watch_redis(store: RedisStore, health_servicer, period_s: float = 2.0) -> None:
+    """Health follows Redis: NOT_SERVING while it is unreachable (readiness probes drain the pod)."""
+    while True:
+        try:
+            await store.redis.ping()
+            status = health_pb2.HealthCheckResponse.SERVING
+        except Exception:  # noqa: BLE001
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+        await asyncio.sleep(period_s)
+
+
+async def start_server(config: StoreConfig, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int, RedisStore]:
+    """Start serving on ``address`` (port 0 = any free port); returns (server, port, store).
+
+    ``config.redis_url`` must be set (``serve`` starts an embedded Redis when it is not).
+    """
+    store = RedisStore(connect(config, config.redis_url), config)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    pb_grpc.add_PrefixStoreServicer_to_server(PrefixStoreServicer(store, Auth(config.auth_tokens)), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    await server.start()
+    server._kvc_health_task = asyncio.create_task(_watch_redis(store, health_servicer))  # lives with the server
+    return server, port, store
+
+
+async def serve(config: StoreConfig, address: str) -> None:
+    embedded = None
+    if not config.redis_url:
+        embedded = EmbeddedRedis().start()
+        config = StoreConfig(**{**config.__dict__, "redis_url": embedded.url})
+        log.info("no REDIS_URL: started an embedded redis-server at %s", embedded.url)
+    server, port, store = await start_server(config, address)
+    log.info("PrefixStore serving on port %d (Redis %s)", port, config.redis_url)
+    try:
+        await server.wait_for_termination()
+    finally:
+        await store.close()
+        if embedded:
+            embedded.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the PrefixStore gRPC server.")
+    parser.add_argument("--address", default="0.0.0.0:50051")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(StoreConfig.from_env(), args.address))
+
+
+if __name__ == "__main__":
+    main()
