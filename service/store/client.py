@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
@@ -22,7 +23,8 @@ from service.store.manifest import key_to_proto
 
 T = TypeVar("T")
 UPLOAD_CHUNK_BYTES = 1 << 20
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
+                   ("grpc.http2.lookahead_bytes", 16 << 20)]
 
 
 class PrefixStoreClient:
@@ -35,9 +37,11 @@ class PrefixStoreClient:
                                                    ("x-tenant", tenant)) if v)
         self.deadline_s = deadline_s
         self.retries = retries
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="fetch-sha256")
 
     def close(self) -> None:
         self.channel.close()
+        self._hasher.shutdown()
 
     def __enter__(self) -> PrefixStoreClient:
         return self
@@ -81,15 +85,20 @@ class PrefixStoreClient:
 
         def attempt() -> tuple[pb.Manifest, bytes]:
             stream = self.stub.Fetch(pb.FetchRequest(cache_id=cache_id), **self._kw())
-            manifest, parts = None, []
+            manifest, parts, digest, hashed = None, [], hashlib.sha256(), None
             for msg in stream:
                 if msg.HasField("manifest"):
                     manifest = msg.manifest
                 else:
                     parts.append(msg.chunk)
+                    # hash the previous chunk on a thread while gRPC receives this one (hashlib frees the GIL)
+                    if hashed is not None:
+                        hashed.result()
+                    hashed = self._hasher.submit(digest.update, msg.chunk)
+            if hashed is not None:
+                hashed.result()
             data = b"".join(parts)
-            intact = manifest is not None and len(data) == manifest.total_bytes
-            if not intact or hashlib.sha256(data).digest() != manifest.sha256:
+            if manifest is None or len(data) != manifest.total_bytes or digest.digest() != manifest.sha256:
                 raise DataLoss(f"cache {cache_id} arrived damaged")
             return manifest, data
 

@@ -57,8 +57,11 @@ class RedisStore:
         self.config = config
         self.keys = Keys(config.key_prefix)
         self.counters = {"hits": 0, "misses": 0, "corrupt_deleted": 0, "missing_chunk_deleted": 0, "puts": 0}
+        self._background: set[asyncio.Task] = set()
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         await self.redis.aclose()
 
     # -- writing ---------------------------------------------------------------------------------
@@ -154,35 +157,50 @@ class RedisStore:
         return m
 
     async def fetch(self, tenant: str, cache_id: str) -> tuple[Manifest, AsyncIterator[bytes]]:
-        """(manifest, chunks). Chunks are hashed as they stream; the iterator raises DataLoss at the
-        end if the bytes do not match, so a consumer must only use bytes from a completed iteration."""
+        """(manifest, chunks). Chunks are hashed as they stream; the iterator raises NotFound (a chunk
+        was evicted) or DataLoss (checksum) at the point of failure, deleting the entry, so a consumer
+        must only use bytes from an iteration that completed."""
         m = await self.stat(tenant, cache_id)
         names = [self.keys.chunk(m.key.tenant, cache_id, m.write_id, i) for i in range(m.chunk_count)]
         async with self._redis_errors():
-            present = await self.redis.exists(*names)
-        if present != len(names):
-            await self._drop(m, "missing_chunk_deleted")
-            self.counters["misses"] += 1
-            raise NotFound(f"cache {cache_id} lost {len(names) - present} of its chunks (evicted); it was deleted")
-        return m, self._stream(m, names)
+            first = await self.redis.mget(names[:_MGET_BATCH])
+        if any(chunk is None for chunk in first):  # found before anything is sent: a clean miss
+            await self._missing(m)
+        return m, self._stream(m, names, first)
 
-    async def _stream(self, m: Manifest, names: list[str]) -> AsyncIterator[bytes]:
+    async def _stream(self, m: Manifest, names: list[str], first: list[bytes]) -> AsyncIterator[bytes]:
         digest, total = hashlib.sha256(), 0
+        batch, pending = first, None
         for start in range(0, len(names), _MGET_BATCH):
-            async with self._redis_errors():
-                chunks = await self.redis.mget(names[start : start + _MGET_BATCH])
-            for chunk in chunks:
-                if chunk is None:
-                    await self._drop(m, "missing_chunk_deleted")
-                    raise DataLoss(f"cache {m.cache_id} lost a chunk while being read; it was deleted")
-                digest.update(chunk)
-                total += len(chunk)
-                yield chunk
+            if start:
+                async with self._redis_errors():
+                    batch = await pending
+            following = names[start + _MGET_BATCH : start + 2 * _MGET_BATCH]
+            # read the next batch from Redis while this one is hashed and sent
+            pending = asyncio.ensure_future(self.redis.mget(following)) if following else None
+            try:
+                for chunk in batch:
+                    if chunk is None:
+                        await self._missing(m)
+                    await asyncio.to_thread(digest.update, chunk)  # hashlib frees the GIL: hash beside the loop
+                    total += len(chunk)
+                    yield chunk
+            except BaseException:
+                if pending is not None:
+                    pending.cancel()
+                raise
         if total != m.total_bytes or digest.digest() != m.sha256:
             await self._drop(m, "corrupt_deleted")
             raise DataLoss(f"cache {m.cache_id} failed its checksum; it was deleted")
         self.counters["hits"] += 1
-        await self._touch(m)
+        task = asyncio.create_task(self._touch(m, quiet=True))  # off the reply's path
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _missing(self, m: Manifest) -> None:
+        await self._drop(m, "missing_chunk_deleted")
+        self.counters["misses"] += 1
+        raise NotFound(f"cache {m.cache_id} lost chunks (evicted); it was deleted")
 
     async def get(self, tenant: str, cache_id: str) -> tuple[Manifest, bytes]:
         """The whole verified cache bytes."""
@@ -289,14 +307,18 @@ class RedisStore:
         raw = await self.redis.get(self.keys.manifest(tenant, cache_id))
         return None if raw is None else Manifest.from_json(raw)
 
-    async def _touch(self, m: Manifest) -> None:
-        """Refresh the TTL of every key of a hit entry."""
+    async def _touch(self, m: Manifest, quiet: bool = False) -> None:
+        """Refresh the TTL of every key of a hit entry (``quiet``: a failure only skips the refresh)."""
         tenant = m.key.tenant
         pipe = self.redis.pipeline(transaction=False)
         pipe.expire(self.keys.manifest(tenant, m.cache_id), m.ttl_s)
         for i in range(m.chunk_count):
             pipe.expire(self.keys.chunk(tenant, m.cache_id, m.write_id, i), m.ttl_s)
-        await pipe.execute()
+        try:
+            await pipe.execute()
+        except rexc.RedisError:
+            if not quiet:
+                raise
 
     @staticmethod
     def _check_id(cache_id: str) -> None:

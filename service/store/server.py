@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrefixStore"].full_name
 MAX_MESSAGE_BYTES = 64 << 20
 GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.http2.lookahead_bytes", 16 << 20)]
 
 
 async def _abort(context: grpc.aio.ServicerContext, e: Exception, method: str) -> None:
