@@ -86,6 +86,7 @@ def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def load_model(config: EngineConfig) -> LoadedModel:
+    transformers_logging.disable_progress_bar()  # one bar line per tensor otherwise
     dtype = getattr(torch, config.compute_dtype)
     if config.model == EMBEDDED_MODEL:
         path = embedded_model_dir(config.cache_dir)

@@ -53,3 +53,21 @@ def test_cli_refuses_a_damaged_cache_file(tmp_path):
     result = run_cli("ask", str(bad), "anything?")
     assert result.returncode == 2
     assert "checksum" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_int8_codec_decodes_close_to_float16(smollm2, capsys):
+    """The int8 codec's effect on answers: logits at every question position against float16."""
+    from service import codec
+
+    doc, question, needle = needle_document(smollm2.loaded.tokenizer, 600)
+    kv, _ = smollm2.compress(doc, {"press": "kvcompose", "compression_ratio": 0.5})
+    q = smollm2.prompt.question_ids(question)
+    fp16 = smollm2.question_logits(codec.decode(codec.encode(kv, "float16")), q)
+    int8 = smollm2.question_logits(codec.decode(codec.encode(kv, "int8")), q)
+    diff = (fp16 - int8).abs()
+    agree = (fp16.argmax(-1) == int8.argmax(-1)).float().mean().item()
+    with capsys.disabled():
+        print(f"\nint8 vs float16 logits over {len(q)} question positions: max |diff| {diff.max():.3f}, "
+              f"mean |diff| {diff.mean():.4f}, top-1 agreement {agree:.0%}")
+    assert agree == 1.0 and diff.max() < 1.0
+    assert needle in smollm2.answer(codec.decode(codec.encode(kv, "int8")), question)
