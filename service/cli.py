@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
+
+import grpc
 
 from service.codec import CorruptCacheError
 from service.config import CODECS
@@ -70,6 +73,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.serve.launch import CONFIG, run_local
+
+    run_local(Path(args.config) if args.config else CONFIG, args.store_port)
+    return 0
+
+
+def _remote(args: argparse.Namespace):
+    from service.api_client import KVComposeClient
+
+    return KVComposeClient(args.addr, token=args.token or os.environ.get("KVCOMPOSE_TOKEN"), tenant=args.tenant)
+
+
+def _progress(label: str):
+    from rich.console import Console
+
+    return Console(stderr=True).status(label)
+
+
+def cmd_remote_compress(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    text = Path(args.document).read_text()
+    with _remote(args) as client, _progress("compressing (prefill + KVCompose)..."):
+        reply = client.compress(text, json.loads(args.press) if args.press else None, args.codec or "",
+                                args.task_prompt or ())
+    print(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True), indent=2))
+    return 0
+
+
+def cmd_remote_ask(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with _remote(args) as client:
+        context = None
+        if args.document:
+            context = client.compress_request(Path(args.document).read_text(),
+                                              json.loads(args.press) if args.press else None)
+        stats = None
+        with _progress("waiting for the first token..."):
+            stream = client.generate(args.question, cache_id=args.cache_id, context=context,
+                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     seed=args.seed)
+            first = next(stream, None)
+        for msg in itertools.chain([first] if first is not None else [], stream):
+            sys.stdout.write(msg.text)
+            sys.stdout.flush()
+            if msg.HasField("stats"):
+                stats = msg.stats
+        print()
+        if stats is not None:
+            print(json.dumps(MessageToDict(stats), indent=2), file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvcompose", description=__doc__)
     parser.add_argument("--model", help="embedded default, a Hugging Face id or a local path")
@@ -97,6 +155,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratio", type=float, default=0.5)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("serve", help="run the whole service locally: Redis, prefix store, Ray Serve (gRPC 9000)")
+    p.add_argument("--config", help="Serve config file (default: service/serve/serve_config.yaml)")
+    p.add_argument("--store-port", type=int, default=50051)
+    p.set_defaults(func=cmd_serve)
+
+    remote = sub.add_parser("remote", help="call a running service over gRPC").add_subparsers(dest="remote",
+                                                                                             required=True)
+    for name in ("compress", "ask"):
+        r = remote.add_parser(name)
+        r.add_argument("--addr", default="127.0.0.1:9000")
+        r.add_argument("--token", help="bearer token (or KVCOMPOSE_TOKEN)")
+        r.add_argument("--tenant")
+        r.add_argument("--press", help="JSON press spec")
+        if name == "compress":
+            r.add_argument("document")
+            r.add_argument("--codec", choices=list(CODECS))
+            r.add_argument("--task-prompt", action="append")
+            r.set_defaults(func=cmd_remote_compress)
+        else:
+            r.add_argument("question")
+            source = r.add_mutually_exclusive_group(required=True)
+            source.add_argument("--cache-id")
+            source.add_argument("--document", help="text file: compressed first unless already stored")
+            r.add_argument("--max-new-tokens", type=int, default=64)
+            r.add_argument("--temperature", type=float, default=0.0)
+            r.add_argument("--seed", type=int)
+            r.set_defaults(func=cmd_remote_ask)
+
     args = parser.parse_args(argv)
     _quiet()
     try:
@@ -104,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, CorruptCacheError) as e:
         print(f"kvcompose: error: {e}", file=sys.stderr)
         return 2
+    except grpc.RpcError as e:
+        print(f"kvcompose: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -125,6 +125,15 @@ def read_header(data: bytes | memoryview) -> dict:
         raise CorruptCacheError(f"cache header is not JSON: {e}") from None
 
 
+def layer_shapes(header: dict) -> tuple[list[int], int]:
+    """From a header: KV slots per layer, and float16 bytes per token of the uncompressed cache."""
+    shapes = {t["name"]: t["shape"] for t in header["tensors"]}
+    layers = range(int(header["layers"]))
+    slots = [int(shapes[f"v.{i}"][1]) for i in layers]
+    per_token = sum(2 * 2 * int(shapes[f"v.{i}"][0]) * int(shapes[f"v.{i}"][2]) for i in layers)
+    return slots, per_token
+
+
 def decode(data: bytes | memoryview) -> CompressedKV:
     """Parse and verify bytes written by ``encode``; int8 caches come back as float16."""
     data = memoryview(data)

@@ -42,6 +42,7 @@ class EngineConfig:
     default_press: dict = field(default_factory=lambda: {"press": "kvcompose", "compression_ratio": 0.5})
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir))  # YAML and env give strings
         if self.codec not in CODECS:
             raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:

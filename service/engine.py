@@ -126,6 +126,12 @@ class Engine:
     def stream(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
                stop_strings: tuple[str, ...] = ()) -> Iterator[str]:
         """Yield answer text pieces as tokens are produced; stop strings end the answer (not included)."""
+        for _, piece in self.stream_counted(kv, question, sampling, stop_strings):
+            yield piece
+
+    def stream_counted(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
+                       stop_strings: tuple[str, ...] = ()) -> Iterator[tuple[int, str]]:
+        """As ``stream``, with the number of tokens generated so far beside each piece."""
         self.check_compatible(kv)
         sampling = sampling or Sampling()
         if not sampling.stop_token_ids:
@@ -139,18 +145,18 @@ class Engine:
             cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
             if cut >= 0:
                 if cut > len(sent):
-                    yield text[len(sent):cut]
+                    yield len(tokens), text[len(sent):cut]
                 return
             # Hold back text that may be the start of a stop string or an incomplete character.
             safe = len(text) - max((len(s) - 1 for s in stop_strings), default=0)
             if text.endswith("\ufffd"):
                 safe = min(safe, len(text) - 1)
             if safe > len(sent):
-                yield text[len(sent):safe]
+                yield len(tokens), text[len(sent):safe]
                 sent = text[:safe]
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         if len(text) > len(sent):
-            yield text[len(sent):]
+            yield len(tokens), text[len(sent):]
 
     def answer(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
                stop_strings: tuple[str, ...] = ()) -> str:

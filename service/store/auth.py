@@ -10,8 +10,12 @@ from service.store.keys import check_tenant
 DEFAULT_TENANT = "default"
 
 
+SERVICE = "*"  # a token mapped to "*" belongs to our own services: it may act for any tenant via x-tenant
+
+
 class Auth:
-    """tokens: bearer token -> tenant. With no tokens, the tenant is the ``x-tenant`` metadata (or "default")."""
+    """tokens: bearer token -> tenant (or "*" for internal services, which name the tenant in
+    ``x-tenant``). With no tokens, the tenant is the ``x-tenant`` metadata (or "default")."""
 
     def __init__(self, tokens: Mapping[str, str] | None = None):
         self.tokens = dict(tokens or {})
@@ -29,6 +33,11 @@ class Auth:
         tenant = self.tokens.get(header.removeprefix("Bearer ").strip())
         if tenant is None:
             raise Unauthenticated("the bearer token is not valid")
+        if tenant == SERVICE:
+            try:
+                return check_tenant(asked or DEFAULT_TENANT)
+            except ValueError as e:
+                raise PermissionDenied(f"x-tenant: {e}") from None
         if asked and asked != tenant:
             raise PermissionDenied(f"this token may not act for tenant {asked!r}")
         return tenant

@@ -33,8 +33,8 @@ class PrefixStoreClient:
         self.target = target
         self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.PrefixStoreStub(self.channel)
-        self.metadata = tuple((k, v) for k, v in (("authorization", f"Bearer {token}" if token else None),
-                                                   ("x-tenant", tenant)) if v)
+        self.token = token
+        self.tenant = tenant
         self.deadline_s = deadline_s
         self.retries = retries
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="fetch-sha256")
@@ -63,10 +63,16 @@ class PrefixStoreClient:
                 raise BY_STATUS.get(code, StoreError)(e.details() or str(code)) from None
         raise AssertionError("unreachable")
 
-    def _kw(self) -> dict:
-        return {"timeout": self.deadline_s, "metadata": self.metadata}
+    def _kw(self, tenant: str | None) -> dict:
+        """Deadline and credentials; ``tenant`` (per call) overrides the client's (service tokens)."""
+        tenant = tenant or self.tenant
+        metadata = [("authorization", f"Bearer {self.token}")] if self.token else []
+        if tenant:
+            metadata.append(("x-tenant", tenant))
+        return {"timeout": self.deadline_s, "metadata": tuple(metadata)}
 
-    def put(self, key: CacheKey, context_ids: Sequence[int], data: bytes, ttl_s: int = 0) -> tuple[pb.Manifest, bool]:
+    def put(self, key: CacheKey, context_ids: Sequence[int], data: bytes, ttl_s: int = 0,
+            tenant: str | None = None) -> tuple[pb.Manifest, bool]:
         """Upload cache bytes; returns (manifest, existed)."""
         header = pb.PutHeader(key=key_to_proto(key, pb), context_ids=list(context_ids), total_bytes=len(data),
                               sha256=hashlib.sha256(data).digest(), ttl_s=ttl_s)
@@ -77,14 +83,14 @@ class PrefixStoreClient:
             for start in range(0, len(data), UPLOAD_CHUNK_BYTES):
                 yield pb.PutRequest(chunk=bytes(view[start : start + UPLOAD_CHUNK_BYTES]))
 
-        reply = self._call(lambda: self.stub.Put(requests(), **self._kw()))
+        reply = self._call(lambda: self.stub.Put(requests(), **self._kw(tenant)))
         return reply.manifest, reply.existed
 
-    def fetch(self, cache_id: str) -> tuple[pb.Manifest, bytes]:
+    def fetch(self, cache_id: str, tenant: str | None = None) -> tuple[pb.Manifest, bytes]:
         """The verified cache bytes (SHA-256 against the manifest), or an exception; never partial bytes."""
 
         def attempt() -> tuple[pb.Manifest, bytes]:
-            stream = self.stub.Fetch(pb.FetchRequest(cache_id=cache_id), **self._kw())
+            stream = self.stub.Fetch(pb.FetchRequest(cache_id=cache_id), **self._kw(tenant))
             manifest, parts, digest, hashed = None, [], hashlib.sha256(), None
             for msg in stream:
                 if msg.HasField("manifest"):
@@ -104,15 +110,16 @@ class PrefixStoreClient:
 
         return self._call(attempt)
 
-    def stat(self, cache_id: str) -> pb.Manifest:
-        return self._call(lambda: self.stub.Stat(pb.StatRequest(cache_id=cache_id), **self._kw())).manifest
+    def stat(self, cache_id: str, tenant: str | None = None) -> pb.Manifest:
+        return self._call(lambda: self.stub.Stat(pb.StatRequest(cache_id=cache_id), **self._kw(tenant))).manifest
 
-    def lookup(self, key: CacheKey, token_ids: Sequence[int], longest_prefix: bool = False) -> tuple[pb.Manifest, int]:
+    def lookup(self, key: CacheKey, token_ids: Sequence[int], longest_prefix: bool = False,
+               tenant: str | None = None) -> tuple[pb.Manifest, int]:
         """(manifest, matched tokens); raises NotFound."""
         reply = self._call(lambda: self.stub.Lookup(
             pb.LookupRequest(key=key_to_proto(key, pb), token_ids=list(token_ids), longest_prefix=longest_prefix),
-            **self._kw()))
+            **self._kw(tenant)))
         return reply.manifest, reply.matched_tokens
 
-    def delete(self, cache_id: str) -> bool:
-        return self._call(lambda: self.stub.Delete(pb.DeleteRequest(cache_id=cache_id), **self._kw())).deleted
+    def delete(self, cache_id: str, tenant: str | None = None) -> bool:
+        return self._call(lambda: self.stub.Delete(pb.DeleteRequest(cache_id=cache_id), **self._kw(tenant))).deleted

@@ -21,6 +21,8 @@ class Manifest:
     created_unix_ms: int
     ttl_s: int
     write_id: str  # names this write's chunks, so two writers never mix chunks
+    layer_slots: list[int]
+    uncompressed_bytes: int
 
     def to_json(self) -> bytes:
         data = asdict(self)
@@ -40,7 +42,8 @@ class Manifest:
             cache_id=self.cache_id, format_version=self.format_version, total_bytes=self.total_bytes,
             chunk_count=self.chunk_count, chunk_bytes=self.chunk_bytes, sha256=self.sha256,
             context_tokens=self.context_tokens, key=key_to_proto(self.key, pb),
-            created_unix_ms=self.created_unix_ms, ttl_s=self.ttl_s,
+            created_unix_ms=self.created_unix_ms, ttl_s=self.ttl_s, layer_slots=self.layer_slots,
+            uncompressed_bytes=self.uncompressed_bytes,
         )
 
 

@@ -26,7 +26,7 @@ import redis.exceptions as rexc
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from service.codec import FORMAT_VERSION, CorruptCacheError, read_header
+from service.codec import FORMAT_VERSION, CorruptCacheError, layer_shapes, read_header
 from service.config import StoreConfig
 from service.store.errors import DataLoss, InvalidArgument, NotFound, QuotaExceeded, Unavailable
 from service.store.ids import CacheKey
@@ -73,7 +73,7 @@ class RedisStore:
         ttl_s = ttl_s or self.config.default_ttl_s
         if len(data) > self.config.max_entry_bytes:
             raise QuotaExceeded(f"cache is {len(data)} bytes; the store accepts at most {self.config.max_entry_bytes}")
-        self._validate(key, context_ids, data)
+        header = self._validate(key, context_ids, data)
         cache_id = key.cache_id(context_ids)
         async with self._redis_errors():
             existing = await self._manifest(tenant, cache_id)
@@ -89,9 +89,10 @@ class RedisStore:
             for i in range(n_chunks):
                 pipe.set(self.keys.chunk(tenant, cache_id, write_id, i), view[i * size : (i + 1) * size], ex=ttl_s)
             await pipe.execute()
+            slots, per_token = layer_shapes(header)
             manifest = Manifest(cache_id, FORMAT_VERSION, len(data), n_chunks, size,
                                 hashlib.sha256(data).digest(), len(context_ids), key,
-                                int(time.time() * 1000), ttl_s, write_id)
+                                int(time.time() * 1000), ttl_s, write_id, slots, per_token * len(context_ids))
             if not await self.redis.set(self.keys.manifest(tenant, cache_id), manifest.to_json(), nx=True, ex=ttl_s):
                 await self._delete_chunks(tenant, cache_id, write_id, n_chunks)  # another writer committed first
                 return await self.stat(tenant, cache_id), True
@@ -99,7 +100,7 @@ class RedisStore:
             self.counters["puts"] += 1
             return manifest, False
 
-    def _validate(self, key: CacheKey, context_ids: Sequence[int], data: bytes) -> None:
+    def _validate(self, key: CacheKey, context_ids: Sequence[int], data: bytes) -> dict:
         if not context_ids:
             raise InvalidArgument("context_ids is empty")
         try:
@@ -114,6 +115,7 @@ class RedisStore:
         if int(meta["original_length"]) != len(context_ids):
             raise InvalidArgument(f"cache covers {meta['original_length']} context tokens; "
                                   f"context_ids has {len(context_ids)}")
+        return header
 
     async def _check_quota(self, tenant: str, size: int) -> None:
         quota = self.config.tenant_quota_bytes

@@ -1,0 +1,73 @@
+"""Compress-or-reuse: a context becomes a stored cache exactly once across all replicas.
+
+The cache id is derived from the content (``store.ids``); if the prefix store has it, nothing is
+prefilled. Otherwise ``RedisStore.get_or_create`` takes the document's single-flight lock, one
+replica prefills and compresses, and every other replica asking meanwhile waits for that entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from service import codec
+from service.engine import Engine
+from service.presses import canonical
+from service.store.ids import CacheKey
+from service.store.redis_store import RedisStore
+
+
+@dataclass
+class CompressResult:
+    cache_id: str
+    original_tokens: int
+    layer_slots: list[int]
+    stored_bytes: int
+    uncompressed_bytes: int
+    reused: bool
+    seconds: float
+    model: str
+    press: dict
+    codec: str
+
+    @property
+    def kept_fraction(self) -> float:
+        return sum(self.layer_slots) / (len(self.layer_slots) * self.original_tokens)
+
+
+class CacheCompressor:
+    """Engine + prefix store. ``prefills`` counts model prefills done by this process."""
+
+    def __init__(self, engine: Engine, store: RedisStore):
+        self.engine = engine
+        self.store = store
+        self.prefills = 0
+        self._model_lock = asyncio.Lock()  # one model call at a time per replica
+
+    def cache_key(self, tenant: str, press: dict, codec_name: str, task_prompts: list[str]) -> CacheKey:
+        loaded = self.engine.loaded
+        spec = dict(press)
+        if task_prompts:  # task-aware scoring changes the cache: part of its identity
+            spec["task_prompts"] = list(task_prompts)
+        return CacheKey(loaded.model_id, loaded.revision, loaded.tokenizer_digest, spec, codec_name, tenant)
+
+    async def compress(self, tenant: str, context: str | list[int], press: str | dict | None = None,
+                       codec_name: str | None = None, task_prompts: list[str] | None = None,
+                       ttl_s: int | None = None) -> CompressResult:
+        start = time.perf_counter()
+        codec_name = codec_name or self.engine.config.codec
+        spec = canonical(self.engine.config.default_press if press is None else press)
+        ids = self.engine.context_ids(context)
+        key = self.cache_key(tenant, spec, codec_name, task_prompts or [])
+
+        async def compute() -> bytes:
+            async with self._model_lock:
+                self.prefills += 1
+                kv, _ = await asyncio.to_thread(self.engine.compress, ids, spec, task_prompts, codec_name)
+                return await asyncio.to_thread(codec.encode, kv, codec_name)
+
+        manifest, created = await self.store.get_or_create(key, ids, compute, ttl_s)
+        m = manifest
+        return CompressResult(m.cache_id, m.context_tokens, list(m.layer_slots), m.total_bytes, m.uncompressed_bytes,
+                              not created, time.perf_counter() - start, self.engine.model_id, spec, codec_name)

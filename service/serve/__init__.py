@@ -1,0 +1,1 @@
+"""The Ray Serve application: Ingress (gRPC via Serve's proxy) -> Compressor and Decoder deployments."""
