@@ -29,6 +29,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
 
+    def __reduce__(self):  # Ray ships exceptions between processes
+        return ApiError, (self.status, str(self))
+
 
 def to_status(e: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
     """Exception -> (status, message). Unknown errors are logged with the request id, never sent."""

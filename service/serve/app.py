@@ -104,7 +104,8 @@ class Decoder:
                 if isinstance(item, str):
                     yield {"text": item}
                 else:
-                    self.metrics.bytes_fetched.inc(item.fetched_bytes)
+                    if item.fetched_bytes:  # Ray counters take positive increments only
+                        self.metrics.bytes_fetched.inc(item.fetched_bytes)
                     yield {"stats": item}
         except Exception as e:  # noqa: BLE001
             yield conv.error_dict(e)
@@ -195,7 +196,8 @@ class Ingress:
                 yield api.GenerateResponse(stats=conv.stats_message(stats, hit, compressed))
         except Exception as e:  # noqa: BLE001
             self._fail("Generate", grpc_context, e, request_id)
-            return
+            # A streaming method must raise for Serve's proxy to send the code set above.
+            raise conv.ApiError(grpc_context.code(), grpc_context.details()) from None
         self._ok("Generate", request_id, started)
 
     async def ListModels(self, request: api.ListModelsRequest, grpc_context) -> api.ListModelsResponse:

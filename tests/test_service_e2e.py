@@ -1,0 +1,156 @@
+"""The distributed service end to end: a two-node Ray cluster on this machine, Serve's gRPC proxy,
+the prefix store, and a standalone decode worker, all called through plain grpcio clients."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import grpc
+import pytest
+
+from service.api_client import KVComposeClient
+from service.haystack import needle_document
+from service.store.embedded import free_port
+
+pytestmark = pytest.mark.model
+SHARED_REDIS = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="module")
+def stack():
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from service.serve.launch import StoreProcess, deploy, load_config
+
+    prefix = f"kvc-e2e-{uuid.uuid4().hex[:8]}"
+    store = StoreProcess(SHARED_REDIS, free_port(), env={"KVCOMPOSE_STORE_KEY_PREFIX": prefix}).start()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"compress_node": 1}})
+    decode_node = cluster.add_node(num_cpus=2, resources={"decode_node": 1})
+    ray.init(address=cluster.address, namespace="serve", log_to_driver=False)
+    grpc_port = free_port()
+    config = load_config(
+        args={"store": {"redis_url": SHARED_REDIS, "key_prefix": prefix}, "store_address": store.address},
+        deployments={"Compressor": {"ray_actor_options": {"resources": {"compress_node": 0.1}}},
+                     "Decoder": {"ray_actor_options": {"resources": {"decode_node": 0.1}}}},
+        proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()},
+        grpc_options={"port": grpc_port,
+                      "grpc_servicer_functions": ["kvcompose.v1.api_pb2_grpc.add_KVComposeServicer_to_server"]},
+    )
+    deploy(config)
+    try:
+        yield {"address": f"127.0.0.1:{grpc_port}", "store": store, "decode_node": decode_node.node_id,
+               "prefix": prefix}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+        store.stop()
+        import redis
+
+        r = redis.Redis.from_url(SHARED_REDIS)
+        for name in r.scan_iter(match=f"{prefix}:*", count=1000):
+            r.delete(name)
+
+
+def counters() -> dict:
+    from ray import serve
+
+    return serve.get_app_handle("kvcompose").counters.remote().result()
+
+
+def replica_nodes(deployment: str) -> set[str]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:kvcompose:{deployment}"),
+                                  ("state", "=", "ALIVE")])
+    return {a.node_id for a in actors}
+
+
+@pytest.fixture(scope="module")
+def document():
+    from transformers import AutoTokenizer
+
+    from service.config import EngineConfig
+    from service.models import embedded_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(EngineConfig().cache_dir))
+    return needle_document(tokenizer, 2000)
+
+
+def test_compress_once_then_answer_three_questions_on_another_node(stack, document):
+    doc, question, needle = document
+    assert replica_nodes("Decoder") == {stack["decode_node"]}
+    assert stack["decode_node"] not in replica_nodes("Compressor")
+    with KVComposeClient(stack["address"]) as client:
+        compressed = client.compress(doc, {"press": "kvcompose", "compression_ratio": 0.5})
+        assert not compressed.reused and 1900 <= compressed.original_tokens <= 2100
+        assert abs(compressed.kept_fraction - 0.5) < 0.02 and len(compressed.kept_tokens_per_layer) == 30
+        assert compressed.stored_bytes < 0.55 * compressed.uncompressed_bytes
+        answers = []
+        for q in (question, "What is the color of the sky in the text?", "Summarise the text in five words."):
+            text, stats = client.ask(q, cache_id=compressed.cache_id, max_new_tokens=24)
+            answers.append((text, stats))
+        assert needle in answers[0][0]
+        assert [s.cache_source for _, s in answers] == ["store", "memory", "memory"]
+        assert all(s.cache_hit and s.new_tokens > 0 for _, s in answers)
+    c = counters()
+    assert c["compressor"]["prefills"] == 1  # the document was prefilled once
+    assert c["decoder"]["fetches"] == 1      # the decode node fetched it through the prefix store
+
+
+def test_same_text_twice_reuses_the_cache(stack, document):
+    doc, question, needle = document
+    with KVComposeClient(stack["address"]) as client:
+        context = client.compress_request(doc, {"press": "kvcompose", "compression_ratio": 0.5})
+        text, stats = client.ask(question, context=context, max_new_tokens=24)
+        assert stats.cache_hit and stats.compressed.reused and needle in text
+        again = client.compress(doc, {"press": "kvcompose", "compression_ratio": 0.5})
+        assert again.reused and again.cache_id == stats.cache_id
+    assert counters()["compressor"]["prefills"] == 1
+
+
+def test_errors_arrive_as_status_codes(stack, document):
+    with KVComposeClient(stack["address"]) as client:
+        with pytest.raises(grpc.RpcError) as e:
+            client.compress("some text", {"press": "snapkv", "compression_ratio": 1.5})
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "compression_ratio" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            client.ask("hi?", cache_id="0" * 64)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as e:
+            client.ask("hi?", cache_id="nonsense")
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "Traceback" not in e.value.details()
+        models = client.list_models().models
+        assert models[0].id == "smollm2-135m-instruct" and models[0].layers == 30
+
+
+def test_standalone_decode_worker_answers_from_the_store(stack, document):
+    doc, question, needle = document
+    with KVComposeClient(stack["address"]) as client:
+        cache_id = client.compress(doc, {"press": "kvcompose", "compression_ratio": 0.5}).cache_id
+    port = free_port()
+    worker = subprocess.Popen([sys.executable, "-m", "workers.decode", "--store", stack["store"].address,
+                               "--address", f"127.0.0.1:{port}"], env={**os.environ})
+    try:
+        deadline = time.monotonic() + 120
+        with KVComposeClient(f"127.0.0.1:{port}") as client:
+            while True:
+                try:
+                    client.list_models()
+                    break
+                except grpc.RpcError:
+                    if time.monotonic() > deadline or worker.poll() is not None:
+                        raise
+                    time.sleep(0.5)
+            text, stats = client.ask(question, cache_id=cache_id, max_new_tokens=24)
+        assert needle in text and stats.cache_source == "store"
+    finally:
+        worker.terminate()
+        worker.wait(10)
