@@ -33,7 +33,7 @@ proto:
 	touch gen/kvcompose/__init__.py gen/kvcompose/v1/__init__.py
 
 serve: install
-	$(PY) -m service.cli demo
+	$(PY) -m service.cli serve
 
 test: install
 	$(PY) -m pytest -q

@@ -77,6 +77,7 @@ NOT_FOR_STORED_CACHES = {
     "finch": "needs the question inside the prefilled context (after a delimiter token)",
 }
 WRAPPER_FIELDS = ("press", "base_press", "prefilling_press", "decoding_press")
+SET_BY_ENGINE = {"task_ids"}  # KVCompose's task prompts arrive as text (task_prompts), tokenized by the engine
 
 
 class PressSpecError(ValueError):
@@ -105,7 +106,7 @@ def _params(cls: type) -> dict[str, _Param]:
     """Constructor parameters (dataclass or hand-written __init__), defaults resolved."""
     out = {}
     for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
-        if p.name.startswith("_") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        if p.name.startswith("_") or p.name in SET_BY_ENGINE or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         out[p.name] = _Param(p.name, p.default, p.annotation)
     return out
