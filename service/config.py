@@ -83,7 +83,9 @@ class StoreConfig:
         sequence; candidates are indexed by their first floor(n / block_tokens) blocks).
     lock_lease_s: single-flight lease; a holder that dies frees the document after this long.
     wait_s: how long a second compressor waits for the first before giving up.
-    auth_tokens: bearer token -> tenant; empty = no auth (tenant from ``x-tenant`` metadata).
+    auth_tokens: bearer token -> tenant; empty = no auth (tenant from ``x-tenant`` metadata). A token
+        mapped to "*" is a service token: it may act for any tenant named in ``x-tenant``.
+    service_token: the token our own services present when they call the store (a "*" token there).
     redis_timeout_s / redis_retries: every Redis call's socket timeout and retry count (backoff 50 ms, x2, cap 1 s).
     """
 
@@ -96,6 +98,7 @@ class StoreConfig:
     lock_lease_s: float = 60.0
     wait_s: float = 600.0
     auth_tokens: dict = field(default_factory=dict)
+    service_token: str = ""
     redis_timeout_s: float = 10.0
     redis_retries: int = 3
     key_prefix: str = "kvc"
@@ -111,7 +114,8 @@ class StoreConfig:
 
     @classmethod
     def from_env(cls, **overrides) -> StoreConfig:
-        """Defaults, then ``KVCOMPOSE_STORE_<FIELD>`` (and ``REDIS_URL``), then explicit overrides."""
+        """Defaults, then ``KVCOMPOSE_STORE_<FIELD>`` (and ``REDIS_URL``), then explicit overrides
+        (None or "" overrides are ignored, so a config file can leave secrets to the environment)."""
         values: dict = {}
         if os.environ.get("REDIS_URL"):
             values["redis_url"] = os.environ["REDIS_URL"]
@@ -121,5 +125,5 @@ class StoreConfig:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             values[f.name] = json.loads(raw) if isinstance(default, dict) else type(default)(raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values.update({k: v for k, v in overrides.items() if v not in (None, "")})
         return cls(**values)

