@@ -103,7 +103,7 @@ def test_quota_is_resource_exhausted(tiny_engine):
 
 
 def test_bearer_tokens(tiny_engine):
-    with ServerProcess(config(auth_tokens={"s3cret": "acme"})) as s:
+    with ServerProcess(config(auth_tokens={"s3cret": "acme", "svc": "*"})) as s:
         with PrefixStoreClient(s.target) as anonymous, pytest.raises(Unauthenticated, match="Bearer"):
             anonymous.stat("0" * 64)
         with PrefixStoreClient(s.target, token="wrong") as wrong, pytest.raises(Unauthenticated, match="not valid"):
@@ -116,6 +116,10 @@ def test_bearer_tokens(tiny_engine):
         with PrefixStoreClient(s.target, token="s3cret") as ok:
             m, _ = ok.put(key, ids, data)
             assert ok.fetch(m.cache_id)[1] == data
+        with PrefixStoreClient(s.target, token="svc") as service:  # a service token acts for any tenant
+            assert service.fetch(m.cache_id, tenant="acme")[1] == data
+            with pytest.raises(NotFound):
+                service.fetch(m.cache_id, tenant="other")
 
 
 def test_redis_down_is_unavailable_then_recovers(tiny_engine):

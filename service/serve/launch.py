@@ -138,6 +138,6 @@ READY = """
 KVCompose Serve is up.
   gRPC API (kvcompose.v1.KVCompose): 127.0.0.1:{port}
   Try:
-    .venv/bin/kvcompose remote ask --addr 127.0.0.1:{port} --document README.md "What does make serve start?"
+    .venv/bin/kvcompose remote ask --addr 127.0.0.1:{port} --document k8s/README.md "Which port does the gRPC API use?"
   Press Ctrl-C to stop.
 """
