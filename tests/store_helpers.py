@@ -29,6 +29,20 @@ def store_for(url: str = SHARED_REDIS, **overrides) -> RedisStore:
     return RedisStore(connect(config, url), config)
 
 
+def with_store(test, url: str = SHARED_REDIS, **overrides) -> None:
+    """Run ``await test(store)`` with a fresh namespaced store, wiping its keys afterwards."""
+    import asyncio
+
+    async def main() -> None:
+        store = store_for(url, **overrides)
+        try:
+            await test(store)
+        finally:
+            await wipe(store)
+
+    asyncio.run(main())
+
+
 async def wipe(store: RedisStore) -> None:
     async for name in store.redis.scan_iter(match=f"{store.config.key_prefix}:*", count=1000):
         await store.redis.delete(name)

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 from conftest import random_ids
-from store_helpers import make_cache, store_for, wipe
+from store_helpers import make_cache, store_for, wipe, with_store
 
 from service import codec
 from service.store.embedded import EmbeddedRedis
@@ -28,210 +28,171 @@ def test_round_trip_is_bit_exact_for_every_codec(tiny_engine, codec_name):
     ids = random_ids(200, seed=3)
     key, data = make_cache(tiny_engine, ids, codec_name)
 
-    async def go():
-        store = store_for(chunk_bytes=4096)
-        try:
-            m, existed = await store.put(key, ids, data)
-            assert not existed and m.chunk_count == -(-len(data) // 4096)
-            got = await store.get("acme", m.cache_id)
-            assert got[1] == data
-            again, existed = await store.put(key, ids, data)
-            assert existed and again.cache_id == m.cache_id
-        finally:
-            await wipe(store)
+    async def go(store):
+        m, existed = await store.put(key, ids, data)
+        assert not existed and m.chunk_count == -(-len(data) // 4096)
+        got = await store.get("acme", m.cache_id)
+        assert got[1] == data
+        again, existed = await store.put(key, ids, data)
+        assert existed and again.cache_id == m.cache_id
 
-    run(go())
+    with_store(go, chunk_bytes=4096)
     assert codec.decode(data).meta.original_length == 200
 
 
 def test_a_write_killed_midway_leaves_nothing_readable(cache):
     key, ids, data = cache
 
-    async def go():
-        store = store_for(chunk_bytes=1024)
-        try:
-            original = store.redis.set
+    async def go(store):
+        original = store.redis.set
 
-            async def crash_on_manifest(name, *a, **kw):
-                if str(name).endswith(":manifest"):
-                    raise ConnectionError("process killed")
-                return await original(name, *a, **kw)
+        async def crash_on_manifest(name, *a, **kw):
+            if str(name).endswith(":manifest"):
+                raise ConnectionError("process killed")
+            return await original(name, *a, **kw)
 
-            store.redis.set = crash_on_manifest
-            with pytest.raises(Unavailable):
-                await store.put(key, ids, data)
-            store.redis.set = original
-            chunks = [k async for k in store.redis.scan_iter(match=f"{store.config.key_prefix}:*chunk*")]
-            assert chunks, "chunks were written before the crash"
-            assert all([await store.redis.ttl(k) > 0 for k in chunks])  # orphans expire by themselves
-            with pytest.raises(NotFound):
-                await store.stat("acme", key.cache_id(ids))
-            with pytest.raises(NotFound):
-                await store.lookup(key, ids, longest_prefix=False)
-        finally:
-            await wipe(store)
+        store.redis.set = crash_on_manifest
+        with pytest.raises(Unavailable):
+            await store.put(key, ids, data)
+        store.redis.set = original
+        chunks = [k async for k in store.redis.scan_iter(match=f"{store.config.key_prefix}:*chunk*")]
+        assert chunks, "chunks were written before the crash"
+        assert all([await store.redis.ttl(k) > 0 for k in chunks])  # orphans expire by themselves
+        with pytest.raises(NotFound):
+            await store.stat("acme", key.cache_id(ids))
+        with pytest.raises(NotFound):
+            await store.lookup(key, ids, longest_prefix=False)
 
-    run(go())
+    with_store(go, chunk_bytes=1024)
 
 
 def test_a_flipped_byte_is_data_loss_and_the_entry_is_gone(cache):
     key, ids, data = cache
 
-    async def go():
-        store = store_for(chunk_bytes=2048)
-        try:
-            m, _ = await store.put(key, ids, data)
-            name = store.keys.chunk("acme", m.cache_id, m.write_id, 1)
-            chunk = bytearray(await store.redis.get(name))
-            chunk[100] ^= 0x10
-            await store.redis.set(name, bytes(chunk))
-            with pytest.raises(DataLoss, match="checksum"):
-                await store.get("acme", m.cache_id)
-            assert store.counters["corrupt_deleted"] == 1
-            with pytest.raises(NotFound):
-                await store.stat("acme", m.cache_id)
-        finally:
-            await wipe(store)
+    async def go(store):
+        m, _ = await store.put(key, ids, data)
+        name = store.keys.chunk("acme", m.cache_id, m.write_id, 1)
+        chunk = bytearray(await store.redis.get(name))
+        chunk[100] ^= 0x10
+        await store.redis.set(name, bytes(chunk))
+        with pytest.raises(DataLoss, match="checksum"):
+            await store.get("acme", m.cache_id)
+        assert store.counters["corrupt_deleted"] == 1
+        with pytest.raises(NotFound):
+            await store.stat("acme", m.cache_id)
 
-    run(go())
+    with_store(go, chunk_bytes=2048)
 
 
 def test_an_evicted_chunk_is_a_miss_and_the_entry_is_deleted(cache):
     key, ids, data = cache
 
-    async def go():
-        store = store_for(chunk_bytes=2048)
-        try:
-            m, _ = await store.put(key, ids, data)
-            await store.redis.delete(store.keys.chunk("acme", m.cache_id, m.write_id, 2))
-            with pytest.raises(NotFound, match="evicted"):
-                await store.get("acme", m.cache_id)
-            assert store.counters["missing_chunk_deleted"] == 1
-            assert await store.redis.exists(store.keys.manifest("acme", m.cache_id)) == 0
-        finally:
-            await wipe(store)
+    async def go(store):
+        m, _ = await store.put(key, ids, data)
+        await store.redis.delete(store.keys.chunk("acme", m.cache_id, m.write_id, 2))
+        with pytest.raises(NotFound, match="evicted"):
+            await store.get("acme", m.cache_id)
+        assert store.counters["missing_chunk_deleted"] == 1
+        assert await store.redis.exists(store.keys.manifest("acme", m.cache_id)) == 0
 
-    run(go())
+    with_store(go, chunk_bytes=2048)
 
 
 def test_tenants_cannot_see_each_other(cache, tiny_engine):
     key, ids, data = cache
 
-    async def go():
-        store = store_for()
-        try:
-            m, _ = await store.put(key, ids, data)
-            with pytest.raises(NotFound):
-                await store.stat("other", m.cache_id)
-            with pytest.raises(NotFound):
-                await store.get("other", m.cache_id)
-            assert not await store.delete("other", m.cache_id)
-            import dataclasses
+    async def go(store):
+        m, _ = await store.put(key, ids, data)
+        with pytest.raises(NotFound):
+            await store.stat("other", m.cache_id)
+        with pytest.raises(NotFound):
+            await store.get("other", m.cache_id)
+        assert not await store.delete("other", m.cache_id)
+        import dataclasses
 
-            other = dataclasses.replace(key, tenant="other")
-            assert other.cache_id(ids) != m.cache_id
-            with pytest.raises(NotFound):
-                await store.lookup(other, ids, longest_prefix=True)
-            assert (await store.stat("acme", m.cache_id)).cache_id == m.cache_id
-        finally:
-            await wipe(store)
+        other = dataclasses.replace(key, tenant="other")
+        assert other.cache_id(ids) != m.cache_id
+        with pytest.raises(NotFound):
+            await store.lookup(other, ids, longest_prefix=True)
+        assert (await store.stat("acme", m.cache_id)).cache_id == m.cache_id
 
-    run(go())
+    with_store(go)
 
 
 def test_hits_refresh_the_ttl(cache):
     key, ids, data = cache
 
-    async def go():
-        store = store_for(chunk_bytes=4096)
-        try:
-            m, _ = await store.put(key, ids, data, ttl_s=100)
-            name = store.keys.manifest("acme", m.cache_id)
-            await store.redis.expire(name, 5)
-            await store.get("acme", m.cache_id)
-            for _ in range(50):  # the refresh runs after the reply
-                if await store.redis.ttl(name) > 90:
-                    break
-                await asyncio.sleep(0.02)
-            assert await store.redis.ttl(name) > 90
-        finally:
-            await wipe(store)
+    async def go(store):
+        m, _ = await store.put(key, ids, data, ttl_s=100)
+        name = store.keys.manifest("acme", m.cache_id)
+        await store.redis.expire(name, 5)
+        await store.get("acme", m.cache_id)
+        for _ in range(50):  # the refresh runs after the reply
+            if await store.redis.ttl(name) > 90:
+                break
+            await asyncio.sleep(0.02)
+        assert await store.redis.ttl(name) > 90
 
-    run(go())
+    with_store(go, chunk_bytes=4096)
 
 
 def test_longest_prefix_lookup_finds_the_document_under_a_question(tiny_engine):
     doc = random_ids(600, seed=8)
     key, data = make_cache(tiny_engine, doc)
 
-    async def go():
-        store = store_for(block_tokens=256)
-        try:
-            m, _ = await store.put(key, doc, data)
-            found, matched = await store.lookup(key, doc + random_ids(30, seed=9), longest_prefix=True)
-            assert found.cache_id == m.cache_id and matched == 600
-            with pytest.raises(NotFound):
-                await store.lookup(key, doc[:599] + random_ids(30, seed=9), longest_prefix=True)
-            with pytest.raises(NotFound):
-                await store.lookup(key, doc + [5], longest_prefix=False)
-            short_key, short = make_cache(tiny_engine, doc[:100])
-            s, _ = await store.put(short_key, doc[:100], short)
-            found, matched = await store.lookup(key, doc[:300], longest_prefix=True)
-            assert found.cache_id == s.cache_id and matched == 100
-        finally:
-            await wipe(store)
+    async def go(store):
+        m, _ = await store.put(key, doc, data)
+        found, matched = await store.lookup(key, doc + random_ids(30, seed=9), longest_prefix=True)
+        assert found.cache_id == m.cache_id and matched == 600
+        with pytest.raises(NotFound):
+            await store.lookup(key, doc[:599] + random_ids(30, seed=9), longest_prefix=True)
+        with pytest.raises(NotFound):
+            await store.lookup(key, doc + [5], longest_prefix=False)
+        short_key, short = make_cache(tiny_engine, doc[:100])
+        s, _ = await store.put(short_key, doc[:100], short)
+        found, matched = await store.lookup(key, doc[:300], longest_prefix=True)
+        assert found.cache_id == s.cache_id and matched == 100
 
-    run(go())
+    with_store(go, block_tokens=256)
 
 
 def test_quota_and_size_limits(cache):
     key, ids, data = cache
 
-    async def go():
-        store = store_for(tenant_quota_bytes=len(data) + 10)
-        try:
-            await store.put(key, ids, data)
-            key2, ids2 = key, ids[:-1] + [7]
-            with pytest.raises(QuotaExceeded, match="quota"):
-                await store.put(key2, ids2, data)
-        finally:
-            await wipe(store)
-        small = store_for(max_entry_bytes=100)
-        try:
-            with pytest.raises(QuotaExceeded, match="at most 100"):
-                await small.put(key, ids, data)
-        finally:
-            await wipe(small)
+    async def over_quota(store):
+        await store.put(key, ids, data)
+        with pytest.raises(QuotaExceeded, match="quota"):
+            await store.put(key, ids[:-1] + [7], data)  # a second entry does not fit
 
-    run(go())
+    async def too_big(store):
+        with pytest.raises(QuotaExceeded, match="at most 100"):
+            await store.put(key, ids, data)
+
+    with_store(over_quota, tenant_quota_bytes=len(data) + 10)
+    with_store(too_big, max_entry_bytes=100)
 
 
 def test_bad_uploads_are_refused(cache):
     key, ids, data = cache
 
-    async def go():
-        store = store_for()
-        try:
-            with pytest.raises(InvalidArgument, match="checksum"):
-                await store.put(key, ids, data[:-1] + bytes([data[-1] ^ 1]))
-            with pytest.raises(InvalidArgument, match="context tokens"):
-                await store.put(key, ids[:-1], data)
-            import dataclasses
+    async def go(store):
+        with pytest.raises(InvalidArgument, match="checksum"):
+            await store.put(key, ids, data[:-1] + bytes([data[-1] ^ 1]))
+        with pytest.raises(InvalidArgument, match="context tokens"):
+            await store.put(key, ids[:-1], data)
+        import dataclasses
 
-            with pytest.raises(InvalidArgument, match="codec"):
-                await store.put(dataclasses.replace(key, codec="int8"), ids, data)
-        finally:
-            await wipe(store)
+        with pytest.raises(InvalidArgument, match="codec"):
+            await store.put(dataclasses.replace(key, codec="int8"), ids, data)
 
-    run(go())
+    with_store(go)
 
 
 def test_redis_down_is_unavailable_and_the_store_recovers(cache):
     key, ids, data = cache
     with EmbeddedRedis() as redis:
 
-        async def go():
-            store = store_for(redis.url)
+        async def go(store):
             m, _ = await store.put(key, ids, data)
             redis.stop()
             with pytest.raises(Unavailable):
@@ -241,9 +202,8 @@ def test_redis_down_is_unavailable_and_the_store_recovers(cache):
                 await store.stat("acme", m.cache_id)
             m2, existed = await store.put(key, ids, data)
             assert not existed and (await store.get("acme", m2.cache_id))[1] == data
-            await store.close()
 
-        run(go())
+        with_store(go, redis.url)
 
 
 def test_two_concurrent_compressions_of_one_document_run_the_model_once(tiny_engine):

@@ -37,27 +37,35 @@ class TaskAttention:
         token i sees keys j <= K - T + i. lse: (heads, T) log-sum-exp of each query's logits, or
         None to compute it here.
         """
-        heads, t_len, _ = query.shape
-        keys = keys.repeat_interleave(heads // keys.shape[0], dim=0)
-        if lse is None and query.device.type == "cpu":  # the fused kernel is far cheaper than logsumexp
-            lse = attention_with_lse(query[None], keys[None], keys[None], scale)[1][0]
-        context_t = keys[:, : self.n_context].transpose(1, 2)
+        heads, t_len, dim = query.shape
+        kv_heads = keys.shape[0]
+        groups = heads // kv_heads
+        if lse is None:
+            lse = self._lse(query, keys.repeat_interleave(groups, dim=0), scale)
+        # A GQA group's query heads share one key matrix: (kv_heads, groups * chunk, d) @ (kv_heads, d, L).
+        context_t = keys[:, : self.n_context].transpose(1, 2).float()
         for start in range(0, t_len, chunk):
             q = query[:, start : start + chunk].float()
-            if lse is None:
-                block_lse = self._lse(q, keys, scale, start, t_len)
-            else:
-                block_lse = lse[:, start : start + chunk].float()
-            logw = torch.matmul(q, context_t.float()).mul_(scale).sub_(block_lse.unsqueeze(-1))
-            self._fold(logw)
+            c = q.shape[1]
+            q = q.reshape(kv_heads, groups * c, dim)
+            bias = -lse[:, start : start + chunk].float().reshape(kv_heads, groups * c, 1)
+            logw = torch.baddbmm(bias, q, context_t, alpha=scale)  # scale * q.k - lse, one kernel
+            self._fold(logw.view(heads, c, self.n_context))
             del logw
 
     @staticmethod
-    def _lse(q: torch.Tensor, keys: torch.Tensor, scale: float, start: int, t_len: int) -> torch.Tensor:
-        k_len = keys.shape[1]
-        logits = torch.matmul(q, keys.transpose(1, 2).float()).mul_(scale)
-        allowed = causal_mask(t_len, k_len, q.device)[start : start + q.shape[1]]
-        return torch.logsumexp(logits.masked_fill_(~allowed, float("-inf")), dim=-1)
+    def _lse(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+        """(heads, T) log-sum-exp of causal logits: the fused kernel on CPU, blockwise elsewhere."""
+        if query.device.type == "cpu":
+            return attention_with_lse(query[None], keys[None], keys[None], scale)[1][0]
+        t_len, k_len = query.shape[1], keys.shape[1]
+        out = []
+        for start in range(0, t_len, 256):
+            q = query[:, start : start + 256].float()
+            logits = torch.matmul(q, keys.transpose(1, 2).float()).mul_(scale)
+            allowed = causal_mask(t_len, k_len, q.device)[start : start + q.shape[1]]
+            out.append(torch.logsumexp(logits.masked_fill_(~allowed, float("-inf")), dim=-1))
+        return torch.cat(out, dim=1)
 
     def _fold(self, logw: torch.Tensor) -> None:
         if self.how == "max":

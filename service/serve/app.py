@@ -26,7 +26,7 @@ from service import api as conv
 from service.config import EngineConfig, StoreConfig
 from service.store.auth import Auth
 
-log = logging.getLogger("kvcompose")
+log = logging.getLogger("ray.serve")  # Serve formats it (JSON) with the request id
 
 
 @dataclass
