@@ -26,10 +26,18 @@ def prefill(model: PreTrainedModel, context_ids: list[int], press: BasePress | N
     try:
         with torch.inference_mode(), (press(model) if press is not None else contextlib.nullcontext()):
             model.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        evicted = [_evicted_mask(m.masked_key_indices, layer) for m, layer in zip(attn, cache.layers)]
+        return collect(model, cache, meta)
     finally:
         for module in attn:
             module.masked_key_indices = None
+
+
+def collect(model: PreTrainedModel, cache: DynamicCache, meta: CacheMeta) -> CompressedKV:
+    """The compressed cache, with head-wise evictions taken from the attention modules (and cleared)."""
+    attn = [layer.self_attn for layer in model.model.layers]
+    evicted = [_evicted_mask(getattr(m, "masked_key_indices", None), layer) for m, layer in zip(attn, cache.layers)]
+    for module in attn:
+        module.masked_key_indices = None
     return compact(CompressedKV.from_cache(cache, evicted, meta))
 
 

@@ -179,6 +179,10 @@ class KVComposePress(BasePress):
         chunk = max(1, SCORE_BLOCK_BYTES // (4 * heads * k_len))
         agg.add(query[0], keys[0], module.scaling, chunk, lse)
 
+    def set_context(self, input_ids: torch.Tensor) -> None:
+        """Give the context ids directly (when hooks are driven without a model forward)."""
+        self._state["context_ids"] = input_ids
+
     def _compress(self, cache: Cache) -> None:
         state = self._state
         kv_heads = cache.layers[0].keys.shape[1]
@@ -187,12 +191,15 @@ class KVComposePress(BasePress):
             s = selection.group_scores(state["scores"][i].result(), kv_heads, self.agg_group)
             values = layer.values[0, :, : s.shape[1]] if self.add_v_norm else None
             scores.append(selection.enhance(s, values, self.add_mean_across_heads))
+        self.compress_with_scores(scores, cache, state["model"].model.layers)
+
+    def compress_with_scores(self, scores: list[torch.Tensor], cache: Cache, layers: nn.ModuleList) -> None:
+        """Select and gather with given per-layer (kv_heads, len) scores: one scoring, many ratios."""
         if self.structured:
             composite = selection.composite_scores(scores, self.agg_head, self.keep_token_lower_bound)
             counts = selection.allocate(composite, self.compression_ratio, max(1, self.keep_token_lower_bound))
         else:
             counts = selection.allocate_per_head(scores, self.compression_ratio, self.keep_token_lower_bound)
-        layers = state["model"].model.layers
         self.last_selection = {"scores": scores, "counts": counts, "positions": []}  # for inspection
         for i, layer in enumerate(cache.layers):
             positions, padding = selection.select(scores[i], counts[i])

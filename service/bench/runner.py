@@ -1,0 +1,194 @@
+"""Accuracy runner: every press and ratio on RULER-style samples, fast enough for CPUs.
+
+Per sample: one plain prefill records each attention layer's inputs (hidden states, position
+embeddings) and the full KV cache. Every press then runs its own hooks on those recorded inputs,
+layer by layer, without another model forward: compression in one layer does not change the next
+layer's prefill input, so this is exactly what the press computes alone (a test checks it).
+KVCompose scores once per sample (its replay runs once) and selects per ratio. Each (press, ratio)
+answers the sample's question from its own cache. Rows are appended to a CSV as they finish; a
+rerun skips rows already there, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from service.bench import metrics, ruler
+from service.decode import Sampling, generate
+from service.engine import Engine
+from service.kvcache import CacheMeta, CompressedKV
+from service.prefill import collect
+from service.presses import build, canonical
+from service.presses.kvcompose import KVComposePress
+
+FIELDS = ["model", "length", "task", "sample", "press", "ratio", "kept_fraction", "bytes_float16", "bytes_int8",
+          "score", "prediction", "answers", "press_json"]
+
+
+@dataclass
+class Recorded:
+    """One plain prefill: per-layer attention inputs and the uncompressed cache."""
+
+    ids: torch.Tensor
+    kwargs: list[dict]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    def cache(self) -> DynamicCache:
+        return DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in zip(self.keys, self.values)])
+
+
+def record(model, ids: list[int]) -> Recorded:
+    kwargs: list[dict] = [{} for _ in model.model.layers]
+
+    def hook(module, args, kw, output):
+        kwargs[module.layer_idx] = {"hidden_states": kw["hidden_states"],
+                                    "position_embeddings": kw["position_embeddings"],
+                                    "cache_position": kw["cache_position"]}
+
+    handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
+    cache = DynamicCache()
+    tensor = torch.tensor([ids], device=model.device)
+    try:
+        with torch.inference_mode():
+            model.model(input_ids=tensor, past_key_values=cache, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return Recorded(tensor, kwargs, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+
+
+def run_press(model, press, rec: Recorded) -> DynamicCache:
+    """The press's hooks on the recorded inputs, layer by layer: its compressed cache."""
+    cache = rec.cache()
+    # Entering the press registers its hooks (they fire only in forwards the press itself runs, such as
+    # KVCompose's replay); the recorded layers are then fed to its hook directly.
+    with torch.inference_mode(), press(model):
+        for p in _all(press):
+            if isinstance(p, KVComposePress):
+                p.set_context(rec.ids)
+        for layer in model.model.layers:
+            kwargs = {**rec.kwargs[layer.self_attn.layer_idx], "past_key_values": cache, "attention_mask": None}
+            press.forward_hook(layer.self_attn, (), kwargs, (None, None))
+    return cache
+
+
+def _all(press) -> Iterable:
+    from service.presses import presses_in
+
+    return presses_in(press)
+
+
+def with_ratio(spec: dict, ratio: float) -> dict:
+    """The spec with ``ratio`` as the compression_ratio of every (sub-)press that has one."""
+    spec = copy.deepcopy(canonical(spec))
+
+    def visit(s: dict) -> None:
+        if "compose" in s:
+            for part in s["compose"]:
+                visit(part)
+            return
+        if "compression_ratio" in s:
+            s["compression_ratio"] = ratio
+        if isinstance(s.get("inner"), dict):
+            visit(s["inner"])
+
+    visit(spec)
+    return spec
+
+
+def label(spec: dict) -> str:
+    spec = canonical(spec)
+    if "compose" in spec:
+        return "+".join(label(p) for p in spec["compose"])
+    name = spec["press"]
+    if name == "kvcompose" and spec.get("task_prompts"):
+        name += "-aware"
+    return name
+
+
+class AccuracyRun:
+    def __init__(self, engine: Engine, out: Path, length: int):
+        self.engine, self.out, self.length = engine, Path(out), length
+        self.done = self._done()
+
+    def _done(self) -> set[tuple]:
+        if not self.out.exists():
+            return set()
+        with self.out.open() as f:
+            return {(r["task"], int(r["sample"]), r["press"], float(r["ratio"])) for r in csv.DictReader(f)
+                    if int(r["length"]) == self.length}
+
+    def _write(self, row: dict) -> None:
+        new = not self.out.exists()
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with self.out.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def run(self, tasks: list[str], samples: int, presses: list[dict], ratios: list[float],
+            task_aware: bool = True) -> None:
+        engine, model = self.engine, self.engine.loaded.model
+        jobs = [(t, s) for t in tasks for s in range(samples)]
+        for task, seed in tqdm(jobs, desc=f"accuracy @ {self.length} tokens", unit="sample"):
+            sample = ruler.generate(task, engine.loaded.tokenizer, self.length, seed)
+            plan = [("none", 0.0, {})] + [(label(p), r, with_ratio(p, r)) for p in presses for r in ratios]
+            if task_aware:  # KVCompose scored by the question itself
+                plan += [("kvcompose-aware", r, with_ratio({"press": "kvcompose"}, r)) for r in ratios]
+            plan = [job for job in plan if (task, seed, job[0], job[1]) not in self.done]
+            if not plan:
+                continue
+            ids = engine.context_ids(sample.context)
+            question = engine.prompt.question_ids(sample.question, sample.answer_prefix)
+            rec = record(model, ids)
+            kvcompose_scores: dict[str, list] = {}
+            for name, ratio, spec in plan:
+                kv = self._compress(rec, name, spec, ratio, sample, kvcompose_scores)
+                prediction = self._answer(kv, question, sample.max_new_tokens)
+                score = metrics.metric_for(task)([prediction], [sample.answers])
+                kept = sum(kv.kept_tokens_per_layer()) / (kv.num_layers * len(ids))
+                self._write({
+                    "model": engine.model_id, "length": self.length, "task": task, "sample": seed, "press": name,
+                    "ratio": ratio, "kept_fraction": round(kept, 4),
+                    "bytes_float16": _nbytes(kv, "float16"), "bytes_int8": _nbytes(kv, "int8"), "score": score,
+                    "prediction": prediction, "answers": json.dumps(sample.answers), "press_json": json.dumps(spec)})
+                self.done.add((task, seed, name, ratio))
+
+    def _compress(self, rec: Recorded, name: str, spec: dict, ratio: float, sample, scores_cache: dict) -> CompressedKV:
+        model = self.engine.loaded.model
+        meta = CacheMeta(self.engine.model_id, self.engine.loaded.revision, rec.ids.shape[1], spec)
+        if name in ("kvcompose", "kvcompose-aware"):  # score once per sample, select per ratio
+            if name not in scores_cache:
+                press = build(spec)
+                if name == "kvcompose-aware":
+                    press.task_ids = [self.engine.prompt.question_ids(sample.question)]
+                run_press(model, press, rec)
+                scores_cache[name] = press.last_selection["scores"]
+            cache = rec.cache()
+            build(spec).compress_with_scores(scores_cache[name], cache, model.model.layers)
+            return collect(model, cache, meta)
+        press = build(spec)
+        cache = run_press(model, press, rec) if press is not None else rec.cache()
+        return collect(model, cache, meta)
+
+    def _answer(self, kv: CompressedKV, question: list[int], max_new_tokens: int) -> str:
+        tokens = list(generate(self.engine.loaded.model, kv, question,
+                               Sampling(max_new_tokens=max_new_tokens, stop_token_ids=self.engine.stop_token_ids())))
+        return self.engine.loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def _nbytes(kv: CompressedKV, codec_name: str) -> int:
+    from service import codec
+
+    return len(codec.encode(kv, codec_name))

@@ -1,0 +1,71 @@
+"""The accuracy runner: presses replayed on one recorded prefill equal the presses run alone; resume."""
+
+import csv
+
+import pytest
+import torch
+from conftest import meta, random_ids, tiny_llama
+
+from service.bench.runner import AccuracyRun, record, run_press, with_ratio
+from service.prefill import collect, prefill
+from service.presses import build
+from service.presses.kvcompose import KVComposePress
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.mark.parametrize("spec", [
+    {"press": "snapkv", "compression_ratio": 0.5, "window_size": 16},
+    {"press": "pyramidkv", "compression_ratio": 0.6, "window_size": 16, "beta": 4},
+    {"compose": [{"press": "think", "key_channel_compression_ratio": 0.5},
+                 {"press": "tova", "compression_ratio": 0.5}]},
+    {"press": "adakv", "inner": {"press": "expectedattention", "compression_ratio": 0.5}},
+    {"press": "kvcompose", "compression_ratio": 0.5},
+], ids=lambda s: str(s.get("press", "compose")))
+def test_a_press_on_recorded_inputs_equals_the_press_alone(model, spec):
+    ids = random_ids(300, seed=12)
+    alone = prefill(model, ids, build(spec), meta(300))
+    replayed = collect(model, run_press(model, build(spec), record(model, ids)), meta(300))
+    assert alone.layer_lengths == replayed.layer_lengths
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(alone.keys + alone.values,
+                                                                replayed.keys + replayed.values))
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.75])
+def test_kvcompose_scores_once_and_selects_per_ratio(model, ratio):
+    ids = random_ids(300, seed=13)
+    rec = record(model, ids)
+    scorer = KVComposePress(compression_ratio=0.5)
+    run_press(model, scorer, rec)
+    cache = rec.cache()
+    KVComposePress(compression_ratio=ratio).compress_with_scores(scorer.last_selection["scores"], cache,
+                                                                 model.model.layers)
+    fast = collect(model, cache, meta(300))
+    alone = prefill(model, ids, KVComposePress(compression_ratio=ratio), meta(300))
+    assert fast.layer_lengths == alone.layer_lengths
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast.keys, alone.keys))
+
+
+def test_with_ratio_sets_every_compression_ratio():
+    spec = with_ratio({"compose": [{"press": "think", "key_channel_compression_ratio": 0.5},
+                                   {"press": "snapkv"}]}, 0.75)
+    assert spec["compose"][0]["key_channel_compression_ratio"] == 0.5
+    assert spec["compose"][1]["compression_ratio"] == 0.75
+
+
+def test_rows_are_appended_and_a_rerun_resumes(tiny_engine, tmp_path):
+    out = tmp_path / "results.csv"
+    presses = [{"press": "snapkv", "window_size": 8}, {"press": "streamingllm"}]
+    AccuracyRun(tiny_engine, out, 256).run(["niah_single_1", "vt"], 1, presses, [0.5])
+    rows = list(csv.DictReader(out.open()))
+    assert {(r["task"], r["press"]) for r in rows} == {
+        (t, p) for t in ("niah_single_1", "vt") for p in ("none", "snapkv", "streamingllm", "kvcompose-aware")}
+    assert all(0 <= float(r["score"]) <= 100 for r in rows)
+    assert all(float(r["kept_fraction"]) < 0.6 for r in rows if r["press"] != "none")
+    AccuracyRun(tiny_engine, out, 256).run(["niah_single_1", "vt"], 1, presses, [0.5])
+    assert len(list(csv.DictReader(out.open()))) == len(rows)  # nothing recomputed
+    AccuracyRun(tiny_engine, out, 256).run(["niah_single_1", "vt"], 1, presses, [0.5, 0.75])
+    assert len(list(csv.DictReader(out.open()))) == len(rows) + 2 * 3  # only the new ratio
