@@ -128,6 +128,45 @@ def cmd_remote_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_BENCH_PRESSES = json.dumps([
+    {"press": "kvcompose"}, {"press": "tova"}, {"press": "snapkv"}, {"press": "streamingllm"}, {"press": "knorm"},
+    {"press": "pyramidkv"}, {"press": "expectedattention"},
+    {"compose": [{"press": "think", "key_channel_compression_ratio": 0.5}, {"press": "kvcompose"}]},
+    {"compose": [{"press": "think", "key_channel_compression_ratio": 0.5}, {"press": "snapkv"}]},
+])
+
+
+def cmd_bench_accuracy(args: argparse.Namespace) -> int:
+    from service.bench.ruler import TASKS
+    from service.bench.runner import AccuracyRun
+
+    tasks = TASKS if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(","))
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"--tasks: unknown {sorted(unknown)}; known: {', '.join(TASKS)}")
+    ratios = [float(r) for r in args.ratios.split(",")]
+    if any(not 0 < r < 1 for r in ratios):
+        raise ValueError("--ratios must be in (0, 1)")
+    presses = json.loads(args.presses)
+    AccuracyRun(_engine(args.model), args.out, args.length).run(list(tasks), args.samples, presses, ratios,
+                                                                task_aware=not args.no_task_aware)
+    return cmd_bench_report(argparse.Namespace(csv=args.out, report_dir=args.report_dir))
+
+
+def cmd_bench_report(args: argparse.Namespace) -> int:
+    from service.bench import report
+
+    rows = report.load(args.csv)
+    text = report.table(rows)
+    out = Path(args.report_dir or Path(args.csv).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text)
+    paths = report.plots(rows, out)
+    print(text)
+    print("written:", out / "results.md", *paths, file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvcompose", description=__doc__)
     parser.add_argument("--model", help="embedded default, a Hugging Face id or a local path")
@@ -182,6 +221,22 @@ def main(argv: list[str] | None = None) -> int:
             r.add_argument("--temperature", type=float, default=0.0)
             r.add_argument("--seed", type=int)
             r.set_defaults(func=cmd_remote_ask)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("accuracy", help="RULER-style accuracy of presses and ratios (resumable CSV)")
+    b.add_argument("--length", type=int, default=4096, help="context length in the model's tokens")
+    b.add_argument("--tasks", default="all", help="comma-separated RULER task names, or 'all'")
+    b.add_argument("--samples", type=int, default=10, help="samples per task")
+    b.add_argument("--presses", default=DEFAULT_BENCH_PRESSES, help="JSON list of press specs (ratios set per run)")
+    b.add_argument("--ratios", default="0.25,0.5,0.75,0.9")
+    b.add_argument("--no-task-aware", action="store_true", help="skip KVCompose scored by the question")
+    b.add_argument("--out", type=Path, default=Path("bench/results.csv"))
+    b.add_argument("--report-dir", type=Path)
+    b.set_defaults(func=cmd_bench_accuracy)
+    b = bench.add_parser("report", help="tables and plots from a results CSV")
+    b.add_argument("csv", type=Path)
+    b.add_argument("--report-dir", type=Path)
+    b.set_defaults(func=cmd_bench_report)
 
     args = parser.parse_args(argv)
     _quiet()

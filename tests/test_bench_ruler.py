@@ -42,3 +42,28 @@ def test_string_match_all_and_part_on_hand_made_cases():
     assert metrics.metric_for("niah_multikey_3") is metrics.string_match_all
     with pytest.raises(ValueError):
         metrics.string_match_all(["a"], [])
+
+
+def test_max_compression_interpolates_between_measured_ratios():
+    from service.bench.report import max_compression
+
+    points = [(0.0, 80.0), (0.25, 80.0), (0.5, 76.0), (0.75, 56.0), (0.9, 10.0)]
+    assert max_compression(points, 0.10) == pytest.approx(0.5 + (72 - 76) * 0.25 / (56 - 76))  # 0.55
+    assert max_compression(points, 0.20) == pytest.approx(0.5 + (64 - 76) * 0.25 / (56 - 76))  # 0.65
+    assert max_compression([(0.0, 50.0), (0.5, 50.0), (0.9, 49.0)], 0.10) == 0.9
+    assert max_compression([(0.0, 50.0), (0.25, 10.0)], 0.10) == pytest.approx(0.25 * 5 / 40)
+
+
+def test_report_tables_and_plots(tmp_path):
+    from service.bench import report
+
+    rows = []
+    for sample in range(3):
+        for press, ratio, score in [("none", 0.0, 100), ("snapkv", 0.5, 100 if sample else 0), ("snapkv", 0.9, 0)]:
+            rows.append({"task": "niah_single_1", "press": press, "ratio": ratio, "score": float(score),
+                         "sample": sample, "bytes_int8": int(1e5 * (1 - ratio)), "length": 100})
+    text = report.table(rows)
+    assert "| snapkv | 0.50 | 66.7 | 66.7 ± " in text and "(n=3)" in text
+    assert "| snapkv | 0.15 | 0.30 |" in text  # 90 and 80 crossed between ratio 0 (100) and 0.5 (66.7)
+    paths = report.plots(rows, tmp_path)
+    assert all(p.exists() and p.stat().st_size > 1000 for p in paths)

@@ -1,0 +1,133 @@
+"""Reports from the runner's CSV: accuracy per task and on average (with 95% intervals), maximum
+compression within a relative loss tolerance, and plots.
+
+Maximum compression at tolerance eps: the largest ratio r with accuracy(r) >= (1 - eps) * accuracy(0),
+accuracy linearly interpolated between measured ratios (the KVCompose paper's reading of its curves);
+accuracy(0) is the uncompressed baseline on the same samples.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from service.bench.ruler import AGGREGATION, TASKS
+
+
+def load(path: Path) -> list[dict]:
+    with Path(path).open() as f:
+        return [{**r, "ratio": float(r["ratio"]), "score": float(r["score"]), "sample": int(r["sample"]),
+                 "bytes_int8": int(r["bytes_int8"]), "length": int(r["length"])} for r in csv.DictReader(f)]
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of a normal 95% interval."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, 1.96 * sd / math.sqrt(n)
+
+
+def accuracy(rows: list[dict], tasks: set[str] | None = None) -> dict[tuple[str, float], tuple[float, float, int]]:
+    """(press, ratio) -> (mean, 95% half-width, samples), macro-averaged over tasks per sample index."""
+    by_key: dict[tuple[str, float], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if tasks is None or r["task"] in tasks:
+            by_key[(r["press"], r["ratio"])][r["sample"]].append(r["score"])
+    out = {}
+    for key, per_sample in by_key.items():
+        averages = [sum(v) / len(v) for v in per_sample.values()]
+        m, ci = mean_ci(averages)
+        out[key] = (m, ci, len(averages))
+    return out
+
+
+def curves(rows: list[dict], tasks: set[str] | None = None) -> dict[str, list[tuple[float, float]]]:
+    """press -> [(ratio, accuracy)] sorted by ratio, each starting at the baseline (ratio 0)."""
+    acc = accuracy(rows, tasks)
+    base = acc.get(("none", 0.0), (float("nan"),))[0]
+    out: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for (press, ratio), (m, _, _) in acc.items():
+        if press != "none":
+            out[press].append((ratio, m))
+    return {p: [(0.0, base)] + sorted(pts) for p, pts in out.items()}
+
+
+def max_compression(points: list[tuple[float, float]], eps: float) -> float:
+    """Largest ratio whose interpolated accuracy stays >= (1 - eps) * accuracy at ratio 0."""
+    points = sorted(points)
+    threshold = (1 - eps) * points[0][1]
+    best = 0.0
+    for (r0, a0), (r1, a1) in zip(points, points[1:]):
+        if a0 >= threshold:
+            best = max(best, r0)
+        if a1 >= threshold:
+            best = max(best, r1)
+        elif a0 >= threshold:  # crosses inside this segment
+            best = max(best, r0 + (threshold - a0) * (r1 - r0) / (a1 - a0))
+    return best
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: accuracy per task and average for every press and ratio, plus max compression."""
+    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    keys = sorted({(r["press"], r["ratio"]) for r in rows}, key=lambda k: (k[0] != "none", k[0], k[1]))
+    per_task = {t: accuracy(rows, {t}) for t in tasks}
+    overall = accuracy(rows)
+    lines = ["| press | ratio | " + " | ".join(tasks) + " | average (95% CI) |",
+             "|---|---|" + "---|" * len(tasks) + "---|"]
+    for key in keys:
+        cells = [f"{per_task[t][key][0]:.1f}" if key in per_task[t] else "" for t in tasks]
+        m, ci, n = overall[key]
+        lines.append(f"| {key[0]} | {key[1]:.2f} | " + " | ".join(cells) + f" | {m:.1f} ± {ci:.1f} (n={n}) |")
+    lines += ["", "| press | max compression, 10% loss | max compression, 20% loss |", "|---|---|---|"]
+    for press, pts in sorted(curves(rows).items()):
+        lines.append(f"| {press} | {max_compression(pts, 0.10):.2f} | {max_compression(pts, 0.20):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    """accuracy_vs_compression.png (all, retrieval, aggregation) and bytes_vs_accuracy.png (int8)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    families = {"all tasks": None, "retrieval": set(TASKS) - AGGREGATION, "aggregation": AGGREGATION}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
+    for ax, (title, tasks) in zip(axes, families.items()):
+        for press, pts in sorted(curves(rows, tasks).items()):
+            ax.plot([r for r, _ in pts], [a for _, a in pts], marker="o", label=press)
+        ax.set_title(title)
+        ax.set_xlabel("compression ratio")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    first = out_dir / "accuracy_vs_compression.png"
+    fig.savefig(first, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    per_token: dict[tuple[str, float], list[float]] = defaultdict(list)
+    for r in rows:
+        per_token[(r["press"], r["ratio"])].append(r["bytes_int8"] / r["length"])
+    acc = accuracy(rows)
+    for press in sorted({k[0] for k in acc}):
+        pts = sorted((sum(per_token[k]) / len(per_token[k]), acc[k][0]) for k in acc if k[0] == press)
+        ax.plot([b for b, _ in pts], [a for _, a in pts], marker="o", label=press)
+    ax.set_xlabel("stored bytes per context token (int8 codec)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    second = out_dir / "bytes_vs_accuracy.png"
+    fig.savefig(second, dpi=120)
+    plt.close(fig)
+    return [first, second]
