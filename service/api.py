@@ -16,7 +16,7 @@ from service.answerer import AnswerStats
 from service.compressor import CompressResult
 from service.decode import Sampling
 from service.presses import PressSpecError
-from service.store.errors import BY_STATUS, StoreError
+from service.store.errors import StoreError
 
 log = logging.getLogger(__name__)
 MAX_NEW_TOKENS_LIMIT = 4096
@@ -109,5 +109,5 @@ def stats_message(s: AnswerStats, cache_hit: bool, compressed: CompressResult | 
         compressed=compress_response(compressed) if compressed else None)
 
 
-__all__ = ["ApiError", "BY_STATUS", "compress_args", "compress_response", "error_dict", "raise_error",
+__all__ = ["ApiError", "compress_args", "compress_response", "error_dict", "raise_error",
            "sampling_args", "stats_message", "to_status"]

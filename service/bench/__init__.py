@@ -1,1 +1,1 @@
-"""Accuracy benchmark (issue #6): RULER-style synthetic tasks and their metrics. The runner comes next."""
+"""Accuracy benchmark: RULER-style synthetic tasks, their metrics, the runner and the reports."""

@@ -1,1 +1,1 @@
-"""The prefix store of compressed caches (issue #3): content addressing today; Redis and gRPC next."""
+"""The prefix store of compressed caches: content addressing (ids), Redis storage, gRPC server and client."""
