@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 from service import codec
@@ -50,50 +51,23 @@ async def wipe(store: RedisStore) -> None:
 
 
 class ServerProcess:
-    """A real PrefixStore gRPC server (``python -m service.store.server``) in its own process."""
+    """A real PrefixStore gRPC server in its own process, configured by ``config`` through its env."""
 
     def __init__(self, config: StoreConfig):
+        from service.serve.launch import StoreProcess
+
+        env = {f"KVCOMPOSE_STORE_{name.upper()}": json.dumps(value) if isinstance(value, dict) else str(value)
+               for name, value in config.__dict__.items() if name != "redis_url"}
         self.config = config
-        self.port = free_port()
+        self.process = StoreProcess(config.redis_url, free_port(), env)
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.process.address
 
     def __enter__(self) -> ServerProcess:
-        import json
-        import os
-        import subprocess
-        import sys
-
-        env = {**os.environ, "REDIS_URL": self.config.redis_url}
-        for name, value in self.config.__dict__.items():
-            if name != "redis_url":
-                env[f"KVCOMPOSE_STORE_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
-        self.process = subprocess.Popen([sys.executable, "-m", "service.store.server", "--address", self.target],
-                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self._wait_serving()
+        self.process.start()
         return self
-
-    def _wait_serving(self) -> None:
-        import time
-
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + 60
-        with grpc.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"store server exited: {self.process.stderr.read().decode()[-2000:]}")
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise RuntimeError("store server did not become healthy")
 
     def redis(self):
         """A plain client of the server's Redis, for damaging entries behind its back."""
@@ -102,8 +76,7 @@ class ServerProcess:
         return redis.Redis.from_url(self.config.redis_url)
 
     def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        self.process.wait(10)
+        self.process.stop()
         try:
             r = self.redis()
             for name in r.scan_iter(match=f"{self.config.key_prefix}:*", count=1000):

@@ -100,6 +100,9 @@ def test_quota_is_resource_exhausted(tiny_engine):
             other_ids = ids[:-1] + [3]
             _, other = make_cache(tiny_engine, other_ids, tenant="default")
             client.put(key, other_ids, other)  # a second entry does not fit
+    with ServerProcess(config(max_entry_bytes=100)) as s, PrefixStoreClient(s.target) as client:
+        with pytest.raises(QuotaExceeded, match="exceeds the store's limit"):
+            client.put(key, ids, data)  # refused from the header, before the bytes arrive
 
 
 def test_bearer_tokens(tiny_engine):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from service.decode import Sampling, generate
 from service.engine import Engine
 from service.kvcache import CacheMeta, CompressedKV
 from service.prefill import collect
-from service.presses import build, canonical
+from service.presses import build, canonical, presses_in
 from service.presses.kvcompose import KVComposePress
 
 FIELDS = ["model", "length", "task", "sample", "press", "ratio", "kept_fraction", "bytes_float16", "bytes_int8",
@@ -73,19 +72,13 @@ def run_press(model, press, rec: Recorded) -> DynamicCache:
     # Entering the press registers its hooks (they fire only in forwards the press itself runs, such as
     # KVCompose's replay); the recorded layers are then fed to its hook directly.
     with torch.inference_mode(), press(model):
-        for p in _all(press):
+        for p in presses_in(press):
             if isinstance(p, KVComposePress):
                 p.set_context(rec.ids)
         for layer in model.model.layers:
             kwargs = {**rec.kwargs[layer.self_attn.layer_idx], "past_key_values": cache, "attention_mask": None}
             press.forward_hook(layer.self_attn, (), kwargs, (None, None))
     return cache
-
-
-def _all(press) -> Iterable:
-    from service.presses import presses_in
-
-    return presses_in(press)
 
 
 def with_ratio(spec: dict, ratio: float) -> dict:

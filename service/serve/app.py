@@ -10,6 +10,8 @@ typed settings, ``deployments`` carry replicas, autoscaling and ``ray_actor_opti
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import time
 import uuid
@@ -199,8 +201,6 @@ class Ingress:
         self._ok("Generate", request_id, started)
 
     async def ListModels(self, request: api.ListModelsRequest, grpc_context) -> api.ListModelsResponse:
-        import json
-
         m = await self._model_info()
         return api.ListModelsResponse(models=[api.ModelInfo(
             id=m["id"], revision=m["revision"], layers=m["layers"], max_context_tokens=m["max_context_tokens"],
@@ -215,8 +215,6 @@ class Ingress:
             deleted=self.store.delete(request.cache_id, tenant=t)), store_pb.DeleteResponse)
 
     async def _store_call(self, method: str, grpc_context, call, empty):
-        import asyncio
-
         request_id, started = uuid.uuid4().hex[:12], time.perf_counter()
         try:
             reply = await asyncio.to_thread(call, self._tenant(grpc_context))

@@ -66,13 +66,19 @@ class RedisStore:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    async def put(self, key: CacheKey, context_ids: Sequence[int], data: bytes,
-                  ttl_s: int | None = None) -> tuple[Manifest, bool]:
-        """Store ``data`` (cache bytes, see codec) for this key and context; returns (manifest, existed)."""
+    async def put(self, key: CacheKey, context_ids: Sequence[int], data: bytes, ttl_s: int | None = None,
+                  expected_sha256: bytes | None = None) -> tuple[Manifest, bool]:
+        """Store ``data`` (cache bytes, see codec) for this key and context; returns (manifest, existed).
+
+        expected_sha256: the uploader's digest of ``data``, checked against the one the manifest records.
+        """
         tenant = check_tenant(key.tenant)
         ttl_s = ttl_s or self.config.default_ttl_s
         if len(data) > self.config.max_entry_bytes:
             raise QuotaExceeded(f"cache is {len(data)} bytes; the store accepts at most {self.config.max_entry_bytes}")
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(data).digest())  # once, off the event loop
+        if expected_sha256 and digest != expected_sha256:
+            raise InvalidArgument("uploaded bytes do not match the header's sha256")
         header = self._validate(key, context_ids, data)
         cache_id = key.cache_id(context_ids)
         async with self._redis_errors():
@@ -90,8 +96,7 @@ class RedisStore:
                 pipe.set(self.keys.chunk(tenant, cache_id, write_id, i), view[i * size : (i + 1) * size], ex=ttl_s)
             await pipe.execute()
             slots, per_token = layer_shapes(header)
-            manifest = Manifest(cache_id, FORMAT_VERSION, len(data), n_chunks, size,
-                                hashlib.sha256(data).digest(), len(context_ids), key,
+            manifest = Manifest(cache_id, FORMAT_VERSION, len(data), n_chunks, size, digest, len(context_ids), key,
                                 int(time.time() * 1000), ttl_s, write_id, slots, per_token * len(context_ids))
             if not await self.redis.set(self.keys.manifest(tenant, cache_id), manifest.to_json(), nx=True, ex=ttl_s):
                 await self._delete_chunks(tenant, cache_id, write_id, n_chunks)  # another writer committed first

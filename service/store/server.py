@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import hashlib
 import logging
 import uuid
 
@@ -21,7 +20,7 @@ from kvcompose.v1 import store_pb2_grpc as pb_grpc
 from service.config import StoreConfig
 from service.store.auth import Auth
 from service.store.embedded import EmbeddedRedis
-from service.store.errors import InvalidArgument, StoreError
+from service.store.errors import InvalidArgument, QuotaExceeded, StoreError
 from service.store.manifest import key_from_proto
 from service.store.redis_store import RedisStore, connect
 
@@ -76,9 +75,9 @@ class PrefixStoreServicer(pb_grpc.PrefixStoreServicer):
                 if header is not None:
                     raise InvalidArgument("Put stream has two headers")
                 header = req.header
-                if header.total_bytes > self.store.config.max_entry_bytes:
-                    raise InvalidArgument(f"total_bytes {header.total_bytes} exceeds the store's limit "
-                                          f"{self.store.config.max_entry_bytes}")
+                if header.total_bytes > self.store.config.max_entry_bytes:  # refuse before receiving it
+                    raise QuotaExceeded(f"total_bytes {header.total_bytes} exceeds the store's limit "
+                                        f"{self.store.config.max_entry_bytes}")
             else:
                 if header is None:
                     raise InvalidArgument("Put stream must start with a header")
@@ -88,11 +87,8 @@ class PrefixStoreServicer(pb_grpc.PrefixStoreServicer):
                 parts.append(req.chunk)
         if header is None or size != header.total_bytes:
             raise InvalidArgument(f"Put stream ended after {size} of {header.total_bytes if header else '?'} bytes")
-        data = b"".join(parts)
-        if header.sha256 and hashlib.sha256(data).digest() != header.sha256:
-            raise InvalidArgument("uploaded bytes do not match the header's sha256")
-        manifest, existed = await self.store.put(key_from_proto(header.key, tenant), list(header.context_ids), data,
-                                                 header.ttl_s or None)
+        manifest, existed = await self.store.put(key_from_proto(header.key, tenant), list(header.context_ids),
+                                                 b"".join(parts), header.ttl_s or None, header.sha256 or None)
         return pb.PutResponse(manifest=manifest.to_proto(pb), existed=existed)
 
     @_streaming
