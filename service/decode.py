@@ -7,11 +7,12 @@ passed to the attention function per call.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from service.kvcache import CompressedKV
 
@@ -37,7 +38,7 @@ class Sampling:
 
 def question_logits(model: PreTrainedModel, kv: CompressedKV, question_ids: list[int]) -> torch.Tensor:
     """Logits (len(question_ids), vocab) at every question position; the cache is left untouched."""
-    cache = kv.to_dynamic_cache(model.dtype, model.device)
+    cache = reserved_cache(*_stack([kv], model.device, model.dtype)[:2], room=len(question_ids))
     with torch.inference_mode():
         out = model(**_inputs(model, kv, question_ids, kv.meta.original_length), past_key_values=cache)
     return out.logits[0].float()
@@ -45,7 +46,8 @@ def question_logits(model: PreTrainedModel, kv: CompressedKV, question_ids: list
 
 def generate(model: PreTrainedModel, kv: CompressedKV, question_ids: list[int], sampling: Sampling) -> Iterator[int]:
     """Yield generated token ids one at a time; stops at a stop token (not yielded) or the limit."""
-    cache = kv.to_dynamic_cache(model.dtype, model.device)
+    room = len(question_ids) + sampling.max_new_tokens
+    cache = reserved_cache(*_stack([kv], model.device, model.dtype)[:2], room=room)
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
@@ -60,6 +62,118 @@ def generate(model: PreTrainedModel, kv: CompressedKV, question_ids: list[int], 
                 return
             yield token
             ids = [token]
+
+
+def generate_batch(
+    model: PreTrainedModel,
+    kvs: list[CompressedKV],
+    question_ids: list[int],
+    max_new_tokens: int,
+    stop_token_ids: tuple[int, ...] = (),
+    finished: Callable[[int, list[int]], bool] | None = None,
+) -> list[list[int]]:
+    """Greedy answers to one question from several caches of the same context, decoded together.
+
+    A CPU decode step is bound by reading the weights, so one step for all caches costs little
+    more than one. Each layer is padded to its longest cache; padding is marked evicted, so every
+    row attends exactly to its own cache (same tokens as ``generate``, up to float rounding of
+    batched matmuls). A row ends at a stop token, after ``max_new_tokens``, or once
+    ``finished(row, tokens)`` says so; ended rows leave the batch.
+    """
+    lengths = {kv.meta.original_length for kv in kvs}
+    if len(lengths) != 1:
+        raise ValueError("generate_batch needs caches of one context (same original length)")
+    device, dtype = model.device, model.dtype
+    keys, values, evicted = _stack(kvs, device, dtype)
+    cache = reserved_cache(keys, values, room=len(question_ids) + max_new_tokens)
+    answers: list[list[int]] = [[] for _ in kvs]
+    rows = list(range(len(kvs)))
+    position = lengths.pop()
+    ids = torch.tensor([question_ids] * len(kvs), device=device)
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            positions = torch.arange(position, position + ids.shape[1], device=device).expand(len(rows), -1)
+            out = model(input_ids=ids, position_ids=positions, past_key_values=cache, kvc_evicted=evicted,
+                        logits_to_keep=1)
+            position += ids.shape[1]
+            tokens = out.logits[:, -1].argmax(dim=-1).tolist()
+            keep = []
+            for i, (row, token) in enumerate(zip(rows, tokens)):
+                if token in stop_token_ids:
+                    continue
+                answers[row].append(token)
+                if finished is None or not finished(row, answers[row]):
+                    keep.append(i)
+            if not keep:
+                break
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=device)
+                for layer in cache.layers:
+                    layer.batch_select_indices(index)
+                evicted = [e[index] for e in evicted]
+                rows = [rows[i] for i in keep]
+            ids = torch.tensor([[tokens[i]] for i in keep], device=device)
+    return answers
+
+
+class ReservedLayer(DynamicLayer):
+    """A cache layer with room reserved for the tokens to come, appended in place.
+
+    DynamicLayer concatenates on every step, copying the whole cache each time: with a long
+    context and a batch of caches that copy costs more than the step's matmuls. ``keys`` and
+    ``values`` are views of the filled part of the buffers.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        b, h, n, d = keys.shape
+        self._k = keys.new_empty(b, h, n + room, d)
+        self._v = values.new_empty(b, h, n + room, d)
+        self._k[:, :, :n], self._v[:, :, :n] = keys, values
+        self._n = n
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        end = self._n + key_states.shape[2]
+        if end > self._k.shape[2]:
+            raise RuntimeError(f"cache room exhausted: {end} > {self._k.shape[2]} slots")
+        self._k[:, :, self._n : end], self._v[:, :, self._n : end] = key_states, value_states
+        self._n = end
+        self._views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._k, self._v = self._k[indices], self._v[indices]
+        self._views()
+
+
+def reserved_cache(keys: list[torch.Tensor], values: list[torch.Tensor], room: int) -> Cache:
+    """A fresh cache over per-layer (B, kv_heads, len, d) copies, with ``room`` slots to grow."""
+    return Cache(layers=[ReservedLayer(k, v, room) for k, v in zip(keys, values)])
+
+
+def _stack(kvs: list[CompressedKV], device, dtype) -> tuple[list, list, list]:
+    """Per layer: (B, kv_heads, max_len, d) keys and values, and (B, kv_heads, max_len) evicted masks."""
+    keys, values, evicted = [], [], []
+    for layer in range(kvs[0].num_layers):
+        width = max(kv.keys[layer].shape[1] for kv in kvs)
+        heads, _, dim = kvs[0].keys[layer].shape
+        k = torch.zeros(len(kvs), heads, width, dim, device=device, dtype=dtype)
+        v = torch.zeros_like(k)
+        e = torch.ones(len(kvs), heads, width, device=device, dtype=torch.bool)
+        for b, kv in enumerate(kvs):
+            n = kv.keys[layer].shape[1]
+            k[b, :, :n] = kv.keys[layer]
+            v[b, :, :n] = kv.values[layer]
+            e[b, :, :n] = False if kv.evicted[layer] is None else kv.evicted[layer]
+        keys.append(k)
+        values.append(v)
+        evicted.append(e)
+    return keys, values, evicted
 
 
 def _inputs(model: PreTrainedModel, kv: CompressedKV, ids: list[int], start: int) -> dict:

@@ -106,15 +106,6 @@ class CompressedKV:
             meta=self.meta,
         )
 
-    def to_dynamic_cache(self, dtype: torch.dtype, device: torch.device | str) -> DynamicCache:
-        """A fresh transformers cache holding copies, so decoding never mutates this object."""
-        return DynamicCache(
-            ddp_cache_data=[
-                (k.to(device=device, dtype=dtype).unsqueeze(0), v.to(device=device, dtype=dtype).unsqueeze(0))
-                for k, v in zip(self.keys, self.values)
-            ]
-        )
-
     def evicted_for(self, device: torch.device | str) -> list[torch.Tensor | None] | None:
         """Per-layer masks for the attention function, or None when no layer has head-wise eviction."""
         if all(e is None for e in self.evicted):

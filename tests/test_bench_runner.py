@@ -69,3 +69,23 @@ def test_rows_are_appended_and_a_rerun_resumes(tiny_engine, tmp_path):
     assert len(list(csv.DictReader(out.open()))) == len(rows)  # nothing recomputed
     AccuracyRun(tiny_engine, out, 256).run(["niah_single_1", "vt"], 1, presses, [0.5, 0.75])
     assert len(list(csv.DictReader(out.open()))) == len(rows) + 2 * 3  # only the new ratio
+
+
+@pytest.mark.parametrize("spec", [
+    {"press": "kvcompose"},
+    {"compose": [{"press": "think", "key_channel_compression_ratio": 0.5}, {"press": "kvcompose"}]},
+], ids=["kvcompose", "think+kvcompose"])
+def test_runner_scores_kvcompose_once_per_sample_and_equals_each_ratio_alone(tiny_engine, tmp_path, spec):
+    from service.bench import ruler
+
+    model = tiny_engine.loaded.model
+    sample = ruler.generate("niah_single_1", tiny_engine.loaded.tokenizer, 256, 0)
+    ids = tiny_engine.context_ids(sample.context)
+    rec, scored = record(model, ids), {}
+    run = AccuracyRun(tiny_engine, tmp_path / "r.csv", 256)
+    for ratio in (0.3, 0.8):
+        fast = run._compress(rec, "x", with_ratio(spec, ratio), sample, scored)
+        alone = prefill(model, ids, build(with_ratio(spec, ratio)), meta(len(ids)))
+        assert fast.layer_lengths == alone.layer_lengths
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast.keys + fast.values, alone.keys + alone.values))
+    assert list(scored) == ["x"]  # one scoring served both ratios

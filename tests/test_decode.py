@@ -1,5 +1,6 @@
 """Decoding from a compressed cache: positions, no mutation, sampling, stops."""
 
+import pytest
 import torch
 from conftest import random_ids
 
@@ -54,3 +55,31 @@ def test_stop_strings_cut_the_answer(tiny_engine):
     assert len(full) > 3
     cut = tiny_engine.answer(kv, "hi", Sampling(max_new_tokens=10), stop_strings=(full[2:4],))
     assert cut == full[: full.index(full[2:4])]
+
+
+def test_batched_answers_equal_one_cache_at_a_time(tiny_engine):
+    """Caches of different per-layer lengths and head-wise evictions, padded into one batch."""
+    from service.decode import generate_batch
+
+    context = random_ids(240, seed=5)
+    specs = [{}, {"press": "kvcompose", "compression_ratio": 0.6},
+             {"press": "adakv", "inner": {"press": "snapkv", "compression_ratio": 0.5, "window_size": 8}},
+             {"press": "pyramidkv", "compression_ratio": 0.7, "window_size": 8}]
+    kvs = [tiny_engine.compress(context, spec)[0] for spec in specs]
+    assert len({tuple(kv.layer_lengths) for kv in kvs}) == len(kvs)
+    model, q = tiny_engine.loaded.model, random_ids(6, seed=3)
+    alone = [list(generate(model, kv, q, Sampling(max_new_tokens=10))) for kv in kvs]
+    assert len({tuple(a) for a in alone}) > 1  # the caches really answer differently
+    assert generate_batch(model, kvs, q, 10) == alone
+    # a row that is finished leaves the batch; the others go on unchanged
+    cut = generate_batch(model, kvs, q, 10, finished=lambda row, tokens: row == 1 and len(tokens) == 3)
+    assert cut == [alone[0], alone[1][:3], *alone[2:]]
+
+
+def test_batched_answers_need_one_context(tiny_engine):
+    from service.decode import generate_batch
+
+    a, _ = tiny_engine.compress(random_ids(100), {})
+    b, _ = tiny_engine.compress(random_ids(120), {})
+    with pytest.raises(ValueError, match="same original length"):
+        generate_batch(tiny_engine.loaded.model, [a, b], [1, 2], 4)

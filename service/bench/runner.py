@@ -4,9 +4,12 @@ Per sample: one plain prefill records each attention layer's inputs (hidden stat
 embeddings) and the full KV cache. Every press then runs its own hooks on those recorded inputs,
 layer by layer, without another model forward: compression in one layer does not change the next
 layer's prefill input, so this is exactly what the press computes alone (a test checks it).
-KVCompose scores once per sample (its replay runs once) and selects per ratio. Each (press, ratio)
-answers the sample's question from its own cache. Rows are appended to a CSV as they finish; a
-rerun skips rows already there, so an interrupted run resumes.
+KVCompose (alone or after other presses, e.g. ThinK) scores once per sample (its replay runs once)
+and selects per ratio. All (press, ratio) caches then answer the sample's question together, one
+batched greedy decode (``decode.generate_batch``): a CPU decode step costs about the same for one
+cache as for twenty. A row stops early once its score can no longer change (every reference
+found), which leaves every score exactly as a full-length answer would. Rows are appended to a
+CSV per sample; a rerun skips rows already there, so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from service.bench import metrics, ruler
-from service.decode import Sampling, generate
+from service.decode import generate_batch
 from service.engine import Engine
 from service.kvcache import CacheMeta, CompressedKV
 from service.prefill import collect
 from service.presses import build, canonical, presses_in
 from service.presses.kvcompose import KVComposePress
+
+ANSWER_BATCH = 16  # caches decoded together; bounds the padded batch's memory at long contexts
 
 FIELDS = ["model", "length", "task", "sample", "press", "ratio", "kept_fraction", "bytes_float16", "bytes_int8",
           "score", "prediction", "answers", "press_json"]
@@ -66,9 +71,13 @@ def record(model, ids: list[int]) -> Recorded:
     return Recorded(tensor, kwargs, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
 
 
-def run_press(model, press, rec: Recorded) -> DynamicCache:
-    """The press's hooks on the recorded inputs, layer by layer: its compressed cache."""
-    cache = rec.cache()
+def run_press(model, press, rec: Recorded, cache: DynamicCache | None = None) -> DynamicCache:
+    """The press's hooks on the recorded inputs, layer by layer: its compressed cache.
+
+    ``cache``: the cache the hooks compress (default: a copy of the recorded one), e.g. the output
+    of earlier presses of a composition.
+    """
+    cache = rec.cache() if cache is None else cache
     # Entering the press registers its hooks (they fire only in forwards the press itself runs, such as
     # KVCompose's replay); the recorded layers are then fed to its hook directly.
     with torch.inference_mode(), press(model):
@@ -133,7 +142,7 @@ class AccuracyRun:
     def run(self, tasks: list[str], samples: int, presses: list[dict], ratios: list[float],
             task_aware: bool = True) -> None:
         engine, model = self.engine, self.engine.loaded.model
-        jobs = [(t, s) for t in tasks for s in range(samples)]
+        jobs = [(t, s) for s in range(samples) for t in tasks]  # sample-major: a stopped run stays balanced
         for task, seed in tqdm(jobs, desc=f"accuracy @ {self.length} tokens", unit="sample"):
             sample = ruler.generate(task, engine.loaded.tokenizer, self.length, seed)
             plan = [("none", 0.0, {})] + [(label(p), r, with_ratio(p, r)) for p in presses for r in ratios]
@@ -145,10 +154,11 @@ class AccuracyRun:
             ids = engine.context_ids(sample.context)
             question = engine.prompt.question_ids(sample.question, sample.answer_prefix)
             rec = record(model, ids)
-            kvcompose_scores: dict[str, list] = {}
-            for name, ratio, spec in plan:
-                kv = self._compress(rec, name, spec, ratio, sample, kvcompose_scores)
-                prediction = self._answer(kv, question, sample.max_new_tokens)
+            scored: dict[str, tuple] = {}
+            kvs = [self._compress(rec, name, spec, sample, scored) for name, _, spec in plan]
+            del rec, scored
+            predictions = self._answer(kvs, question, sample)
+            for (name, ratio, spec), kv, prediction in zip(plan, kvs, predictions):
                 score = metrics.metric_for(task)([prediction], [sample.answers])
                 kept = sum(kv.kept_tokens_per_layer()) / (kv.num_layers * len(ids))
                 self._write({
@@ -158,27 +168,47 @@ class AccuracyRun:
                     "prediction": prediction, "answers": json.dumps(sample.answers), "press_json": json.dumps(spec)})
                 self.done.add((task, seed, name, ratio))
 
-    def _compress(self, rec: Recorded, name: str, spec: dict, ratio: float, sample, scores_cache: dict) -> CompressedKV:
+    def _compress(self, rec: Recorded, name: str, spec: dict, sample, scored: dict) -> CompressedKV:
         model = self.engine.loaded.model
         meta = CacheMeta(self.engine.model_id, self.engine.loaded.revision, rec.ids.shape[1], spec)
-        if name in ("kvcompose", "kvcompose-aware"):  # score once per sample, select per ratio
-            if name not in scores_cache:
-                press = build(spec)
+        parts = spec.get("compose", [spec]) if spec else []
+        if parts and parts[-1]["press"] == "kvcompose":  # score once per sample, select per ratio
+            if name not in scored:
+                before = parts[0] if len(parts) == 2 else {"compose": parts[:-1]} if len(parts) > 2 else None
+                base = run_press(model, build(before), rec) if before else rec.cache()
+                scorer = build(parts[-1])
                 if name == "kvcompose-aware":
-                    press.task_ids = [self.engine.prompt.question_ids(sample.question)]
-                run_press(model, press, rec)
-                scores_cache[name] = press.last_selection["scores"]
-            cache = rec.cache()
-            build(spec).compress_with_scores(scores_cache[name], cache, model.model.layers)
+                    scorer.task_ids = [self.engine.prompt.question_ids(sample.question)]
+                run_press(model, scorer, rec, _copy(base))
+                scored[name] = (base, scorer.last_selection["scores"])
+            base, scores = scored[name]
+            cache = _copy(base)
+            build(parts[-1]).compress_with_scores(scores, cache, model.model.layers)
             return collect(model, cache, meta)
         press = build(spec)
         cache = run_press(model, press, rec) if press is not None else rec.cache()
         return collect(model, cache, meta)
 
-    def _answer(self, kv: CompressedKV, question: list[int], max_new_tokens: int) -> str:
-        tokens = list(generate(self.engine.loaded.model, kv, question,
-                               Sampling(max_new_tokens=max_new_tokens, stop_token_ids=self.engine.stop_token_ids())))
-        return self.engine.loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+    def _answer(self, kvs: list[CompressedKV], question: list[int], sample) -> list[str]:
+        """Every cache's greedy answer; a row ends once all its references are found (score final)."""
+        tokenizer, metric = self.engine.loaded.tokenizer, metrics.metric_for(sample.task)
+
+        def finished(tokens: list[int]) -> bool:
+            return metric([tokenizer.decode(tokens, skip_special_tokens=True)], [sample.answers]) == 100
+
+        # Batches of similar sizes: each layer is padded to the batch's longest cache.
+        order = sorted(range(len(kvs)), key=lambda i: sum(kvs[i].layer_lengths))
+        answers: dict[int, list[int]] = {}
+        for start in range(0, len(order), ANSWER_BATCH):
+            rows = order[start : start + ANSWER_BATCH]
+            batch = generate_batch(self.engine.loaded.model, [kvs[i] for i in rows], question, sample.max_new_tokens,
+                                   self.engine.stop_token_ids(), lambda r, tokens: finished(tokens))
+            answers.update(zip(rows, batch))
+        return [tokenizer.decode(answers[i], skip_special_tokens=True) for i in range(len(kvs))]
+
+
+def _copy(cache: DynamicCache) -> DynamicCache:
+    return DynamicCache(ddp_cache_data=[(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
 
 
 def _nbytes(kv: CompressedKV, codec_name: str) -> int:
