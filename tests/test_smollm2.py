@@ -71,3 +71,23 @@ def test_int8_codec_decodes_close_to_float16(smollm2, capsys):
               f"mean |diff| {diff.mean():.4f}, top-1 agreement {agree:.0%}")
     assert agree == 1.0 and diff.max() < 1.0
     assert needle in smollm2.answer(codec.decode(codec.encode(kv, "int8")), question)
+
+
+def test_bench_accuracy_reproduces_committed_rows(tmp_path):
+    """`kvcompose bench accuracy` on a clean checkout gives the committed rows of the 2k results."""
+    import csv
+    from pathlib import Path
+
+    committed = {(r["press"], r["ratio"]): r for r in csv.DictReader(Path("bench/smollm2-2k/results.csv").open())
+                 if r["task"] == "niah_single_1" and r["sample"] == "0" and r["press"] in ("none", "kvcompose")}
+    out = tmp_path / "results.csv"
+    ran = run_cli("bench", "accuracy", "--length", "2048", "--tasks", "niah_single_1", "--samples", "1",
+                  "--presses", '[{"press": "kvcompose"}]', "--ratios", "0.75", "--no-task-aware",
+                  "--out", str(out), "--report-dir", str(tmp_path))
+    assert ran.returncode == 0, ran.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 2
+    for row in rows:
+        want = committed[(row["press"], row["ratio"])]
+        for field in ("score", "prediction", "kept_fraction", "bytes_int8"):
+            assert row[field] == want[field], (row["press"], field)

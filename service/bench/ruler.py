@@ -10,7 +10,8 @@ extraction, and two QA tasks. Departures, because RULER's data come from the int
 - the context is filled to the target length in the model's own tokens by binary search over
   haystack units, then topped up with short filler sentences, so it lands within 1% below target;
 - cwe repeats its 10 common words 30 times at 4k tokens (RULER) and proportionally fewer below, so
-  that shorter contexts still hold them.
+  that shorter contexts still hold them;
+- niah answers get at most 64 new tokens, not 128 (see ``MAX_NEW_TOKENS``).
 Everything is a pure function of (task, tokenizer, length, seed).
 """
 
