@@ -64,6 +64,11 @@ def test_report_tables_and_plots(tmp_path):
                          "sample": sample, "bytes_int8": int(1e5 * (1 - ratio)), "length": 100})
     text = report.table(rows)
     assert "| snapkv | 0.50 | 66.7 | 66.7 ± " in text and "(n=3)" in text
+    assert "baseline solves" not in text  # every task is solved: no extra column
     assert "| snapkv | 0.15 | 0.30 |" in text  # 90 and 80 crossed between ratio 0 (100) and 0.5 (66.7)
+    unsolved = [{**r, "task": "vt", "score": 0.0} for r in rows]
+    text = report.table(rows + unsolved)
+    assert "average over the 1 tasks the baseline solves |" in text
+    assert "| snapkv | 0.50 | 66.7 | 0.0 | 33.3 ± " in text and text.split("\n")[3].endswith(" 66.7 ± 65.3 |")
     paths = report.plots(rows, tmp_path)
     assert all(p.exists() and p.stat().st_size > 1000 for p in paths)

@@ -78,12 +78,20 @@ def table(rows: list[dict]) -> str:
     keys = sorted({(r["press"], r["ratio"]) for r in rows}, key=lambda k: (k[0] != "none", k[0], k[1]))
     per_task = {t: accuracy(rows, {t}) for t in tasks}
     overall = accuracy(rows)
-    lines = ["| press | ratio | " + " | ".join(tasks) + " | average (95% CI) |",
-             "|---|---|" + "---|" * len(tasks) + "---|"]
+    # Tasks the uncompressed model never solves carry no signal about compression; say so in a column.
+    solved = {t for t in tasks if per_task[t].get(("none", 0.0), (0.0,))[0] > 0}
+    on_solved = accuracy(rows, solved) if solved and solved != set(tasks) else None
+    extra = f" average over the {len(solved)} tasks the baseline solves |" if on_solved else ""
+    lines = ["| press | ratio | " + " | ".join(tasks) + " | average (95% CI) |" + extra,
+             "|---|---|" + "---|" * len(tasks) + "---|" + ("---|" if on_solved else "")]
     for key in keys:
         cells = [f"{per_task[t][key][0]:.1f}" if key in per_task[t] else "" for t in tasks]
         m, ci, n = overall[key]
-        lines.append(f"| {key[0]} | {key[1]:.2f} | " + " | ".join(cells) + f" | {m:.1f} ± {ci:.1f} (n={n}) |")
+        line = f"| {key[0]} | {key[1]:.2f} | " + " | ".join(cells) + f" | {m:.1f} ± {ci:.1f} (n={n}) |"
+        if on_solved:
+            m, ci, _ = on_solved[key]
+            line += f" {m:.1f} ± {ci:.1f} |"
+        lines.append(line)
     lines += ["", "| press | max compression, 10% loss | max compression, 20% loss |", "|---|---|---|"]
     for press, pts in sorted(curves(rows).items()):
         lines.append(f"| {press} | {max_compression(pts, 0.10):.2f} | {max_compression(pts, 0.20):.2f} |")
