@@ -38,7 +38,7 @@ class Sampling:
 
 def question_logits(model: PreTrainedModel, kv: CompressedKV, question_ids: list[int]) -> torch.Tensor:
     """Logits (len(question_ids), vocab) at every question position; the cache is left untouched."""
-    cache = reserved_cache(*_stack([kv], model.device, model.dtype)[:2], room=len(question_ids))
+    cache = _padded_cache([kv], model, room=len(question_ids))
     with torch.inference_mode():
         out = model(**_inputs(model, kv, question_ids, kv.meta.original_length), past_key_values=cache)
     return out.logits[0].float()
@@ -46,8 +46,7 @@ def question_logits(model: PreTrainedModel, kv: CompressedKV, question_ids: list
 
 def generate(model: PreTrainedModel, kv: CompressedKV, question_ids: list[int], sampling: Sampling) -> Iterator[int]:
     """Yield generated token ids one at a time; stops at a stop token (not yielded) or the limit."""
-    room = len(question_ids) + sampling.max_new_tokens
-    cache = reserved_cache(*_stack([kv], model.device, model.dtype)[:2], room=room)
+    cache = _padded_cache([kv], model, room=len(question_ids) + sampling.max_new_tokens)
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
@@ -83,9 +82,9 @@ def generate_batch(
     lengths = {kv.meta.original_length for kv in kvs}
     if len(lengths) != 1:
         raise ValueError("generate_batch needs caches of one context (same original length)")
-    device, dtype = model.device, model.dtype
-    keys, values, evicted = _stack(kvs, device, dtype)
-    cache = reserved_cache(keys, values, room=len(question_ids) + max_new_tokens)
+    device = model.device
+    cache = _padded_cache(kvs, model, room=len(question_ids) + max_new_tokens)
+    evicted = _padded_evicted(kvs, device)
     answers: list[list[int]] = [[] for _ in kvs]
     rows = list(range(len(kvs)))
     position = lengths.pop()
@@ -156,24 +155,33 @@ def reserved_cache(keys: list[torch.Tensor], values: list[torch.Tensor], room: i
     return Cache(layers=[ReservedLayer(k, v, room) for k, v in zip(keys, values)])
 
 
-def _stack(kvs: list[CompressedKV], device, dtype) -> tuple[list, list, list]:
-    """Per layer: (B, kv_heads, max_len, d) keys and values, and (B, kv_heads, max_len) evicted masks."""
-    keys, values, evicted = [], [], []
+def _padded_cache(kvs: list[CompressedKV], model: PreTrainedModel, room: int) -> Cache:
+    """One batch row per cache; each layer zero-padded to its longest cache (see ``_padded_evicted``)."""
+    keys, values = [], []
     for layer in range(kvs[0].num_layers):
         width = max(kv.keys[layer].shape[1] for kv in kvs)
         heads, _, dim = kvs[0].keys[layer].shape
-        k = torch.zeros(len(kvs), heads, width, dim, device=device, dtype=dtype)
+        k = torch.zeros(len(kvs), heads, width, dim, device=model.device, dtype=model.dtype)
         v = torch.zeros_like(k)
-        e = torch.ones(len(kvs), heads, width, device=device, dtype=torch.bool)
         for b, kv in enumerate(kvs):
-            n = kv.keys[layer].shape[1]
-            k[b, :, :n] = kv.keys[layer]
-            v[b, :, :n] = kv.values[layer]
-            e[b, :, :n] = False if kv.evicted[layer] is None else kv.evicted[layer]
+            k[b, :, : kv.keys[layer].shape[1]] = kv.keys[layer]
+            v[b, :, : kv.values[layer].shape[1]] = kv.values[layer]
         keys.append(k)
         values.append(v)
-        evicted.append(e)
-    return keys, values, evicted
+    return reserved_cache(keys, values, room)
+
+
+def _padded_evicted(kvs: list[CompressedKV], device: torch.device) -> list[torch.Tensor]:
+    """Per layer (B, kv_heads, width): each cache's own evictions, and its padding, marked evicted."""
+    out = []
+    for layer in range(kvs[0].num_layers):
+        width = max(kv.keys[layer].shape[1] for kv in kvs)
+        e = torch.ones(len(kvs), kvs[0].keys[layer].shape[0], width, device=device, dtype=torch.bool)
+        for b, kv in enumerate(kvs):
+            n = kv.keys[layer].shape[1]
+            e[b, :, :n] = False if kv.evicted[layer] is None else kv.evicted[layer]
+        out.append(e)
+    return out
 
 
 def _inputs(model: PreTrainedModel, kv: CompressedKV, ids: list[int], start: int) -> dict:
