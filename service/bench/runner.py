@@ -32,6 +32,7 @@ from service.prefill import collect
 from service.presses import build, canonical, presses_in
 from service.presses.kvcompose import KVComposePress
 
+TASK_AWARE = "kvcompose-aware"  # KVCompose scored by the sample's question (its row label)
 ANSWER_BATCH = 16  # caches decoded together; bounds the padded batch's memory at long contexts
 
 FIELDS = ["model", "length", "task", "sample", "press", "ratio", "kept_fraction", "bytes_float16", "bytes_int8",
@@ -48,7 +49,7 @@ class Recorded:
     values: list[torch.Tensor]
 
     def cache(self) -> DynamicCache:
-        return DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in zip(self.keys, self.values)])
+        return _cache_copy(self.keys, self.values)
 
 
 def record(model, ids: list[int]) -> Recorded:
@@ -112,10 +113,7 @@ def label(spec: dict) -> str:
     spec = canonical(spec)
     if "compose" in spec:
         return "+".join(label(p) for p in spec["compose"])
-    name = spec["press"]
-    if name == "kvcompose" and spec.get("task_prompts"):
-        name += "-aware"
-    return name
+    return spec["press"]
 
 
 class AccuracyRun:
@@ -147,7 +145,7 @@ class AccuracyRun:
             sample = ruler.generate(task, engine.loaded.tokenizer, self.length, seed)
             plan = [("none", 0.0, {})] + [(label(p), r, with_ratio(p, r)) for p in presses for r in ratios]
             if task_aware:  # KVCompose scored by the question itself
-                plan += [("kvcompose-aware", r, with_ratio({"press": "kvcompose"}, r)) for r in ratios]
+                plan += [(TASK_AWARE, r, with_ratio({"press": "kvcompose"}, r)) for r in ratios]
             plan = [job for job in plan if (task, seed, job[0], job[1]) not in self.done]
             if not plan:
                 continue
@@ -177,7 +175,7 @@ class AccuracyRun:
                 before = parts[0] if len(parts) == 2 else {"compose": parts[:-1]} if len(parts) > 2 else None
                 base = run_press(model, build(before), rec) if before else rec.cache()
                 scorer = build(parts[-1])
-                if name == "kvcompose-aware":
+                if name == TASK_AWARE:
                     scorer.task_ids = [self.engine.prompt.question_ids(sample.question)]
                 run_press(model, scorer, rec, _copy(base))
                 scored[name] = (base, scorer.last_selection["scores"])
@@ -208,7 +206,11 @@ class AccuracyRun:
 
 
 def _copy(cache: DynamicCache) -> DynamicCache:
-    return DynamicCache(ddp_cache_data=[(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
+    return _cache_copy([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+
+
+def _cache_copy(keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
+    return DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in zip(keys, values)])
 
 
 def _nbytes(kv: CompressedKV, codec_name: str) -> int:
