@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,9 @@ def synthetic_cache(mib: int) -> tuple[list[int], bytes]:
     return list(range(tokens)), codec.encode(kv, "float16")
 
 
+TOKEN = secrets.token_urlsafe(24)
+
+
 def timed(fn, repeats: int, nbytes: int) -> float:
     runs = []
     for _ in range(repeats):
@@ -51,11 +55,12 @@ def timed(fn, repeats: int, nbytes: int) -> float:
 def start_store(redis_url: str, chunk_bytes: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "KVCOMPOSE_STORE_CHUNK_BYTES": str(chunk_bytes),
-           "KVCOMPOSE_STORE_KEY_PREFIX": f"bench{chunk_bytes}"}
+           "KVCOMPOSE_STORE_KEY_PREFIX": f"bench{chunk_bytes}",
+           "KVCOMPOSE_STORE_SERVICE_TOKEN": TOKEN}
     proc = subprocess.Popen([sys.executable, "-m", "service.store.server", "--address", f"127.0.0.1:{port}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = f"127.0.0.1:{port}"
-    with PrefixStoreClient(target, retries=30) as client:
+    with PrefixStoreClient(target, token=TOKEN, retries=30) as client:
         try:
             client.stat("0" * 64)
         except Exception:  # noqa: BLE001 - NOT_FOUND means it is up
@@ -76,7 +81,7 @@ def main() -> None:
         for chunk_kib in (int(x) for x in args.chunk_kib.split(",")):
             proc, target = start_store(server.url, chunk_kib * 1024)
             try:
-                with PrefixStoreClient(target) as client:
+                with PrefixStoreClient(target, token=TOKEN) as client:
                     for mib, (ids, data) in caches.items():
                         key = CacheKey("bench", "r", "t", {}, "float16", "default")
                         m, _ = client.put(key, ids, data)

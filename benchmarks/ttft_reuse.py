@@ -17,41 +17,26 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def main() -> None:
-    import ray
-    from ray import serve
-
     from service.api_client import KVComposeClient
     from service.engine import Engine
     from service.haystack import needle_document
-    from service.serve.launch import StoreProcess, deploy, load_config
-    from service.store.embedded import EmbeddedRedis, free_port
+    from service.serve.launch import LocalStack
+    from service.store.embedded import free_port
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2000)
     args = parser.parse_args()
     doc, question, needle = needle_document(Engine().loaded.tokenizer, args.tokens)
-    with EmbeddedRedis() as redis:
-        store = StoreProcess(redis.url, free_port()).start()
-        try:
-            ray.init(namespace="serve", log_to_driver=False, include_dashboard=False)
-            port = free_port()
-            config = load_config(args={"store": {"redis_url": redis.url}, "store_address": store.address},
-                                 grpc_options={"port": port, "grpc_servicer_functions": [
-                                     "kvcompose.v1.api_pb2_grpc.add_KVComposeServicer_to_server"]},
-                                 http_options={"host": "127.0.0.1", "port": free_port()})
-            deploy(config)
-            with KVComposeClient(f"127.0.0.1:{port}") as client:
-                context = client.compress_request(doc, {"press": "kvcompose", "compression_ratio": 0.5})
-                runs = [client.ask(question, context=context, max_new_tokens=32) for _ in range(2)]
-            for i, (text, stats) in enumerate(runs, 1):
-                print(f"call {i}: reused={stats.compressed.reused} cache_source={stats.cache_source} "
-                      f"ttft={stats.time_to_first_token_s:.2f} s  needle={'yes' if needle in text else 'no'}")
-            ratio = runs[0][1].time_to_first_token_s / runs[1][1].time_to_first_token_s
-            print(f"TTFT first / second: {ratio:.1f}x (target >= 5x)")
-        finally:
-            serve.shutdown()
-            ray.shutdown()
-            store.stop()
+    top = {"grpc_options": {"port": free_port(), "grpc_servicer_functions": [
+        "kvcompose.v1.api_pb2_grpc.add_KVComposeServicer_to_server"]}, "http_options": {"port": free_port()}}
+    with LocalStack(top=top) as stack, KVComposeClient(stack.address) as client:
+        context = client.compress_request(doc, {"press": "kvcompose", "compression_ratio": 0.5})
+        runs = [client.ask(question, context=context, max_new_tokens=32) for _ in range(2)]
+    for i, (text, stats) in enumerate(runs, 1):
+        print(f"call {i}: reused={stats.compressed.reused} cache_source={stats.cache_source} "
+              f"ttft={stats.time_to_first_token_s:.2f} s  needle={'yes' if needle in text else 'no'}")
+    ratio = runs[0][1].time_to_first_token_s / runs[1][1].time_to_first_token_s
+    print(f"TTFT first / second: {ratio:.1f}x (target >= 5x)")
 
 
 if __name__ == "__main__":

@@ -11,15 +11,17 @@ import uuid
 
 import grpc
 from kvcompose.v1 import api_pb2 as api
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from service.answerer import AnswerStats
+from service.cancel import Cancelled
 from service.compressor import CompressResult
+from service.config import RequestLimits
 from service.decode import Sampling
 from service.presses import PressSpecError
 from service.store.errors import StoreError
 
 log = logging.getLogger(__name__)
-MAX_NEW_TOKENS_LIMIT = 4096
 
 
 class ApiError(Exception):
@@ -42,6 +44,11 @@ def to_status(e: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
         return cause.status, str(cause)
     if isinstance(cause, (PressSpecError, ValueError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(cause)
+    if isinstance(cause, Cancelled):
+        return grpc.StatusCode.CANCELLED, str(cause)
+    if isinstance(e, (RayActorError, ActorUnavailableError)) or isinstance(cause, (RayActorError,
+                                                                                  ActorUnavailableError)):
+        return grpc.StatusCode.UNAVAILABLE, "a replica failed while serving this request; retry it"
     log.error("request %s failed", request_id, exc_info=e)
     return grpc.StatusCode.INTERNAL, f"internal error (request {request_id}); the server logged the details"
 
@@ -59,23 +66,52 @@ def raise_error(d: dict) -> None:
         raise ApiError(status, d["error"]["message"])
 
 
-def compress_args(req: api.CompressRequest, served_model: str) -> dict:
+def _invalid(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _check_text(name: str, text: str, limit: int, limit_name: str) -> None:
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise _invalid(f"{name} is {size} bytes; the limit is {limit} (limits.{limit_name})")
+
+
+def _check_texts(name: str, texts: list[str], count: int, count_name: str, size: int, size_name: str) -> None:
+    if len(texts) > count:
+        raise _invalid(f"{name}: {len(texts)} given; the limit is {count} (limits.{count_name})")
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise _invalid(f"{name}[{i}] is empty")
+        _check_text(f"{name}[{i}]", text, size, size_name)
+
+
+def compress_args(req: api.CompressRequest, served_model: str, limits: RequestLimits) -> dict:
     """Validated keyword arguments for ``CacheCompressor.compress`` (tenant excluded)."""
     if req.model and req.model != served_model:
         raise ApiError(grpc.StatusCode.NOT_FOUND, f"model {req.model!r} is not served here; ListModels shows "
                                                   f"{served_model!r}")
     which = req.WhichOneof("context")
     if which is None:
-        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "context: send text or token_ids")
-    context = req.text if which == "text" else list(req.token_ids.ids)
+        raise _invalid("context: send text or token_ids")
+    if which == "text":
+        if not req.text.strip():
+            raise _invalid("context.text is empty (or only whitespace)")
+        _check_text("context.text", req.text, limits.max_document_bytes, "max_document_bytes")
+        context = req.text
+    else:
+        context = list(req.token_ids.ids)
+        if not context:
+            raise _invalid("context.token_ids is empty")
     press = None
     if req.press_json:
         try:
             press = json.loads(req.press_json)
         except ValueError as e:
-            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"press_json is not valid JSON: {e}") from None
-    if req.ttl_s < 0:
-        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "ttl_s must be >= 0")
+            raise _invalid(f"press_json is not valid JSON: {e}") from None
+    if not 0 <= req.ttl_s <= limits.max_ttl_s:
+        raise _invalid(f"ttl_s must be in [0, {limits.max_ttl_s}] seconds (0 = the store's default), got {req.ttl_s}")
+    _check_texts("task_prompts", list(req.task_prompts), limits.max_task_prompts, "max_task_prompts",
+                 limits.max_task_prompt_bytes, "max_task_prompt_bytes")
     return {"context": context, "press": press, "codec_name": req.codec or None,
             "task_prompts": list(req.task_prompts) or None, "ttl_s": req.ttl_s or None}
 
@@ -88,18 +124,30 @@ def compress_response(r: CompressResult) -> api.CompressResponse:
         codec=r.codec)
 
 
-def sampling_args(req: api.GenerateRequest) -> tuple[Sampling, tuple[str, ...]]:
+def sampling_args(req: api.GenerateRequest, limits: RequestLimits) -> tuple[Sampling, tuple[str, ...]]:
     if not req.question.strip():
-        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "question is empty")
+        raise _invalid("question is empty")
+    _check_text("question", req.question, limits.max_question_bytes, "max_question_bytes")
     max_new = req.max_new_tokens or 64
-    if max_new > MAX_NEW_TOKENS_LIMIT:
-        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"max_new_tokens must be <= {MAX_NEW_TOKENS_LIMIT}")
+    if max_new > limits.max_new_tokens:
+        raise _invalid(f"max_new_tokens must be <= {limits.max_new_tokens} (limits.max_new_tokens), got {max_new}")
+    if req.temperature > limits.max_temperature:
+        raise _invalid(f"temperature must be <= {limits.max_temperature} (limits.max_temperature)")
+    stop = [s for s in req.stop if s]
+    _check_texts("stop", stop, limits.max_stop_strings, "max_stop_strings", limits.max_stop_bytes, "max_stop_bytes")
     try:
         sampling = Sampling(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p or 1.0,
                             seed=req.seed if req.HasField("seed") else None)
     except ValueError as e:
-        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-    return sampling, tuple(s for s in req.stop if s)
+        raise _invalid(str(e)) from None
+    return sampling, tuple(stop)
+
+
+def list_models_response(info: dict) -> api.ListModelsResponse:
+    """From ``Engine.info()``."""
+    return api.ListModelsResponse(models=[api.ModelInfo(
+        id=info["id"], revision=info["revision"], layers=info["layers"], max_context_tokens=info["max_context_tokens"],
+        default_press_json=json.dumps(info["default_press"]), default_codec=info["default_codec"])])
 
 
 def stats_message(s: AnswerStats, cache_hit: bool, compressed: CompressResult | None) -> api.GenerateStats:
@@ -109,5 +157,5 @@ def stats_message(s: AnswerStats, cache_hit: bool, compressed: CompressResult | 
         compressed=compress_response(compressed) if compressed else None)
 
 
-__all__ = ["ApiError", "compress_args", "compress_response", "error_dict", "raise_error",
+__all__ = ["ApiError", "compress_args", "compress_response", "error_dict", "list_models_response", "raise_error",
            "sampling_args", "stats_message", "to_status"]

@@ -125,6 +125,84 @@ def read_header(data: bytes | memoryview) -> dict:
         raise CorruptCacheError(f"cache header is not JSON: {e}") from None
 
 
+_ITEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1, "int8": 1}
+
+
+def check(data: bytes | memoryview) -> dict:
+    """``read_header`` plus the whole structure, before anything is stored or built: header fields,
+    every tensor's name, dtype, shape and offset against the payload, and shapes consistent across
+    layers. Returns the header; raises CorruptCacheError saying what is wrong."""
+    data = memoryview(data)
+    header = read_header(data)
+    try:
+        _check_structure(header, len(data) - _PREFIX.size - _PREFIX.unpack_from(data)[2] - _DIGEST)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CorruptCacheError(f"cache header is malformed: {e}") from None
+    return header
+
+
+def _check_structure(header: dict, payload_bytes: int) -> None:
+    if not isinstance(header, dict) or not isinstance(header.get("meta"), dict):
+        raise ValueError("no 'meta' object")
+    meta = CacheMeta.from_json(header["meta"])
+    if meta.original_length < 1:
+        raise ValueError("meta.original_length must be >= 1")
+    codec = header.get("codec")
+    if codec not in CODECS:
+        raise ValueError(f"codec {codec!r} is not one of {CODECS}")
+    layers = header.get("layers")
+    if not isinstance(layers, int) or layers < 1:
+        raise ValueError("'layers' must be a positive integer")
+    tensors = header.get("tensors")
+    if not isinstance(tensors, list) or not tensors:
+        raise ValueError("no tensors")
+    by_name, end = {}, 0
+    for t in sorted(tensors, key=lambda t: t["offset"]):
+        name, dtype, shape = t["name"], t["dtype"], t["shape"]
+        if name in by_name:
+            raise ValueError(f"tensor {name} appears twice")
+        if dtype not in _ITEM_BYTES or not isinstance(shape, list) or not all(
+                isinstance(n, int) and n >= 0 for n in shape):
+            raise ValueError(f"tensor {name}: bad dtype or shape")
+        if t["offset"] != end or t["nbytes"] != int(np.prod(shape)) * _ITEM_BYTES[dtype]:
+            raise ValueError(f"tensor {name} does not sit where the payload says")
+        end += t["nbytes"]
+        by_name[name] = (dtype, shape)
+    if end != payload_bytes:
+        raise ValueError(f"tensors cover {end} bytes; the payload has {payload_bytes}")
+    stored = "int8" if codec == "int8" else codec
+    expected: dict[str, tuple[str, list[int] | None]] = {}
+    if len(by_name.get("v.0", (None, []))[1]) != 3:
+        raise ValueError("layer 0: values missing or not (heads, slots, head_dim)")
+    heads, _, dim = by_name["v.0"][1]
+    for i in range(layers):
+        v_shape = by_name.get(f"v.{i}", (None, []))[1]
+        if len(v_shape) != 3 or [v_shape[0], v_shape[2]] != [heads, dim]:
+            raise ValueError(f"layer {i}: values missing or not (heads, slots, head_dim) like layer 0")
+        n = v_shape[1]
+        if not 1 <= n <= meta.original_length:
+            raise ValueError(f"layer {i} has {n} slots for a {meta.original_length}-token context")
+        cols = by_name.get(f"k.{i}", (None, [0, -1]))[1]
+        kc = f"kc.{i}" in by_name
+        if len(cols) != 2 or cols[0] != n or not (cols[1] <= heads * dim if kc else cols[1] == heads * dim):
+            raise ValueError(f"layer {i}: keys missing or not (slots, kept channels)")
+        expected |= {f"k.{i}": (stored, None), f"v.{i}": (stored, None)}
+        if kc:
+            expected[f"kc.{i}"] = ("uint8", [heads, dim])
+        if codec == "int8":
+            expected |= {f"ks.{i}": ("float16", [cols[1]]), f"vs.{i}": ("float16", [heads, n])}
+        if f"e.{i}" in by_name:
+            expected[f"e.{i}"] = ("uint8", [heads, n])
+    for name, (dtype, shape) in by_name.items():
+        if name not in expected:
+            raise ValueError(f"unexpected tensor {name}")
+        want_dtype, want_shape = expected.pop(name)
+        if dtype != want_dtype or (want_shape is not None and shape != want_shape):
+            raise ValueError(f"tensor {name} is {dtype} {shape}; expected {want_dtype} {want_shape or ''}".strip())
+    if expected:
+        raise ValueError(f"missing tensors {sorted(expected)}")
+
+
 def layer_shapes(header: dict) -> tuple[list[int], int]:
     """From a header: KV slots per layer, and float16 bytes per token of the uncompressed cache."""
     shapes = {t["name"]: t["shape"] for t in header["tensors"]}
@@ -137,7 +215,7 @@ def layer_shapes(header: dict) -> tuple[list[int], int]:
 def decode(data: bytes | memoryview) -> CompressedKV:
     """Parse and verify bytes written by ``encode``; int8 caches come back as float16."""
     data = memoryview(data)
-    header = read_header(data)
+    header = check(data)
     try:
         hlen = _PREFIX.unpack_from(data)[2]
         payload = data[_PREFIX.size + hlen : -_DIGEST]

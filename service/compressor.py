@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from service import codec
+from service.cancel import run_stoppable
 from service.engine import Engine
 from service.presses import canonical
 from service.store.ids import CacheKey
@@ -58,13 +59,15 @@ class CacheCompressor:
         start = time.perf_counter()
         codec_name = codec_name or self.engine.config.codec
         spec = canonical(self.engine.config.default_press if press is None else press)
-        ids = self.engine.context_ids(context)
+        ids = await asyncio.to_thread(self.engine.context_ids, context)  # a long document: off the event loop
         key = self.cache_key(tenant, spec, codec_name, task_prompts or [])
 
         async def compute() -> bytes:
+            # The lock stays held until the model thread has ended, also when this request is cancelled.
             async with self._model_lock:
                 self.prefills += 1
-                kv, _ = await asyncio.to_thread(self.engine.compress, ids, spec, task_prompts, codec_name)
+                kv, _ = await run_stoppable(
+                    lambda stop: self.engine.compress(ids, spec, task_prompts, codec_name, stop=stop))
                 return await asyncio.to_thread(codec.encode, kv, codec_name)
 
         manifest, created = await self.store.get_or_create(key, ids, compute, ttl_s)

@@ -71,6 +71,36 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """What one API request may ask for; beyond a limit it is refused at once, naming the limit.
+
+    max_request_bytes: one gRPC message into the API (Serve's proxy: ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE``,
+        set from this by the launcher; the decode worker's server option). Larger: RESOURCE_EXHAUSTED.
+    max_document_bytes: a document's UTF-8 bytes, checked before it is tokenized.
+    max_question_bytes, max_task_prompts, max_task_prompt_bytes, max_stop_strings, max_stop_bytes:
+        the other free-text fields.
+    max_new_tokens: per answer. max_ttl_s: the longest lifetime a request may ask for an entry.
+    max_temperature: sampling temperature (finite, >= 0).
+    """
+
+    max_request_bytes: int = 16 << 20
+    max_document_bytes: int = 4 << 20
+    max_question_bytes: int = 64 << 10
+    max_task_prompts: int = 16
+    max_task_prompt_bytes: int = 4096
+    max_stop_strings: int = 8
+    max_stop_bytes: int = 256
+    max_new_tokens: int = 4096
+    max_ttl_s: int = 30 * 24 * 3600
+    max_temperature: float = 100.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if not getattr(self, f.name) > 0:
+                raise ValueError(f"limits.{f.name} must be > 0")
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """Prefix-store settings (units in names).
 
@@ -83,10 +113,15 @@ class StoreConfig:
         sequence; candidates are indexed by their first floor(n / block_tokens) blocks).
     lock_lease_s: single-flight lease; a holder that dies frees the document after this long.
     wait_s: how long a second compressor waits for the first before giving up.
-    auth_tokens: bearer token -> tenant; empty = no auth (tenant from ``x-tenant`` metadata). A token
-        mapped to "*" is a service token: it may act for any tenant named in ``x-tenant``.
-    service_token: the token our own services present when they call the store (a "*" token there).
+    service_token: the token our own services present when they call the store; the store accepts it
+        (and ``auth_tokens``) and nothing else: every store call needs a service token.
+    auth_tokens: more accepted service tokens, as {token: "*"} (e.g. during a token rotation).
+    allow_unauthenticated: a store with no token starts only with this set (local development).
     redis_timeout_s / redis_retries: every Redis call's socket timeout and retry count (backoff 50 ms, x2, cap 1 s).
+    max_ttl_s: the longest lifetime a Put may ask for.
+    max_context_tokens: longest context a Put or Lookup may carry (Lookup hashes its block prefixes).
+    model_shapes: model id -> [layers, kv_heads, head_dim]; a Put whose cache does not have its model's
+        shape is refused, and so is a Put for a model not listed (when the map is not empty).
     """
 
     redis_url: str = ""
@@ -99,16 +134,25 @@ class StoreConfig:
     wait_s: float = 600.0
     auth_tokens: dict = field(default_factory=dict)
     service_token: str = ""
+    allow_unauthenticated: bool = False
     redis_timeout_s: float = 10.0
     redis_retries: int = 3
     key_prefix: str = "kvc"
+    max_ttl_s: int = 30 * 24 * 3600
+    max_context_tokens: int = 1 << 17
+    model_shapes: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("chunk_bytes", "default_ttl_s", "max_entry_bytes", "block_tokens"):
+        for name in ("chunk_bytes", "default_ttl_s", "max_entry_bytes", "block_tokens", "max_ttl_s",
+                     "max_context_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.tenant_quota_bytes < 0:
             raise ValueError("tenant_quota_bytes must be >= 0 (0 = unlimited)")
+        tenant_tokens = [t for t, v in self.auth_tokens.items() if v != "*"]
+        if tenant_tokens:
+            raise ValueError("store auth_tokens must all map to \"*\" (service tokens); tenants' tokens belong "
+                             "to the API (the Serve app's auth_tokens)")
         if self.lock_lease_s <= 0 or self.wait_s <= 0 or self.redis_timeout_s <= 0:
             raise ValueError("lock_lease_s, wait_s and redis_timeout_s must be > 0")
 
@@ -124,6 +168,11 @@ class StoreConfig:
             if raw is None:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            values[f.name] = json.loads(raw) if isinstance(default, dict) else type(default)(raw)
+            if isinstance(default, dict):
+                values[f.name] = json.loads(raw)
+            elif isinstance(default, bool):
+                values[f.name] = raw.strip().lower() in ("1", "true", "yes")
+            else:
+                values[f.name] = type(default)(raw)
         values.update({k: v for k, v in overrides.items() if v not in (None, "")})
         return cls(**values)

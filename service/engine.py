@@ -7,12 +7,14 @@ one engine runs one model call at a time (callers serialise, e.g. one request pe
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from service.cancel import stop_between_layers
 from service.codec import memory_dtype
 from service.config import CODECS, EngineConfig
 from service.decode import Sampling, generate, question_logits
@@ -52,6 +54,11 @@ class Engine:
         self.config = config or EngineConfig()
         self.loaded = loaded or load_model(self.config)
         self.prompt = PromptFormat(self.loaded.tokenizer)
+        # the model's own window bounds every context, whatever the config says
+        window = getattr(self.loaded.model.config, "max_position_embeddings", None) or self.config.max_context_tokens
+        self.max_context_tokens = min(self.config.max_context_tokens, window)
+        self.window = window
+        self._tokenizer_lock = threading.Lock()  # requests tokenize on worker threads
 
     @property
     def model_id(self) -> str:
@@ -59,11 +66,18 @@ class Engine:
 
     def context_ids(self, context: str | list[int]) -> list[int]:
         """Token ids of a context given as text (chat-templated) or as ids (used as given)."""
-        ids = self.prompt.context_ids(context) if isinstance(context, str) else [int(i) for i in context]
+        if isinstance(context, str) and not context.strip():
+            raise ValueError("document is empty (or only whitespace)")
+        if isinstance(context, str):
+            with self._tokenizer_lock:
+                ids = self.prompt.context_ids(context)
+        else:
+            ids = [int(i) for i in context]
         if not ids:
             raise ValueError("context is empty")
-        if len(ids) > self.config.max_context_tokens:
-            raise ValueError(f"context has {len(ids)} tokens; the limit is {self.config.max_context_tokens}")
+        if len(ids) > self.max_context_tokens:
+            raise ValueError(f"context has {len(ids)} tokens; the limit is {self.max_context_tokens} "
+                             f"(max_context_tokens, at most the model's {self.window} positions)")
         vocab = self.loaded.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"context token ids must be in [0, {vocab})")
@@ -75,12 +89,14 @@ class Engine:
         press: str | dict | None = None,
         task_prompts: list[str] | None = None,
         codec: str | None = None,
+        stop: threading.Event | None = None,
     ) -> tuple[CompressedKV, CompressStats]:
         """Prefill and compress one context. ``press`` None = the configured default; ``{}`` = no compression.
 
         task_prompts: expected questions; KVCompose scores the context by their attention (task-aware).
         codec: the storage codec the cache is meant for (default: the configured one); the returned
             cache is in that codec's in-memory dtype, and ``codec.encode(kv, codec)`` gives its bytes.
+        stop: set it to end the work early (``service.cancel.Cancelled``).
         """
         codec = codec or self.config.codec
         if codec not in CODECS:
@@ -97,7 +113,7 @@ class Engine:
                 p.task_ids = [self.prompt.question_ids(q) for q in task_prompts]
         meta = CacheMeta(self.loaded.model_id, self.loaded.revision, len(ids), spec)
         dtype = memory_dtype(codec)
-        kv = prefill(self.loaded.model, ids, built, meta).to(dtype=dtype)
+        kv = prefill(self.loaded.model, ids, built, meta, stop).to(dtype=dtype)
         stats = CompressStats(
             original_tokens=len(ids),
             kept_tokens_per_layer=kv.kept_tokens_per_layer(),
@@ -106,6 +122,13 @@ class Engine:
             seconds=time.perf_counter() - start,
         )
         return kv, stats
+
+    def info(self) -> dict:
+        """What ListModels reports about the served model."""
+        loaded = self.loaded
+        return {"id": loaded.model_id, "revision": loaded.revision, "layers": loaded.model.config.num_hidden_layers,
+                "max_context_tokens": self.max_context_tokens, "default_press": self.config.default_press,
+                "default_codec": self.config.codec}
 
     def check_compatible(self, kv: CompressedKV) -> None:
         if (kv.meta.model_id, kv.meta.model_revision) != (self.loaded.model_id, self.loaded.revision):
@@ -130,16 +153,31 @@ class Engine:
             yield piece
 
     def stream_counted(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
-                       stop_strings: tuple[str, ...] = ()) -> Iterator[tuple[int, str]]:
-        """As ``stream``, with the number of tokens generated so far beside each piece."""
+                       stop_strings: tuple[str, ...] = (), stop: threading.Event | None = None,
+                       ) -> Iterator[tuple[int, str]]:
+        """As ``stream``, with the number of tokens generated so far beside each piece.
+        ``stop``: when set, generation ends before the next decoder layer (``Cancelled``)."""
         self.check_compatible(kv)
         sampling = sampling or Sampling()
         if not sampling.stop_token_ids:
             sampling = dataclasses.replace(sampling, stop_token_ids=self.stop_token_ids())
+        question_ids = self.prompt.question_ids(question)
+        room = self.window - kv.meta.original_length - len(question_ids)
+        if room < 1:
+            raise ValueError(f"question has {len(question_ids)} tokens; after the {kv.meta.original_length}-token "
+                             f"context only {max(room + len(question_ids) - 1, 0)} of the model's {self.window} "
+                             "positions are left")
+        if sampling.max_new_tokens > room:  # the answer ends at the model's window
+            sampling = dataclasses.replace(sampling, max_new_tokens=room)
+        with stop_between_layers(self.loaded.model, stop):
+            yield from self._pieces(generate(self.loaded.model, kv, question_ids, sampling), stop_strings)
+
+    def _pieces(self, token_ids: Iterator[int], stop_strings: tuple[str, ...]) -> Iterator[tuple[int, str]]:
+        """Generated tokens -> text pieces, held back where a stop string or a character may be incomplete."""
         tokenizer = self.loaded.tokenizer
         tokens: list[int] = []
         sent = ""
-        for token in generate(self.loaded.model, kv, self.prompt.question_ids(question), sampling):
+        for token in token_ids:
             tokens.append(token)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             cut = min((text.find(s) for s in stop_strings if s in text), default=-1)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from kvpress import BasePress
 from transformers import DynamicCache, PreTrainedModel
 
+from service.cancel import stop_between_layers
 from service.kvcache import CacheMeta, CompressedKV, compact
 
 
-def prefill(model: PreTrainedModel, context_ids: list[int], press: BasePress | None, meta: CacheMeta) -> CompressedKV:
+def prefill(model: PreTrainedModel, context_ids: list[int], press: BasePress | None, meta: CacheMeta,
+            stop: threading.Event | None = None) -> CompressedKV:
     """Prefill ``context_ids`` (compressing in the press's hooks) and return the compressed cache.
+
+    stop: when set, the work ends before the next decoder layer with ``Cancelled``.
 
     Head-wise presses leave ``masked_key_indices`` on the attention modules; they are moved into
     the returned cache's ``evicted`` masks and cleared, so the model keeps no per-document state,
@@ -24,7 +29,8 @@ def prefill(model: PreTrainedModel, context_ids: list[int], press: BasePress | N
     for module in attn:
         module.masked_key_indices = None
     try:
-        with torch.inference_mode(), (press(model) if press is not None else contextlib.nullcontext()):
+        with torch.inference_mode(), stop_between_layers(model, stop), \
+                (press(model) if press is not None else contextlib.nullcontext()):
             model.model(input_ids=ids, past_key_values=cache, use_cache=True)
         return collect(model, cache, meta)
     finally:

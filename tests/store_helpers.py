@@ -58,6 +58,7 @@ class ServerProcess:
 
         env = {f"KVCOMPOSE_STORE_{name.upper()}": json.dumps(value) if isinstance(value, dict) else str(value)
                for name, value in config.__dict__.items() if name != "redis_url"}
+        env["KVCOMPOSE_STORE_SERVICE_TOKEN"] = config.service_token  # "" must not fall back to the caller's env
         self.config = config
         self.process = StoreProcess(config.redis_url, free_port(), env)
 
@@ -68,6 +69,13 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         self.process.start()
         return self
+
+    def client(self, **kw):
+        """A PrefixStoreClient of this server, with its service token unless ``token`` is given."""
+        from service.store.client import PrefixStoreClient
+
+        kw.setdefault("token", self.config.service_token or None)
+        return PrefixStoreClient(self.target, **kw)
 
     def redis(self):
         """A plain client of the server's Redis, for damaging entries behind its back."""

@@ -22,35 +22,30 @@ SHARED_REDIS = "redis://127.0.0.1:6379/0"
 
 @pytest.fixture(scope="module")
 def stack():
-    import ray
-    from ray import serve
     from ray.cluster_utils import Cluster
 
-    from service.serve.launch import StoreProcess, deploy, load_config
+    from service.serve.launch import LocalStack
 
     prefix = f"kvc-e2e-{uuid.uuid4().hex[:8]}"
-    store = StoreProcess(SHARED_REDIS, free_port(), env={"KVCOMPOSE_STORE_KEY_PREFIX": prefix}).start()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"compress_node": 1}})
     decode_node = cluster.add_node(num_cpus=2, resources={"decode_node": 1})
-    ray.init(address=cluster.address, namespace="serve", log_to_driver=False)
     grpc_port = free_port()
-    config = load_config(
-        args={"store": {"redis_url": SHARED_REDIS, "key_prefix": prefix}, "store_address": store.address},
+    stack = LocalStack(
+        redis_url=SHARED_REDIS, args={"store": {"key_prefix": prefix}},
         deployments={"Compressor": {"ray_actor_options": {"resources": {"compress_node": 0.1}}},
                      "Decoder": {"ray_actor_options": {"resources": {"decode_node": 0.1}}}},
-        proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()},
-        grpc_options={"port": grpc_port,
-                      "grpc_servicer_functions": ["kvcompose.v1.api_pb2_grpc.add_KVComposeServicer_to_server"]},
+        top={"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": free_port()},
+             "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [
+                 "kvcompose.v1.api_pb2_grpc.add_KVComposeServicer_to_server"]}},
+        ray_init={"address": cluster.address},
     )
-    deploy(config)
     try:
-        yield {"address": f"127.0.0.1:{grpc_port}", "store": store, "decode_node": decode_node.node_id,
-               "prefix": prefix}
+        with stack:
+            yield {"address": stack.address, "store": stack.store, "decode_node": decode_node.node_id,
+                   "prefix": prefix, "token": stack.config["applications"][0]["runtime_env"]["env_vars"][
+                       "KVCOMPOSE_STORE_SERVICE_TOKEN"]}
     finally:
-        serve.shutdown()
-        ray.shutdown()
         cluster.shutdown()
-        store.stop()
         import redis
 
         r = redis.Redis.from_url(SHARED_REDIS)
@@ -137,7 +132,8 @@ def test_standalone_decode_worker_answers_from_the_store(stack, document):
         cache_id = client.compress(doc, {"press": "kvcompose", "compression_ratio": 0.5}).cache_id
     port = free_port()
     worker = subprocess.Popen([sys.executable, "-m", "workers.decode", "--store", stack["store"].address,
-                               "--address", f"127.0.0.1:{port}"], env={**os.environ})
+                               "--address", f"127.0.0.1:{port}"],
+                              env={**os.environ, "KVCOMPOSE_STORE_SERVICE_TOKEN": stack["token"]})
     try:
         deadline = time.monotonic() + 120
         with KVComposeClient(f"127.0.0.1:{port}") as client:

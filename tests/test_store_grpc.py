@@ -10,7 +10,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from store_helpers import SHARED_REDIS, ServerProcess, make_cache
 
 from service.config import StoreConfig
-from service.store.client import PrefixStoreClient
 from service.store.embedded import EmbeddedRedis
 from service.store.errors import (
     DataLoss,
@@ -24,6 +23,7 @@ from service.store.errors import (
 
 
 def config(url: str = SHARED_REDIS, **kw) -> StoreConfig:
+    kw.setdefault("service_token", "test-service-token")
     return StoreConfig(redis_url=url, key_prefix=f"kvc-test-{uuid.uuid4().hex[:8]}", chunk_bytes=4096,
                        redis_retries=1, redis_timeout_s=2.0, **kw)
 
@@ -38,7 +38,7 @@ def server():
 def test_put_fetch_round_trip_is_bit_exact(server, tiny_engine, codec_name):
     ids = random_ids(250, seed=41)
     key, data = make_cache(tiny_engine, ids, codec_name, tenant="default")
-    with PrefixStoreClient(server.target) as client:
+    with server.client() as client:
         m, existed = client.put(key, ids, data)
         assert not existed and m.total_bytes == len(data) and m.key.codec == codec_name
         fetched_manifest, fetched = client.fetch(m.cache_id)
@@ -54,7 +54,7 @@ def test_put_fetch_round_trip_is_bit_exact(server, tiny_engine, codec_name):
 def test_status_codes(server, tiny_engine):
     ids = random_ids(120, seed=43)
     key, data = make_cache(tiny_engine, ids, tenant="default")
-    with PrefixStoreClient(server.target) as client:
+    with server.client() as client:
         with pytest.raises(InvalidArgument, match="64 lowercase hex"):
             client.stat("not-an-id")
         with pytest.raises(NotFound):
@@ -72,7 +72,7 @@ def test_status_codes(server, tiny_engine):
             client.fetch(m.cache_id)
         with pytest.raises(NotFound):
             client.stat(m.cache_id)  # the damaged entry is gone
-    with PrefixStoreClient(server.target, tenant="bad tenant!") as client:
+    with server.client(tenant="bad tenant!") as client:
         with pytest.raises(PermissionDenied, match="x-tenant"):
             client.stat("0" * 64)
 
@@ -80,8 +80,8 @@ def test_status_codes(server, tiny_engine):
 def test_another_tenants_id_is_not_found(server, tiny_engine):
     ids = random_ids(100, seed=44)
     key, data = make_cache(tiny_engine, ids, tenant="alpha")
-    with PrefixStoreClient(server.target, tenant="alpha") as alpha, \
-            PrefixStoreClient(server.target, tenant="beta") as beta:
+    with server.client(tenant="alpha") as alpha, \
+            server.client(tenant="beta") as beta:
         m, _ = alpha.put(key, ids, data)
         with pytest.raises(NotFound):
             beta.fetch(m.cache_id)
@@ -94,42 +94,53 @@ def test_another_tenants_id_is_not_found(server, tiny_engine):
 def test_quota_is_resource_exhausted(tiny_engine):
     ids = random_ids(100, seed=45)
     key, data = make_cache(tiny_engine, ids, tenant="default")
-    with ServerProcess(config(tenant_quota_bytes=len(data) + 1)) as s, PrefixStoreClient(s.target) as client:
+    with ServerProcess(config(tenant_quota_bytes=len(data) + 1)) as s, s.client() as client:
         client.put(key, ids, data)
         with pytest.raises(QuotaExceeded, match="quota"):
             other_ids = ids[:-1] + [3]
             _, other = make_cache(tiny_engine, other_ids, tenant="default")
             client.put(key, other_ids, other)  # a second entry does not fit
-    with ServerProcess(config(max_entry_bytes=100)) as s, PrefixStoreClient(s.target) as client:
+    with ServerProcess(config(max_entry_bytes=100)) as s, s.client() as client:
         with pytest.raises(QuotaExceeded, match="exceeds the store's limit"):
             client.put(key, ids, data)  # refused from the header, before the bytes arrive
 
 
-def test_bearer_tokens(tiny_engine):
-    with ServerProcess(config(auth_tokens={"s3cret": "acme", "svc": "*"})) as s:
-        with PrefixStoreClient(s.target) as anonymous, pytest.raises(Unauthenticated, match="Bearer"):
-            anonymous.stat("0" * 64)
-        with PrefixStoreClient(s.target, token="wrong") as wrong, pytest.raises(Unauthenticated, match="not valid"):
-            wrong.stat("0" * 64)
-        with PrefixStoreClient(s.target, token="s3cret", tenant="other") as spoof, \
-                pytest.raises(PermissionDenied, match="tenant 'other'"):
-            spoof.stat("0" * 64)
+def test_every_call_needs_a_service_token(tiny_engine):
+    with ServerProcess(config(service_token="svc", auth_tokens={"svc-next": "*"})) as s:
         ids = random_ids(80, seed=46)
         key, data = make_cache(tiny_engine, ids, tenant="acme")
-        with PrefixStoreClient(s.target, token="s3cret") as ok:
-            m, _ = ok.put(key, ids, data)
-            assert ok.fetch(m.cache_id)[1] == data
-        with PrefixStoreClient(s.target, token="svc") as service:  # a service token acts for any tenant
+        with s.client(token="svc") as service:  # a service token acts for the tenant it names
+            m, _ = service.put(key, ids, data, tenant="acme")
             assert service.fetch(m.cache_id, tenant="acme")[1] == data
             with pytest.raises(NotFound):
                 service.fetch(m.cache_id, tenant="other")
+        with s.client(token="svc-next", tenant="acme") as rotated:
+            assert rotated.stat(m.cache_id).cache_id == m.cache_id
+        calls = [lambda c: c.put(key, ids, data, tenant="acme"), lambda c: c.fetch(m.cache_id, tenant="acme"),
+                 lambda c: c.stat(m.cache_id, tenant="acme"), lambda c: c.lookup(key, ids, tenant="acme"),
+                 lambda c: c.delete(m.cache_id, tenant="acme")]
+        for token, message in ((None, "Bearer"), ("wrong", "not valid")):
+            with s.client(token=token) as outsider:
+                for call in calls:
+                    with pytest.raises(Unauthenticated, match=message):
+                        call(outsider)
+        with s.client(token="svc", tenant="acme") as service:
+            assert service.fetch(m.cache_id)[1] == data  # nothing an outsider sent changed the entry
+
+
+def test_a_store_without_a_token_does_not_start():
+    with pytest.raises(RuntimeError, match="exited"):
+        with ServerProcess(config(service_token="")):
+            pass
+    with pytest.raises(ValueError, match="service tokens"):
+        config(auth_tokens={"s3cret": "acme"})
 
 
 def test_redis_down_is_unavailable_then_recovers(tiny_engine):
     ids = random_ids(90, seed=47)
     key, data = make_cache(tiny_engine, ids, tenant="default")
     with EmbeddedRedis() as redis, ServerProcess(config(redis.url)) as s, \
-            PrefixStoreClient(s.target, retries=0, deadline_s=10) as client:
+            s.client(retries=0, deadline_s=10) as client:
         m, _ = client.put(key, ids, data)
         redis.stop()
         with pytest.raises(Unavailable, match="Redis is unreachable"):
@@ -154,6 +165,6 @@ def test_health_and_reflection(server):
 def test_without_redis_url_the_server_starts_its_own_redis(tiny_engine):
     ids = random_ids(60, seed=48)
     key, data = make_cache(tiny_engine, ids, tenant="default")
-    with ServerProcess(config("")) as s, PrefixStoreClient(s.target) as client:
+    with ServerProcess(config("")) as s, s.client() as client:
         m, _ = client.put(key, ids, data)
         assert client.fetch(m.cache_id)[1] == data

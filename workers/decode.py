@@ -1,7 +1,11 @@
 """A standalone decode worker, outside Ray: serves ``KVCompose.Generate`` for cache ids by fetching
 compact caches from the prefix store over gRPC. Any node that reaches the store can reuse them.
 
-    python -m workers.decode --store HOST:PORT [--port 9100] [--store-token T]
+    python -m workers.decode --store HOST:PORT [--address 127.0.0.1:9100] [--config serve_config.yaml]
+
+It reads the same Serve config as the Ray deployment (engine settings, API tokens, request
+limits) and answers through the same ``Frontend``, so it authenticates exactly as the Ingress
+does. The store token comes from ``KVCOMPOSE_STORE_SERVICE_TOKEN`` (or ``--store-token``).
 """
 
 from __future__ import annotations
@@ -9,8 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import time
-import uuid
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -20,8 +23,9 @@ from kvcompose.v1 import api_pb2_grpc as api_grpc
 
 from service import api as conv
 from service.answerer import Answerer
-from service.config import EngineConfig
+from service.config import EngineConfig, RequestLimits, StoreConfig
 from service.engine import Engine
+from service.serve.frontend import Frontend
 from service.store.auth import Auth
 from service.store.client import PrefixStoreClient
 
@@ -29,41 +33,38 @@ log = logging.getLogger("workers.decode")
 
 
 class DecodeWorker(api_grpc.KVComposeServicer):
-    def __init__(self, answerer: Answerer, auth: Auth):
+    def __init__(self, answerer: Answerer, frontend: Frontend):
         self.answerer = answerer
-        self.auth = auth
+        self.frontend = frontend
 
     async def Generate(self, request: api.GenerateRequest, context: grpc.aio.ServicerContext):
-        request_id, started = uuid.uuid4().hex[:12], time.perf_counter()
         try:
-            tenant = self.auth.tenant(dict(context.invocation_metadata()))
-            if request.WhichOneof("source") != "cache_id":
-                raise conv.ApiError(grpc.StatusCode.INVALID_ARGUMENT,
-                                    "a decode worker answers from stored caches: send cache_id (Compress first)")
-            sampling, stop = conv.sampling_args(request)
-            first = None
-            async for item in self.answerer.answer(tenant, request.cache_id, request.question, sampling, stop):
-                if isinstance(item, str):
-                    first = first or time.perf_counter() - started
-                    yield api.GenerateResponse(text=item)
-                else:
-                    item.time_to_first_token_s = first or time.perf_counter() - started
-                    yield api.GenerateResponse(stats=conv.stats_message(item, True, None))
-        except Exception as e:  # noqa: BLE001 - a status, never a traceback
-            status, message = conv.to_status(e, request_id)
-            await context.abort(status, message)
+            async for message in self.frontend.generate(request, context, self.answerer.answer):
+                yield message
+        except conv.ApiError as e:
+            await context.abort(e.status, str(e))
 
     async def ListModels(self, request, context):
-        loaded, config = self.answerer.engine.loaded, self.answerer.engine.config
-        return api.ListModelsResponse(models=[api.ModelInfo(
-            id=loaded.model_id, revision=loaded.revision, layers=loaded.model.config.num_hidden_layers,
-            max_context_tokens=config.max_context_tokens, default_codec=config.codec)])
+        async def handler(tenant: str) -> api.ListModelsResponse:
+            return conv.list_models_response(self.answerer.engine.info())
+
+        try:
+            return await self.frontend.call("ListModels", context, handler)
+        except conv.ApiError as e:
+            await context.abort(e.status, str(e))
 
 
-async def serve(store: str, address: str, store_token: str | None, lru_bytes: int) -> None:
-    engine = Engine(EngineConfig.from_env())
-    worker = DecodeWorker(Answerer(engine, PrefixStoreClient(store, token=store_token), lru_bytes), Auth())
-    server = grpc.aio.server()
+async def serve(store: str, address: str, config_path: Path, store_token: str | None) -> None:
+    from service.serve.app import AppArgs
+    from service.serve.launch import app_args, load_config
+
+    args: AppArgs = app_args(load_config(config_path))
+    limits = RequestLimits(**args.limits)
+    engine = Engine(EngineConfig.from_env(**args.engine))
+    token = store_token or StoreConfig.from_env(**args.store).service_token or None
+    answerer = Answerer(engine, PrefixStoreClient(store, token=token), args.decode_lru_bytes)
+    worker = DecodeWorker(answerer, Frontend(Auth(args.auth_tokens), limits))
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limits.max_request_bytes)])
     api_grpc.add_KVComposeServicer_to_server(worker, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     service_name = api.DESCRIPTOR.services_by_name["KVCompose"].full_name
@@ -75,14 +76,18 @@ async def serve(store: str, address: str, store_token: str | None, lru_bytes: in
 
 
 def main(argv: list[str] | None = None) -> None:
+    from service.serve.launch import CONFIG
+
     parser = argparse.ArgumentParser(description="Standalone decode worker (KVCompose.Generate by cache id).")
     parser.add_argument("--store", required=True, help="PrefixStore address, host:port")
-    parser.add_argument("--address", default="0.0.0.0:9100")
-    parser.add_argument("--store-token", help="this worker's token at the store (a service token)")
-    parser.add_argument("--lru-bytes", type=int, default=256 << 20)
+    parser.add_argument("--address", default="127.0.0.1:9100", help="where to listen, host:port")
+    parser.add_argument("--config", type=Path, default=CONFIG,
+                        help="the Serve config whose app args (engine, auth_tokens, limits) this worker follows")
+    parser.add_argument("--store-token", help="this worker's service token at the store "
+                                              "(default: KVCOMPOSE_STORE_SERVICE_TOKEN)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.store, args.address, args.store_token, args.lru_bytes))
+    asyncio.run(serve(args.store, args.address, args.config, args.store_token))
 
 
 if __name__ == "__main__":

@@ -9,12 +9,17 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from service.config import RequestLimits, StoreConfig
+from service.store.embedded import EmbeddedRedis, free_port
 
 log = logging.getLogger(__name__)
 CONFIG = Path(__file__).with_name("serve_config.yaml")
@@ -74,8 +79,8 @@ def deploy(config: dict, timeout_s: float = 900) -> None:
 class StoreProcess:
     """``python -m service.store.server`` as a child process (used by the local stack and tests)."""
 
-    def __init__(self, redis_url: str, port: int, env: dict | None = None):
-        self.redis_url, self.port, self.env = redis_url, port, env or {}
+    def __init__(self, redis_url: str, port: int, env: dict | None = None, host: str = "127.0.0.1"):
+        self.redis_url, self.port, self.env, self.host = redis_url, port, env or {}, host
 
     @property
     def address(self) -> str:
@@ -87,7 +92,7 @@ class StoreProcess:
 
         env = {**os.environ, "REDIS_URL": self.redis_url, **self.env}
         self.process = subprocess.Popen([sys.executable, "-m", "service.store.server", "--address",
-                                         f"0.0.0.0:{self.port}"], env=env)
+                                         f"{self.host}:{self.port}"], env=env)
         with grpc.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             for _ in range(300):
@@ -106,37 +111,105 @@ class StoreProcess:
         self.process.wait(10)
 
 
+def app_args(config: dict):
+    """The kvcompose application's builder args of a Serve config, typed."""
+    from service.serve.app import AppArgs
+
+    app = next(a for a in config["applications"] if a["name"] == APP)
+    return AppArgs(**app.get("args", {}))
+
+
+@dataclass
+class LocalStack:
+    """Everything on this machine, for ``make serve``, benchmarks and tests: Redis (embedded and
+    supervised unless ``redis_url``), the prefix store with a fresh random service token (given to
+    the replicas through the app's runtime_env), Ray (started unless already connected) and Serve.
+
+    args / deployments / top: overrides of the Serve config (see ``load_config``). The store and
+    Serve's HTTP proxy listen on 127.0.0.1 (Serve's gRPC proxy binds every interface: Ray 2.60 has
+    no host option for it).
+    """
+
+    config_path: Path = CONFIG
+    redis_url: str | None = None
+    store_port: int = 0
+    args: dict = field(default_factory=dict)
+    deployments: dict = field(default_factory=dict)
+    top: dict = field(default_factory=dict)
+    ray_init: dict = field(default_factory=dict)
+    redis: EmbeddedRedis | None = None
+    store: StoreProcess | None = None
+    config: dict | None = None
+
+    def start(self) -> LocalStack:
+        import ray
+
+        token = secrets.token_urlsafe(32)
+        if self.redis_url is None:
+            self.redis = EmbeddedRedis(supervise=True).start()
+            self.redis_url = self.redis.url
+            log.info("no REDIS_URL: started an embedded, supervised redis-server at %s", self.redis_url)
+        prefix = self.args.get("store", {}).get("key_prefix")
+        env = {"KVCOMPOSE_STORE_SERVICE_TOKEN": token, **({"KVCOMPOSE_STORE_KEY_PREFIX": prefix} if prefix else {})}
+        self.store = StoreProcess(self.redis_url, self.store_port or free_port(), env).start()
+        args = {**self.args, "store": {**self.args.get("store", {}), "redis_url": self.redis_url},
+                "store_address": self.store.address}
+        self.config = load_config(self.config_path, args=args, deployments=self.deployments,
+                                  **{"http_options": {"host": "127.0.0.1", "port": 8000}, **self.top})
+        app = next(a for a in self.config["applications"] if a["name"] == APP)
+        app.setdefault("runtime_env", {}).setdefault("env_vars", {})["KVCOMPOSE_STORE_SERVICE_TOKEN"] = token
+        limits = RequestLimits(**app_args(self.config).limits)
+        # read by Serve's proxy when it starts (it inherits this environment through the local raylet)
+        os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(limits.max_request_bytes)
+        if not ray.is_initialized():
+            ray.init(**{"namespace": "serve", "include_dashboard": False, "log_to_driver": False, **self.ray_init})
+        deploy(self.config)
+        return self
+
+    @property
+    def address(self) -> str:
+        """The public gRPC API."""
+        return f"127.0.0.1:{self.config['grpc_options']['port']}"
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+                ray.shutdown()
+        finally:
+            if self.store is not None:
+                self.store.stop()
+            if self.redis is not None:
+                self.redis.__exit__()
+
+    def __enter__(self) -> LocalStack:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def run_local(config_path: Path = CONFIG, store_port: int = 50051) -> None:
-    """Everything on this machine: Redis (embedded unless REDIS_URL), the store, Ray, Serve. Blocks."""
-    import ray
-
-    from service.store.embedded import EmbeddedRedis
-
-    redis = None
-    redis_url = os.environ.get("REDIS_URL")
-    if not redis_url:
-        redis = EmbeddedRedis().start()
-        redis_url = redis.url
-        log.info("no REDIS_URL: started an embedded redis-server at %s", redis_url)
-    store = StoreProcess(redis_url, store_port).start()
-    try:
-        config = load_config(config_path, args={"store": {"redis_url": redis_url}, "store_address": store.address})
-        ray.init(namespace="serve", include_dashboard=False, log_to_driver=False)
-        print("Deploying KVCompose Serve (first start converts the embedded model, ~1 min)...", flush=True)
-        deploy(config)
-        port = config["grpc_options"]["port"]
-        print(READY.format(port=port), flush=True)
+    """``make serve``: the local stack, until Ctrl-C. REDIS_URL names an external Redis."""
+    redis_url = StoreConfig.from_env().redis_url or None
+    print("Deploying KVCompose Serve (first start converts the embedded model, ~1 min)...", flush=True)
+    with LocalStack(config_path, redis_url=redis_url, store_port=store_port) as stack:
+        print(READY.format(port=stack.config["grpc_options"]["port"], store_port=store_port), flush=True)
         while True:
             time.sleep(3600)
-    finally:
-        store.stop()
-        if redis:
-            redis.stop()
 
 
 READY = """
 KVCompose Serve is up.
   gRPC API (kvcompose.v1.KVCompose): 127.0.0.1:{port}
+  Prefix store (token-protected):     127.0.0.1:{store_port}
   Try:
     .venv/bin/kvcompose remote ask --addr 127.0.0.1:{port} --document k8s/README.md "Which port does the gRPC API use?"
   Press Ctrl-C to stop.

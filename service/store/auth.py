@@ -15,7 +15,8 @@ SERVICE = "*"  # a token mapped to "*" belongs to our own services: it may act f
 
 class Auth:
     """tokens: bearer token -> tenant (or "*" for internal services, which name the tenant in
-    ``x-tenant``). With no tokens, the tenant is the ``x-tenant`` metadata (or "default")."""
+    ``x-tenant``; a tenant's own token ignores ``x-tenant``). With no tokens (development mode), the
+    tenant is the ``x-tenant`` metadata (or "default")."""
 
     def __init__(self, tokens: Mapping[str, str] | None = None):
         self.tokens = dict(tokens or {})
@@ -38,6 +39,17 @@ class Auth:
                 return check_tenant(asked or DEFAULT_TENANT)
             except ValueError as e:
                 raise PermissionDenied(f"x-tenant: {e}") from None
-        if asked and asked != tenant:
-            raise PermissionDenied(f"this token may not act for tenant {asked!r}")
-        return tenant
+        return tenant  # a tenant's token decides its tenant: x-tenant is ignored
+
+
+def store_auth(service_tokens: list[str], allow_unauthenticated: bool = False) -> Auth:
+    """The prefix store's auth: every call needs one of our services' tokens.
+
+    With no token, the store refuses to start unless ``allow_unauthenticated`` (development only):
+    whoever reaches an open store can read every cache and plant forged ones.
+    """
+    tokens = {t: SERVICE for t in service_tokens if t}
+    if not tokens and not allow_unauthenticated:
+        raise ValueError("the prefix store needs a service token: set KVCOMPOSE_STORE_SERVICE_TOKEN "
+                         "(or allow_unauthenticated for local development)")
+    return Auth(tokens)

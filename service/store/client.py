@@ -110,8 +110,10 @@ class PrefixStoreClient:
 
         return self._call(attempt)
 
-    def stat(self, cache_id: str, tenant: str | None = None) -> pb.Manifest:
-        return self._call(lambda: self.stub.Stat(pb.StatRequest(cache_id=cache_id), **self._kw(tenant))).manifest
+    def stat(self, cache_id: str, tenant: str | None = None, touch: bool = False) -> pb.Manifest:
+        """The live entry's manifest (raises NotFound); ``touch`` refreshes its TTL as a hit does."""
+        request = pb.StatRequest(cache_id=cache_id, touch=touch)
+        return self._call(lambda: self.stub.Stat(request, **self._kw(tenant))).manifest
 
     def lookup(self, key: CacheKey, token_ids: Sequence[int], longest_prefix: bool = False,
                tenant: str | None = None) -> tuple[pb.Manifest, int]:

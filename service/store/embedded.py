@@ -8,12 +8,16 @@ pressure Redis evicts least-recently-used keys, and an entry that loses a chunk 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def redis_server_binary() -> str:
@@ -35,13 +39,21 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    """``with EmbeddedRedis() as r: r.url``; ``stop()`` / ``start()`` simulate an outage on the same port."""
+    """``with EmbeddedRedis() as r: r.url``; ``stop()`` / ``start()`` simulate an outage on the same port.
 
-    def __init__(self, port: int | None = None, maxmemory: str = "1gb"):
+    supervise: restart the server (same port, empty) whenever it dies, within ``check_s``; the store
+    answers UNAVAILABLE meanwhile and reconnects by itself. ``restarts`` counts them.
+    """
+
+    def __init__(self, port: int | None = None, maxmemory: str = "1gb", supervise: bool = False,
+                 check_s: float = 0.5):
         self.port = port or free_port()
         self.maxmemory = maxmemory
         self.dir = tempfile.mkdtemp(prefix="kvc-redis-")
         self.process: subprocess.Popen | None = None
+        self.supervise, self.check_s, self.restarts = supervise, check_s, 0
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -60,13 +72,36 @@ class EmbeddedRedis:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith(b"+PONG"):
+                        self._watch()
                         return self
             except OSError:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
+    def _watch(self) -> None:
+        self._stopping.clear()
+        if self.supervise and (self._watcher is None or not self._watcher.is_alive()):
+            self._watcher = threading.Thread(target=self._supervise, name="redis-supervisor", daemon=True)
+            self._watcher.start()
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(self.check_s):
+            process = self.process
+            if process is None or process.poll() is None:
+                continue
+            log.warning("embedded redis-server on port %d exited (code %s); restarting it (empty)",
+                        self.port, process.returncode)
+            try:
+                self.start()
+                self.restarts += 1
+                log.warning("embedded redis-server restarted on port %d", self.port)
+            except (OSError, RuntimeError) as e:
+                log.error("restarting redis-server failed: %s; trying again", e)
+
     def stop(self) -> None:
+        """Stop the server (and its supervision)."""
+        self._stopping.set()
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)

@@ -23,6 +23,7 @@ class Manifest:
     write_id: str  # names this write's chunks, so two writers never mix chunks
     layer_slots: list[int]
     uncompressed_bytes: int
+    prefix_id: str = ""  # id of the context's block-aligned prefix: the longest-prefix index set it is in
 
     def to_json(self) -> bytes:
         data = asdict(self)

@@ -26,7 +26,7 @@ import redis.exceptions as rexc
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from service.codec import FORMAT_VERSION, CorruptCacheError, layer_shapes, read_header
+from service.codec import FORMAT_VERSION, CorruptCacheError, check, layer_shapes
 from service.config import StoreConfig
 from service.store.errors import DataLoss, InvalidArgument, NotFound, QuotaExceeded, Unavailable
 from service.store.ids import CacheKey
@@ -36,6 +36,26 @@ from service.store.manifest import Manifest
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 _RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
           "else return 0 end")
+# Extend a key's TTL, never shorten it (a prefix-index set is shared by entries with other TTLs).
+_EXTEND = "if redis.call('ttl', KEYS[1]) < tonumber(ARGV[1]) then return redis.call('expire', KEYS[1], ARGV[1]) end"
+# Refresh an entry's usage record, unless the entry was deleted meanwhile.
+_TOUCH_USAGE = ("if redis.call('hexists', KEYS[1], ARGV[1]) == 1 then "
+                "return redis.call('hset', KEYS[1], ARGV[1], ARGV[2]) end return 0")
+# Reserve quota atomically: drop expired records, sum the rest, record this entry if it fits.
+# KEYS[1] usage hash; ARGV: cache id, bytes, expiry ms, now ms, quota bytes (0 = none). Returns -1
+# when recorded, else the bytes in use.
+_RESERVE = """
+local used = 0
+local all = redis.call('hgetall', KEYS[1])
+for i = 1, #all, 2 do
+  local bytes, expiry = string.match(all[i + 1], '(%d+) (%d+)')
+  if tonumber(expiry) < tonumber(ARGV[4]) then redis.call('hdel', KEYS[1], all[i])
+  elseif all[i] ~= ARGV[1] then used = used + tonumber(bytes) end
+end
+if tonumber(ARGV[5]) > 0 and used + tonumber(ARGV[2]) > tonumber(ARGV[5]) then return used end
+redis.call('hset', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
+return -1
+"""
 _MGET_BATCH = 8  # chunks per round trip when reading
 
 
@@ -73,7 +93,7 @@ class RedisStore:
         expected_sha256: the uploader's digest of ``data``, checked against the one the manifest records.
         """
         tenant = check_tenant(key.tenant)
-        ttl_s = ttl_s or self.config.default_ttl_s
+        ttl_s = self._ttl(ttl_s)
         if len(data) > self.config.max_entry_bytes:
             raise QuotaExceeded(f"cache is {len(data)} bytes; the store accepts at most {self.config.max_entry_bytes}")
         digest = await asyncio.to_thread(lambda: hashlib.sha256(data).digest())  # once, off the event loop
@@ -86,7 +106,8 @@ class RedisStore:
             if existing is not None:
                 await self._touch(existing)
                 return existing, True
-            await self._check_quota(tenant, len(data))
+            created_ms = int(time.time() * 1000)
+            await self._reserve(tenant, cache_id, len(data), created_ms + ttl_s * 1000)
             write_id = uuid.uuid4().hex[:16]
             size = self.config.chunk_bytes
             n_chunks = max(1, -(-len(data) // size))
@@ -94,25 +115,41 @@ class RedisStore:
             pipe = self.redis.pipeline(transaction=False)
             for i in range(n_chunks):
                 pipe.set(self.keys.chunk(tenant, cache_id, write_id, i), view[i * size : (i + 1) * size], ex=ttl_s)
-            await pipe.execute()
+            try:
+                await pipe.execute()
+            except BaseException:
+                await self._release(tenant, cache_id)
+                raise
             slots, per_token = layer_shapes(header)
+            aligned = len(context_ids) // self.config.block_tokens * self.config.block_tokens
             manifest = Manifest(cache_id, FORMAT_VERSION, len(data), n_chunks, size, digest, len(context_ids), key,
-                                int(time.time() * 1000), ttl_s, write_id, slots, per_token * len(context_ids))
+                                created_ms, ttl_s, write_id, slots, per_token * len(context_ids),
+                                key.cache_id(context_ids[:aligned]))
             if not await self.redis.set(self.keys.manifest(tenant, cache_id), manifest.to_json(), nx=True, ex=ttl_s):
                 await self._delete_chunks(tenant, cache_id, write_id, n_chunks)  # another writer committed first
                 return await self.stat(tenant, cache_id), True
-            await self._index(manifest, context_ids)
+            await self._index(manifest)
             self.counters["puts"] += 1
             return manifest, False
 
     def _validate(self, key: CacheKey, context_ids: Sequence[int], data: bytes) -> dict:
-        if not context_ids:
-            raise InvalidArgument("context_ids is empty")
+        """The whole structure of a Put, against its key and the model it names; nothing malformed is stored."""
+        self._check_tokens(context_ids)
         try:
-            header = read_header(data)
+            header = check(data)
         except CorruptCacheError as e:
             raise InvalidArgument(f"uploaded bytes are not a valid cache: {e}") from None
         meta = header["meta"]
+        shapes = self.config.model_shapes
+        if shapes:
+            if key.model_id not in shapes:
+                raise InvalidArgument(f"model {key.model_id!r} is not served by this store ({sorted(shapes)})")
+            heads, _, dim = next(t["shape"] for t in header["tensors"] if t["name"] == "v.0")
+            if [header["layers"], heads, dim] != list(shapes[key.model_id]):
+                raise InvalidArgument(f"cache has {header['layers']} layers x {heads} KV heads x {dim} dims; "
+                                      f"{key.model_id} has {shapes[key.model_id]}")
+        if meta["model_revision"] != key.model_revision or meta["press"] != key.press:
+            raise InvalidArgument("cache bytes were made with another model revision or press than the key says")
         if header.get("codec") != key.codec or meta["model_id"] != key.model_id:
             raise InvalidArgument(
                 f"cache bytes were made by {meta['model_id']} with codec {header.get('codec')}; "
@@ -122,45 +159,39 @@ class RedisStore:
                                   f"context_ids has {len(context_ids)}")
         return header
 
-    async def _check_quota(self, tenant: str, size: int) -> None:
-        quota = self.config.tenant_quota_bytes
-        if not quota:
-            return
-        now_ms = int(time.time() * 1000)
-        used, expired = 0, []
-        for cache_id, value in (await self.redis.hgetall(self.keys.usage(tenant))).items():
-            nbytes, expiry_ms = (int(x) for x in value.split())
-            if expiry_ms < now_ms:
-                expired.append(cache_id)
-            else:
-                used += nbytes
-        if expired:
-            await self.redis.hdel(self.keys.usage(tenant), *expired)
-        if used + size > quota:
-            raise QuotaExceeded(f"tenant {tenant!r} holds {used} bytes; storing {size} more exceeds its quota "
-                                f"of {quota} bytes (delete entries or wait for them to expire)")
+    async def _reserve(self, tenant: str, cache_id: str, size: int, expiry_ms: int) -> None:
+        """Record the entry in its tenant's usage, atomically checked against the quota (one script)."""
+        used = await self.redis.eval(_RESERVE, 1, self.keys.usage(tenant), cache_id, size, expiry_ms,
+                                     int(time.time() * 1000), self.config.tenant_quota_bytes)
+        if used != -1:
+            raise QuotaExceeded(f"tenant {tenant!r} holds {used} bytes; storing {size} more exceeds its quota of "
+                                f"{self.config.tenant_quota_bytes} bytes (delete entries or wait for them to expire)")
 
-    async def _index(self, m: Manifest, context_ids: Sequence[int]) -> None:
-        tenant = m.key.tenant
-        block = self.config.block_tokens
-        aligned = len(context_ids) // block * block
-        ends = self.keys.prefix_ends(tenant, m.key.cache_id(context_ids[:aligned]))
-        expiry_ms = m.created_unix_ms + m.ttl_s * 1000
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.sadd(ends, len(context_ids))
-        pipe.expire(ends, m.ttl_s)
-        pipe.hset(self.keys.usage(tenant), m.cache_id, f"{m.total_bytes} {expiry_ms}")
-        await pipe.execute()
+    async def _release(self, tenant: str, cache_id: str) -> None:
+        """Undo a reservation whose write failed (unless another writer committed the entry)."""
+        try:
+            if await self._manifest(tenant, cache_id) is None:
+                await self.redis.hdel(self.keys.usage(tenant), cache_id)
+        except rexc.RedisError:
+            pass  # the record expires with its TTL
+
+    async def _index(self, m: Manifest) -> None:
+        ends = self.keys.prefix_ends(m.key.tenant, m.prefix_id)
+        await self.redis.sadd(ends, m.context_tokens)
+        await self.redis.eval(_EXTEND, 1, ends, m.ttl_s)
 
     # -- reading ---------------------------------------------------------------------------------
 
-    async def stat(self, tenant: str, cache_id: str) -> Manifest:
-        """The manifest of a live entry, or NotFound."""
+    async def stat(self, tenant: str, cache_id: str, touch: bool = False) -> Manifest:
+        """The manifest of a live entry, or NotFound. ``touch``: count it as a hit (refresh its TTL),
+        as decoders do when they answer from their in-memory copy."""
         self._check_id(cache_id)
         async with self._redis_errors():
             m = await self._manifest(check_tenant(tenant), cache_id)
+            if m is not None and touch:
+                await self._touch(m)
         if m is None:
-            raise NotFound(f"no cache {cache_id} (it may have expired)")
+            raise NotFound(f"no cache {cache_id} (it may have expired or been deleted)")
         return m
 
     async def fetch(self, tenant: str, cache_id: str) -> tuple[Manifest, AsyncIterator[bytes]]:
@@ -218,6 +249,7 @@ class RedisStore:
         """(manifest, matched tokens) of the exact context, or of the longest stored context that
         is a prefix of ``token_ids``. Raises NotFound."""
         tenant = check_tenant(key.tenant)
+        self._check_tokens(token_ids)
         async with self._redis_errors():
             if not longest_prefix:
                 m = await self._manifest(tenant, key.cache_id(token_ids))
@@ -279,6 +311,7 @@ class RedisStore:
             async with self._redis_errors():
                 m = await self._manifest(tenant, cache_id)
                 if m is not None:
+                    await self._touch(m, quiet=True)  # reuse is a hit
                     return m, False
                 token = uuid.uuid4().hex
                 acquired = await self.redis.set(lock, token, nx=True, px=lease_ms)
@@ -315,17 +348,36 @@ class RedisStore:
         return None if raw is None else Manifest.from_json(raw)
 
     async def _touch(self, m: Manifest, quiet: bool = False) -> None:
-        """Refresh the TTL of every key of a hit entry (``quiet``: a failure only skips the refresh)."""
+        """Refresh the TTL of every key of a hit entry: manifest, chunks, its prefix-index set and its
+        usage record (``quiet``: a failure only skips the refresh)."""
         tenant = m.key.tenant
         pipe = self.redis.pipeline(transaction=False)
         pipe.expire(self.keys.manifest(tenant, m.cache_id), m.ttl_s)
         for i in range(m.chunk_count):
             pipe.expire(self.keys.chunk(tenant, m.cache_id, m.write_id, i), m.ttl_s)
+        expiry_ms = int(time.time() * 1000) + m.ttl_s * 1000
         try:
             await pipe.execute()
+            await self.redis.eval(_EXTEND, 1, self.keys.prefix_ends(tenant, m.prefix_id), m.ttl_s)
+            await self.redis.eval(_TOUCH_USAGE, 1, self.keys.usage(tenant), m.cache_id, f"{m.total_bytes} {expiry_ms}")
         except rexc.RedisError:
             if not quiet:
                 raise
+
+    def _ttl(self, ttl_s: int | None) -> int:
+        if not ttl_s:
+            return self.config.default_ttl_s
+        if not 1 <= ttl_s <= self.config.max_ttl_s:
+            raise InvalidArgument(f"ttl_s must be in [1, {self.config.max_ttl_s}] seconds (0 = the default "
+                                  f"{self.config.default_ttl_s}), got {ttl_s}")
+        return ttl_s
+
+    def _check_tokens(self, token_ids: Sequence[int]) -> None:
+        if not token_ids:
+            raise InvalidArgument("token ids are empty")
+        if len(token_ids) > self.config.max_context_tokens:
+            raise InvalidArgument(f"{len(token_ids)} token ids; the store takes at most "
+                                  f"{self.config.max_context_tokens} (max_context_tokens)")
 
     @staticmethod
     def _check_id(cache_id: str) -> None:

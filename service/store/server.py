@@ -1,6 +1,7 @@
 """The PrefixStore gRPC server: thin methods over ``RedisStore``, standard health and reflection.
 
-    python -m service.store.server --port 50051      # REDIS_URL unset: starts an embedded redis-server
+    KVCOMPOSE_STORE_SERVICE_TOKEN=... python -m service.store.server --address 127.0.0.1:50051
+    # REDIS_URL unset: starts an embedded redis-server; every call needs the service token
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from kvcompose.v1 import store_pb2 as pb
 from kvcompose.v1 import store_pb2_grpc as pb_grpc
 
 from service.config import StoreConfig
-from service.store.auth import Auth
+from service.store.auth import Auth, store_auth
 from service.store.embedded import EmbeddedRedis
 from service.store.errors import InvalidArgument, QuotaExceeded, StoreError
 from service.store.manifest import key_from_proto
@@ -100,7 +101,7 @@ class PrefixStoreServicer(pb_grpc.PrefixStoreServicer):
 
     @_unary
     async def Stat(self, request, context, tenant):
-        return pb.StatResponse(manifest=(await self.store.stat(tenant, request.cache_id)).to_proto(pb))
+        return pb.StatResponse(manifest=(await self.store.stat(tenant, request.cache_id, request.touch)).to_proto(pb))
 
     @_unary
     async def Lookup(self, request, context, tenant):
@@ -134,9 +135,12 @@ async def start_server(config: StoreConfig, address: str = "127.0.0.1:0") -> tup
 
     ``config.redis_url`` must be set (``serve`` starts an embedded Redis when it is not).
     """
+    auth = store_auth([config.service_token, *config.auth_tokens], config.allow_unauthenticated)
+    if not auth.tokens:
+        log.warning("the prefix store runs WITHOUT authentication (allow_unauthenticated): development only")
     store = RedisStore(connect(config, config.redis_url), config)
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    pb_grpc.add_PrefixStoreServicer_to_server(PrefixStoreServicer(store, Auth(config.auth_tokens)), server)
+    pb_grpc.add_PrefixStoreServicer_to_server(PrefixStoreServicer(store, auth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -164,7 +168,8 @@ async def serve(config: StoreConfig, address: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the PrefixStore gRPC server.")
-    parser.add_argument("--address", default="0.0.0.0:50051")
+    parser.add_argument("--address", default="127.0.0.1:50051", help="where to listen, host:port "
+                        "(0.0.0.0:50051 for other hosts; keep it behind a network policy)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(StoreConfig.from_env(), args.address))

@@ -1,0 +1,106 @@
+"""What every process that serves the public API does around a call, in one place: authenticate,
+validate against the limits, count, log, and turn any failure into one status code.
+
+Used by the Ray Serve ``Ingress`` and the standalone ``workers/decode.py``, so both authenticate
+and answer alike. A handler raises ``ApiError``; each transport sends it its own way (Serve's
+proxy: set the code and raise; a plain grpc.aio server: ``context.abort``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from kvcompose.v1 import api_pb2 as api
+
+from service import api as conv
+from service.config import RequestLimits
+from service.store.auth import Auth
+
+log = logging.getLogger("ray.serve")
+
+# (tenant, cache id, question, sampling, stop strings) -> answer text pieces, then AnswerStats
+AnswerFn = Callable[..., AsyncIterator]
+# (tenant, validated compress kwargs) -> CompressResult
+CompressFn = Callable[[str, dict], object]
+
+
+@dataclass
+class Frontend:
+    """auth: API bearer tokens (empty = development mode: tenant from ``x-tenant``); limits: request limits;
+    metrics: a ``ServiceMetrics`` (None outside Ray)."""
+
+    auth: Auth
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    metrics: object | None = None
+
+    def __post_init__(self) -> None:
+        if not self.auth.tokens:
+            log.warning("no API tokens configured: development mode, the tenant is taken from 'x-tenant' metadata")
+
+    def tenant(self, grpc_context) -> str:
+        return self.auth.tenant(dict(grpc_context.invocation_metadata()))
+
+    async def call(self, method: str, grpc_context, handler: Callable[[str], object]):
+        """Run ``await handler(tenant)`` for a unary method; errors leave as ``ApiError``."""
+        request_id, started = uuid.uuid4().hex[:12], time.perf_counter()
+        try:
+            reply = await handler(self.tenant(grpc_context))
+        except Exception as e:  # noqa: BLE001 - every error leaves as a status, never a traceback
+            raise self._failed(method, e, request_id) from None
+        self._ok(method, request_id, started)
+        return reply
+
+    async def generate(self, request: api.GenerateRequest, grpc_context, answer: AnswerFn,
+                       compress: CompressFn | None = None) -> AsyncIterator[api.GenerateResponse]:
+        """Stream a Generate: text pieces, then the stats. ``compress`` None: only cache ids are accepted."""
+        request_id, started = uuid.uuid4().hex[:12], time.perf_counter()
+        try:
+            tenant = self.tenant(grpc_context)
+            sampling, stop = conv.sampling_args(request, self.limits)
+            compressed = None
+            source = request.WhichOneof("source")
+            if source == "context":
+                if compress is None:
+                    raise conv.ApiError(grpc.StatusCode.INVALID_ARGUMENT, "this server answers from stored caches "
+                                        "only: send cache_id (Compress first)")
+                compressed = await compress(tenant, request.context)
+                cache_id = compressed.cache_id
+            elif request.cache_id:
+                cache_id = request.cache_id
+            else:
+                raise conv.ApiError(grpc.StatusCode.INVALID_ARGUMENT, "send cache_id or context")
+            first = None
+            async for item in answer(tenant, cache_id, request.question, sampling, stop):
+                if isinstance(item, str):
+                    first = first or time.perf_counter() - started
+                    yield api.GenerateResponse(text=item)
+                    continue
+                item.time_to_first_token_s = first or time.perf_counter() - started
+                item.seconds = time.perf_counter() - started
+                if self.metrics is not None:
+                    self.metrics.ttft_s.observe(item.time_to_first_token_s)
+                    self.metrics.decode_s.observe(item.seconds)
+                hit = compressed is None or compressed.reused
+                yield api.GenerateResponse(stats=conv.stats_message(item, hit, compressed))
+        except Exception as e:  # noqa: BLE001
+            raise self._failed("Generate", e, request_id) from None
+        self._ok("Generate", request_id, started)
+
+    def _failed(self, method: str, e: BaseException, request_id: str) -> conv.ApiError:
+        status, message = conv.to_status(e, request_id)
+        self._count(method, status.name)
+        log.info("request=%s method=%s status=%s", request_id, method, status.name)
+        return conv.ApiError(status, message)
+
+    def _ok(self, method: str, request_id: str, started: float) -> None:
+        self._count(method, "OK")
+        log.info("request=%s method=%s status=OK seconds=%.3f", request_id, method, time.perf_counter() - started)
+
+    def _count(self, method: str, status: str) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.inc(tags={"method": method, "status": status})

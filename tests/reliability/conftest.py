@@ -1,0 +1,73 @@
+"""One real stack for the reliability suite: a supervised embedded Redis, the prefix store process,
+Ray Serve with the gRPC proxy, and a tiny random Llama saved as a local model (fast and
+deterministic: greedy answers are exact, so a wrong answer is detectable)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from service.api_client import KVComposeClient
+from service.store.embedded import free_port
+
+SERVICERS = ["kvcompose.v1.api_pb2_grpc.add_KVComposeServicer_to_server"]
+DOCUMENT = "The blue lighthouse on Kessel Point was built in 1871 by the engineer Mara Quell. " * 12
+QUESTION = "Who built the lighthouse?"
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="package")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    from conftest import tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(layers=4, seed=3).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="package")
+def stack(tiny_model_dir):
+    from service.serve.launch import LocalStack
+
+    small = {"ray_actor_options": {"num_cpus": 0.2}}
+    stack = LocalStack(
+        args={"engine": {"model": str(tiny_model_dir), "codec": "float16", "max_context_tokens": 4096},
+              "limits": {"max_document_bytes": 1 << 20, "max_request_bytes": 4 << 20}},
+        deployments={"Ingress": small, "Compressor": small, "Decoder": small},
+        top={"grpc_options": {"port": free_port(), "grpc_servicer_functions": SERVICERS},
+             "http_options": {"host": "127.0.0.1", "port": free_port()}},
+        ray_init={"num_cpus": 2},
+    )
+    with stack:
+        yield stack
+
+
+@pytest.fixture(scope="package")
+def client(stack):
+    with KVComposeClient(stack.address, timeout_s=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="package")
+def reference(client):
+    """The right answer to QUESTION about DOCUMENT (greedy), and its cache id."""
+    compressed = client.compress(DOCUMENT)
+    text, _ = client.ask(QUESTION, cache_id=compressed.cache_id, max_new_tokens=MAX_NEW)
+    return {"cache_id": compressed.cache_id, "answer": text}
+
+
+def normal_request_works(client: KVComposeClient, reference: dict) -> None:
+    """The service still answers right after whatever came before."""
+    text, stats = client.ask(QUESTION, cache_id=reference["cache_id"], max_new_tokens=MAX_NEW)
+    assert text == reference["answer"] and stats.new_tokens > 0
+
+
+def code_of(call) -> grpc.StatusCode:
+    try:
+        result = call()
+        if hasattr(result, "__iter__") and not isinstance(result, (str, bytes)):
+            list(result)
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
