@@ -20,10 +20,10 @@ CLIENTS = 16
 
 def _kill_decoder_replica() -> None:
     import ray
-    from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "ServeReplica:kvcompose:Decoder"), ("state", "=", "ALIVE")])
-    ray.kill(ray.get_actor(actors[0].name, namespace="serve"), no_restart=True)
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Decoder" in a["name"]]
+    assert names, "no Decoder replica found"
+    ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
 
 
 def test_faults_under_load_never_serve_a_wrong_answer(stack, client, reference):
@@ -51,14 +51,16 @@ def test_faults_under_load_never_serve_a_wrong_answer(stack, client, reference):
     threads = [threading.Thread(target=load, args=(i,)) for i in range(CLIENTS)]
     for t in threads:
         t.start()
-    time.sleep(3)
-    stack.redis.process.kill()  # Redis dies; its supervisor restarts it, empty
-    time.sleep(4)
-    _kill_decoder_replica()
-    time.sleep(6)
-    stop.set()
-    for t in threads:
-        t.join(timeout=120)
+    try:
+        time.sleep(3)
+        stack.redis.process.kill()  # Redis dies; its supervisor restarts it, empty
+        time.sleep(4)
+        _kill_decoder_replica()
+        time.sleep(6)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
     assert not wrong, wrong[:5]
     assert outcomes["OK"] > CLIENTS and stack.redis.restarts >= 1, outcomes
     for _ in range(3):  # afterwards: the new cache is built again and every request succeeds
