@@ -150,3 +150,27 @@ def test_standalone_decode_worker_answers_from_the_store(stack, document):
     finally:
         worker.terminate()
         worker.wait(10)
+
+
+def test_a_cancelled_compress_does_not_break_the_next_ones(stack, document):
+    """Regression: a prefill cancelled by its client kept running after the model lock was released,
+    and the next Compress failed with INTERNAL. Now both next caches are bit-identical to a fresh
+    process's (one thread, as a Ray replica with fractional CPUs runs)."""
+    doc, _, _ = document
+    long_doc = doc + doc[: len(doc) // 4]  # ~2.5k tokens: many seconds of prefill here
+    small = ["The orchard has eleven pear trees and one old walnut.", "Tide tables are printed every Monday."]
+    press = {"press": "kvcompose", "compression_ratio": 0.5}
+    with KVComposeClient(stack["address"]) as client:
+        with pytest.raises(grpc.RpcError) as e:
+            client.stub.Compress(client.compress_request(long_doc, press), metadata=client.kw["metadata"], timeout=1)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        results = [client.compress(text, press) for text in small]
+        digests = [client.stat(r.cache_id).manifest.sha256.hex() for r in results]
+    code = (
+        "import hashlib; from service import codec; from service.engine import Engine; "
+        f"e = Engine(); print(' '.join(hashlib.sha256(codec.encode(e.compress(t, {press!r})[0], 'float16'))"
+        f".hexdigest() for t in {small!r}))"
+    )
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()
+    assert digests == fresh
