@@ -83,7 +83,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _remote(args: argparse.Namespace):
     from service.api_client import KVComposeClient
 
-    return KVComposeClient(args.addr, token=args.token or os.environ.get("KVCOMPOSE_TOKEN"), tenant=args.tenant)
+    token = args.token or os.environ.get("KVCOMPOSE_TOKEN")
+    if not token and args.addr.split(":")[0] in ("127.0.0.1", "localhost", "[::1]"):
+        from service.serve.launch import local_api_token_file
+
+        if local_api_token_file().exists():  # `make serve` on this machine
+            token = local_api_token_file().read_text().strip()
+    return KVComposeClient(args.addr, token=token, tenant=args.tenant)
 
 
 def _progress(label: str):

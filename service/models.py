@@ -101,6 +101,17 @@ def load_model(config: EngineConfig) -> LoadedModel:
     return LoadedModel(model, tokenizer, config.model, revision, tokenizer_digest(tokenizer))
 
 
+def model_shape(config: EngineConfig) -> list[int]:
+    """[layers, kv_heads, head_dim] of the configured model's KV cache, from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    source = embedded_model_dir(config.cache_dir) if config.model == EMBEDDED_MODEL else config.model
+    c = AutoConfig.from_pretrained(source, revision=None if config.model == EMBEDDED_MODEL else config.model_revision)
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return [c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or heads, head_dim]
+
+
 def _local_revision(model: str) -> str:
     """For local paths, a digest of the config (weights are not re-hashed at every start); hub ids: 'main'."""
     config = Path(model) / "config.json"

@@ -11,6 +11,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from service.cancel import stop_between_layers
 from service.kvcache import CacheMeta, CompressedKV, compact
+from service.presses.kvcompose import remove_input_hook
 
 
 def prefill(model: PreTrainedModel, context_ids: list[int], press: BasePress | None, meta: CacheMeta,
@@ -33,9 +34,10 @@ def prefill(model: PreTrainedModel, context_ids: list[int], press: BasePress | N
                 (press(model) if press is not None else contextlib.nullcontext()):
             model.model(input_ids=ids, past_key_values=cache, use_cache=True)
         return collect(model, cache, meta)
-    finally:
+    finally:  # also after a failure or a cancellation midway: the model keeps no per-request state
         for module in attn:
             module.masked_key_indices = None
+        remove_input_hook(model.model)
 
 
 def collect(model: PreTrainedModel, cache: DynamicCache, meta: CacheMeta) -> CompressedKV:

@@ -52,7 +52,8 @@ class _ReadOnlyLayer(DynamicLayer):
         return self.base.get_seq_length()
 
 
-def _remove_input_hook(decoder: nn.Module) -> None:
+def remove_input_hook(decoder: nn.Module) -> None:
+    """Remove the context-remembering hook a KVComposePress put on ``decoder`` (if any)."""
     handle = getattr(decoder, "_kvcompose_input_hook", None)
     if handle is not None:
         handle.remove()
@@ -104,7 +105,7 @@ class KVComposePress(BasePress):
     # kvpress calls this when the press (or a ComposedPress holding it) is entered.
     def post_init_from_model(self, model: nn.Module) -> None:
         decoder = model.model
-        _remove_input_hook(decoder)
+        remove_input_hook(decoder)
         # The context ids are needed to replay it, and an attention hook only sees hidden states.
         # At most one such hook exists per model; it is removed once the cache is compressed.
         decoder._kvcompose_input_hook = decoder.register_forward_pre_hook(self._remember_input, with_kwargs=True)
@@ -141,7 +142,7 @@ class KVComposePress(BasePress):
                     self._replay(cache)
                 self._compress(cache)
             finally:
-                _remove_input_hook(state["model"].model)
+                remove_input_hook(state["model"].model)
                 self._state = {"model": state["model"], "num_layers": state["num_layers"]}
         return output
 

@@ -7,6 +7,7 @@ gRPC options, then deploy its applications), after applying overrides, so the YA
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import secrets
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from service.config import RequestLimits, StoreConfig
+from service.config import EngineConfig, RequestLimits, StoreConfig
 from service.store.embedded import EmbeddedRedis, free_port
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,9 @@ class LocalStack:
     the replicas through the app's runtime_env), Ray (started unless already connected) and Serve.
 
     args / deployments / top: overrides of the Serve config (see ``load_config``). The store and
-    Serve's HTTP proxy listen on 127.0.0.1 (Serve's gRPC proxy binds every interface: Ray 2.60 has
-    no host option for it).
+    Serve's HTTP proxy listen on 127.0.0.1. Serve's gRPC proxy binds every interface (Ray 2.60 has
+    no host option for it), so with ``api_token_file`` and no configured API tokens the API gets a
+    fresh token per run, written to that file (mode 0600) for local clients.
     """
 
     config_path: Path = CONFIG
@@ -137,6 +139,7 @@ class LocalStack:
     deployments: dict = field(default_factory=dict)
     top: dict = field(default_factory=dict)
     ray_init: dict = field(default_factory=dict)
+    api_token_file: Path | None = None
     redis: EmbeddedRedis | None = None
     store: StoreProcess | None = None
     config: dict | None = None
@@ -144,27 +147,46 @@ class LocalStack:
     def start(self) -> LocalStack:
         import ray
 
+        from service.models import model_shape
+
         token = secrets.token_urlsafe(32)
         if self.redis_url is None:
             self.redis = EmbeddedRedis(supervise=True).start()
             self.redis_url = self.redis.url
             log.info("no REDIS_URL: started an embedded, supervised redis-server at %s", self.redis_url)
-        prefix = self.args.get("store", {}).get("key_prefix")
-        env = {"KVCOMPOSE_STORE_SERVICE_TOKEN": token, **({"KVCOMPOSE_STORE_KEY_PREFIX": prefix} if prefix else {})}
-        self.store = StoreProcess(self.redis_url, self.store_port or free_port(), env).start()
-        args = {**self.args, "store": {**self.args.get("store", {}), "redis_url": self.redis_url},
-                "store_address": self.store.address}
+        args = {**self.args, "store": {**self.args.get("store", {}), "redis_url": self.redis_url}}
         self.config = load_config(self.config_path, args=args, deployments=self.deployments,
                                   **{"http_options": {"host": "127.0.0.1", "port": 8000}, **self.top})
         app = next(a for a in self.config["applications"] if a["name"] == APP)
+        typed = app_args(self.config)
+        engine = EngineConfig(**typed.engine)
+        # The store refuses Puts whose cache does not have the served model's shape.
+        shapes = json.dumps({engine.model: model_shape(engine)})
+        prefix = typed.store.get("key_prefix")
+        env = {"KVCOMPOSE_STORE_SERVICE_TOKEN": token, "KVCOMPOSE_STORE_MODEL_SHAPES": shapes,
+               **({"KVCOMPOSE_STORE_KEY_PREFIX": prefix} if prefix else {})}
+        self.store = StoreProcess(self.redis_url, self.store_port or free_port(), env).start()
+        app["args"]["store_address"] = self.store.address
+        if self.api_token_file is not None and not typed.auth_tokens:
+            app["args"]["auth_tokens"] = {self._write_api_token(): "default"}
         app.setdefault("runtime_env", {}).setdefault("env_vars", {})["KVCOMPOSE_STORE_SERVICE_TOKEN"] = token
-        limits = RequestLimits(**app_args(self.config).limits)
+        limits = RequestLimits(**typed.limits)
         # read by Serve's proxy when it starts (it inherits this environment through the local raylet)
         os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(limits.max_request_bytes)
         if not ray.is_initialized():
             ray.init(**{"namespace": "serve", "include_dashboard": False, "log_to_driver": False, **self.ray_init})
         deploy(self.config)
         return self
+
+    def _write_api_token(self) -> str:
+        """A fresh API token for this run, readable only by this user (``kvcompose remote`` finds it)."""
+        token = secrets.token_urlsafe(32)
+        self.api_token_file.parent.mkdir(parents=True, exist_ok=True)
+        self.api_token_file.unlink(missing_ok=True)
+        fd = os.open(self.api_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        return token
 
     @property
     def address(self) -> str:
@@ -184,6 +206,8 @@ class LocalStack:
                 self.store.stop()
             if self.redis is not None:
                 self.redis.__exit__()
+            if self.api_token_file is not None:
+                self.api_token_file.unlink(missing_ok=True)
 
     def __enter__(self) -> LocalStack:
         try:
@@ -196,11 +220,17 @@ class LocalStack:
         self.stop()
 
 
+def local_api_token_file() -> Path:
+    """Where ``make serve`` leaves this run's API token (``kvcompose remote`` reads it for local addresses)."""
+    return EngineConfig().cache_dir / "local-api-token"
+
+
 def run_local(config_path: Path = CONFIG, store_port: int = 50051) -> None:
     """``make serve``: the local stack, until Ctrl-C. REDIS_URL names an external Redis."""
     redis_url = StoreConfig.from_env().redis_url or None
     print("Deploying KVCompose Serve (first start converts the embedded model, ~1 min)...", flush=True)
-    with LocalStack(config_path, redis_url=redis_url, store_port=store_port) as stack:
+    with LocalStack(config_path, redis_url=redis_url, store_port=store_port,
+                    api_token_file=local_api_token_file()) as stack:
         print(READY.format(port=stack.config["grpc_options"]["port"], store_port=store_port), flush=True)
         while True:
             time.sleep(3600)
