@@ -12,14 +12,13 @@ Delete or an expiry takes effect on every replica within that bound.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from service import codec
-from service.cancel import Cancelled, wait_until_done
+from service.batching import BatchLimits, DecodeLoop
 from service.decode import Sampling
 from service.engine import Engine
 from service.kvcache import CompressedKV
@@ -71,14 +70,15 @@ class Answerer:
     """Engine + store client + LRU. ``fetches`` counts caches fetched from the store."""
 
     def __init__(self, engine: Engine, client: PrefixStoreClient, lru_bytes: int = 256 << 20,
-                 revalidate_s: float = 0.25):
+                 revalidate_s: float = 0.25, batch: BatchLimits | None = None):
         self.engine = engine
         self.client = client
         self.lru = DecodedLRU(lru_bytes)
         self.revalidate_s = revalidate_s
         self.fetches = 0
         self._checked: dict[tuple[str, str], tuple[float, bytes]] = {}  # key -> (monotonic time, sha256)
-        self._model_lock = asyncio.Lock()
+        self.decoder = DecodeLoop(engine, batch)
+        self._fetching: dict[tuple[str, str], asyncio.Future] = {}  # one fetch per cache at a time
 
     async def cache(self, tenant: str, cache_id: str) -> tuple[CompressedKV, str, int]:
         """(decoded cache, source, fetched bytes). Raises NotFound for a deleted or expired entry."""
@@ -86,13 +86,39 @@ class Answerer:
         kv = self.lru.get(key)
         if kv is not None and await self._still_live(key):
             return kv, "memory", 0
+        while key in self._fetching:  # another request is fetching this cache: share its result
+            pending = self._fetching[key]
+            try:
+                return await asyncio.shield(pending), "memory", 0
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this request was cancelled
+                # the fetching request was cancelled: fetch it here
+        future = self._fetching[key] = asyncio.get_running_loop().create_future()
+        try:
+            kv, size = await self._fetch(tenant, cache_id)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # marked retrieved: only waiters see it
+            raise
+        else:
+            future.set_result(kv)
+        finally:
+            del self._fetching[key]
+        return kv, "store", size
+
+    async def _fetch(self, tenant: str, cache_id: str) -> tuple[CompressedKV, int]:
+        key = (tenant, cache_id)
         manifest, data = await asyncio.to_thread(self.client.fetch, cache_id, tenant)
         kv = await asyncio.to_thread(codec.decode, data)
         self.engine.check_compatible(kv)
         self.fetches += 1
         self.lru.put(key, kv)
         self._checked[key] = (time.monotonic(), manifest.sha256)
-        return kv, "store", len(data)
+        return kv, len(data)
 
     async def _still_live(self, key: tuple[str, str]) -> bool:
         checked_at, sha256 = self._checked.get(key, (0.0, b""))
@@ -112,53 +138,16 @@ class Answerer:
 
     async def answer(self, tenant: str, cache_id: str, question: str, sampling: Sampling,
                      stop: tuple[str, ...] = ()) -> AsyncIterator[str | AnswerStats]:
-        """Yield answer text pieces, then one AnswerStats."""
+        """Yield answer text pieces, then one AnswerStats. The answer is decoded in the replica's
+        batch (``service.batching``); a full decoder refuses at once (``Overloaded``)."""
         start = time.perf_counter()
+        self.decoder.check_capacity()  # before fetching anything
         kv, source, fetched = await self.cache(tenant, cache_id)
         first, tokens = None, 0
-        async with self._model_lock:
-            async for count, piece in _in_thread(
-                    lambda flag: self.engine.stream_counted(kv, question, sampling, stop, flag)):
-                tokens = count
-                if first is None:
-                    first = time.perf_counter() - start
-                yield piece
+        async for count, piece in self.decoder.stream(kv, question, sampling, stop):
+            tokens = count
+            if first is None:
+                first = time.perf_counter() - start
+            yield piece
         total = time.perf_counter() - start
         yield AnswerStats(cache_id, source, first if first is not None else total, tokens, total, fetched)
-
-
-async def _in_thread(make: Callable[[threading.Event], Iterator]) -> AsyncIterator:
-    """Run a blocking generator ``make(stop)`` in a thread and yield its items on the event loop.
-
-    When the consumer stops early (cancelled, disconnected), ``stop`` is set and this waits until
-    the thread has really ended, so the model lock around it is not released under running work.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-    stop = threading.Event()
-
-    def run() -> None:
-        try:
-            for item in make(stop):
-                if stop.is_set():
-                    break
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            loop.call_soon_threadsafe(queue.put_nowait, done)
-        except Cancelled:
-            loop.call_soon_threadsafe(queue.put_nowait, done)
-        except BaseException as e:  # noqa: BLE001 - re-raised on the loop
-            loop.call_soon_threadsafe(queue.put_nowait, e)
-
-    worker = loop.run_in_executor(None, run)
-    try:
-        while True:
-            item = await queue.get()
-            if item is done:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        await wait_until_done(worker)

@@ -12,8 +12,10 @@ import uuid
 import grpc
 from kvcompose.v1 import api_pb2 as api
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 
 from service.answerer import AnswerStats
+from service.batching import Overloaded
 from service.cancel import Cancelled
 from service.compressor import CompressResult
 from service.config import RequestLimits
@@ -46,6 +48,10 @@ def to_status(e: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(cause)
     if isinstance(cause, Cancelled):
         return grpc.StatusCode.CANCELLED, str(cause)
+    if isinstance(cause, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(cause)
+    if isinstance(cause, BackPressureError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "the service is at capacity (queue full): retry shortly"
     if isinstance(e, (RayActorError, ActorUnavailableError)) or isinstance(cause, (RayActorError,
                                                                                   ActorUnavailableError)):
         return grpc.StatusCode.UNAVAILABLE, "a replica failed while serving this request; retry it"

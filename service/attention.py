@@ -69,18 +69,35 @@ def per_layer_sdpa(
     kvc_lse: dict[int, torch.Tensor] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Scaled dot-product attention; query (b, heads, q, d), key/value (b, kv_heads, k, d)."""
+    """Scaled dot-product attention; query (b, heads, q, d), key/value (b, kv_heads, k, d).
+
+    Ragged batches (continuous batching, ``service.batching``): key and value are lists with one
+    (1, kv_heads, k_r, d) tensor per row and ``kvc_evicted[layer]`` a list of per-row masks; each
+    row attends to its own cache exactly as it would alone (the same call on the same tensors).
+    """
+    evicted = kvc_evicted[module.layer_idx] if kvc_evicted is not None else None
+    if isinstance(key, list):
+        rows = [_sdpa(query[r : r + 1], k, v, evicted[r] if evicted is not None else None, dropout, scaling)
+                for r, (k, v) in enumerate(zip(key, value))]
+        return torch.cat(rows).transpose(1, 2).contiguous(), None
     q_len, k_len = query.shape[2], key.shape[2]
     groups = query.shape[1] // key.shape[1]
-    evicted = kvc_evicted[module.layer_idx] if kvc_evicted is not None else None
     if kvc_lse is not None and evicted is None and query.device.type == "cpu" and k_len >= q_len:
         if groups > 1:  # the fused kernel that returns the lse has no GQA flag
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
         out, lse = attention_with_lse(query, key, value, scaling)
         kvc_lse[module.layer_idx] = lse[0]
         return out.transpose(1, 2).contiguous(), None
+    return _sdpa(query, key, value, evicted, dropout, scaling).transpose(1, 2).contiguous(), None
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, evicted: torch.Tensor | None,
+          dropout: float, scaling: float | None) -> torch.Tensor:
+    """(b, heads, q, d) attention output under the per-layer causal mask and head-wise evictions."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    groups = query.shape[1] // key.shape[1]
     mask = key_mask(q_len, k_len, evicted, groups, query.device)
-    out = torch.nn.functional.scaled_dot_product_attention(
+    return torch.nn.functional.scaled_dot_product_attention(
         query,
         key,
         value,
@@ -90,7 +107,6 @@ def per_layer_sdpa(
         is_causal=mask is None and q_len == k_len and q_len > 1,
         enable_gqa=groups > 1,  # no repeated copy of the cache: ~10x faster decode steps on CPU
     )
-    return out.transpose(1, 2).contiguous(), None
 
 
 def attention_with_lse(

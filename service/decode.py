@@ -39,15 +39,15 @@ class Sampling:
 
 def question_logits(model: PreTrainedModel, kv: CompressedKV, question_ids: list[int]) -> torch.Tensor:
     """Logits (len(question_ids), vocab) at every question position; the cache is left untouched."""
-    cache = _padded_cache([kv], model, room=len(question_ids))
+    cache = padded_cache([kv], model, room=len(question_ids))
     with torch.inference_mode():
-        out = model(**_inputs(model, kv, question_ids, kv.meta.original_length), past_key_values=cache)
+        out = model(**step_inputs(model, kv, question_ids, kv.meta.original_length), past_key_values=cache)
     return out.logits[0].float()
 
 
 def generate(model: PreTrainedModel, kv: CompressedKV, question_ids: list[int], sampling: Sampling) -> Iterator[int]:
     """Yield generated token ids one at a time; stops at a stop token (not yielded) or the limit."""
-    cache = _padded_cache([kv], model, room=len(question_ids) + sampling.max_new_tokens)
+    cache = padded_cache([kv], model, room=len(question_ids) + sampling.max_new_tokens)
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
@@ -55,9 +55,9 @@ def generate(model: PreTrainedModel, kv: CompressedKV, question_ids: list[int], 
     ids = question_ids
     with torch.inference_mode():
         for _ in range(sampling.max_new_tokens):
-            out = model(**_inputs(model, kv, ids, position), past_key_values=cache, logits_to_keep=1)
+            out = model(**step_inputs(model, kv, ids, position), past_key_values=cache, logits_to_keep=1)
             position += len(ids)
-            token = _pick(out.logits[0, -1].float(), sampling, generator)
+            token = pick_token(out.logits[0, -1].float(), sampling, generator)
             if token in sampling.stop_token_ids:
                 return
             yield token
@@ -84,7 +84,7 @@ def generate_batch(
     if len(lengths) != 1:
         raise ValueError("generate_batch needs caches of one context (same original length)")
     device = model.device
-    cache = _padded_cache(kvs, model, room=len(question_ids) + max_new_tokens)
+    cache = padded_cache(kvs, model, room=len(question_ids) + max_new_tokens)
     evicted = _padded_evicted(kvs, device)
     answers: list[list[int]] = [[] for _ in kvs]
     rows = list(range(len(kvs)))
@@ -151,12 +151,37 @@ class ReservedLayer(DynamicLayer):
         self._views()
 
 
+class RaggedLayer(DynamicLayer):
+    """One layer of a ragged batch: each row keeps its own ``ReservedLayer`` (its own length, no
+    padding, no copy when rows join or leave); ``update`` returns per-row lists, which the
+    attention function (``service.attention``) attends row by row."""
+
+    def __init__(self, rows: list[ReservedLayer]):
+        super().__init__()
+        self.rows = rows
+        self.is_initialized = True
+        self.dtype, self.device = rows[0].dtype, rows[0].device
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        out = [row.update(key_states[r : r + 1], value_states[r : r + 1]) for r, row in enumerate(self.rows)]
+        return [k for k, _ in out], [v for _, v in out]
+
+    def get_seq_length(self) -> int:
+        return max(row.get_seq_length() for row in self.rows)
+
+
+def ragged_cache(rows: list[Cache]) -> Cache:
+    """A batch over the rows' own caches (each a ``reserved_cache`` of batch 1)."""
+    layers = len(rows[0].layers)
+    return Cache(layers=[RaggedLayer([row.layers[i] for row in rows]) for i in range(layers)])
+
+
 def reserved_cache(keys: list[torch.Tensor], values: list[torch.Tensor], room: int) -> Cache:
     """A fresh cache over per-layer (B, kv_heads, len, d) copies, with ``room`` slots to grow."""
     return Cache(layers=[ReservedLayer(k, v, room) for k, v in zip(keys, values)])
 
 
-def _padded_cache(kvs: list[CompressedKV], model: PreTrainedModel, room: int) -> Cache:
+def padded_cache(kvs: list[CompressedKV], model: PreTrainedModel, room: int) -> Cache:
     """One batch row per cache; each layer zero-padded to its longest cache (see ``_padded_evicted``)."""
     keys, values = [], []
     for layer in range(kvs[0].num_layers):
@@ -185,7 +210,7 @@ def _padded_evicted(kvs: list[CompressedKV], device: torch.device) -> list[torch
     return out
 
 
-def _inputs(model: PreTrainedModel, kv: CompressedKV, ids: list[int], start: int) -> dict:
+def step_inputs(model: PreTrainedModel, kv: CompressedKV, ids: list[int], start: int) -> dict:
     device = model.device
     return {
         "input_ids": torch.tensor([ids], device=device),
@@ -194,7 +219,7 @@ def _inputs(model: PreTrainedModel, kv: CompressedKV, ids: list[int], start: int
     }
 
 
-def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
     if sampling.temperature == 0:
         return int(logits.argmax())
     probs = torch.softmax(logits / sampling.temperature, dim=-1)

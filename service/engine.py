@@ -23,6 +23,7 @@ from service.models import LoadedModel, load_model
 from service.prefill import prefill
 from service.presses import build, canonical, presses_in
 from service.prompt import PromptFormat
+from service.text_stream import TextStream
 
 
 @dataclass(frozen=True)
@@ -152,16 +153,16 @@ class Engine:
         for _, piece in self.stream_counted(kv, question, sampling, stop_strings):
             yield piece
 
-    def stream_counted(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
-                       stop_strings: tuple[str, ...] = (), stop: threading.Event | None = None,
-                       ) -> Iterator[tuple[int, str]]:
-        """As ``stream``, with the number of tokens generated so far beside each piece.
-        ``stop``: when set, generation ends before the next decoder layer (``Cancelled``)."""
+    def prepare(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
+                ) -> tuple[list[int], Sampling]:
+        """(question ids, sampling with the model's stop tokens and an answer that ends at the window).
+        Raises ValueError when the cache is not this model's or the question does not fit."""
         self.check_compatible(kv)
         sampling = sampling or Sampling()
         if not sampling.stop_token_ids:
             sampling = dataclasses.replace(sampling, stop_token_ids=self.stop_token_ids())
-        question_ids = self.prompt.question_ids(question)
+        with self._tokenizer_lock:
+            question_ids = self.prompt.question_ids(question)
         room = self.window - kv.meta.original_length - len(question_ids)
         if room < 1:
             raise ValueError(f"question has {len(question_ids)} tokens; after the {kv.meta.original_length}-token "
@@ -169,32 +170,29 @@ class Engine:
                              "positions are left")
         if sampling.max_new_tokens > room:  # the answer ends at the model's window
             sampling = dataclasses.replace(sampling, max_new_tokens=room)
+        return question_ids, sampling
+
+    def stream_counted(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
+                       stop_strings: tuple[str, ...] = (), stop: threading.Event | None = None,
+                       ) -> Iterator[tuple[int, str]]:
+        """As ``stream``, with the number of tokens generated so far beside each piece.
+        ``stop``: when set, generation ends before the next decoder layer (``Cancelled``)."""
+        question_ids, sampling = self.prepare(kv, question, sampling)
         with stop_between_layers(self.loaded.model, stop):
             yield from self._pieces(generate(self.loaded.model, kv, question_ids, sampling), stop_strings)
 
     def _pieces(self, token_ids: Iterator[int], stop_strings: tuple[str, ...]) -> Iterator[tuple[int, str]]:
-        """Generated tokens -> text pieces, held back where a stop string or a character may be incomplete."""
-        tokenizer = self.loaded.tokenizer
-        tokens: list[int] = []
-        sent = ""
+        """Generated tokens -> (tokens so far, text piece)."""
+        text = TextStream(self.loaded.tokenizer, stop_strings)
         for token in token_ids:
-            tokens.append(token)
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
-            if cut >= 0:
-                if cut > len(sent):
-                    yield len(tokens), text[len(sent):cut]
+            piece = text.add(token)
+            if piece:
+                yield len(text.tokens), piece
+            if text.stopped:
                 return
-            # Hold back text that may be the start of a stop string or an incomplete character.
-            safe = len(text) - max((len(s) - 1 for s in stop_strings), default=0)
-            if text.endswith("\ufffd"):
-                safe = min(safe, len(text) - 1)
-            if safe > len(sent):
-                yield len(tokens), text[len(sent):safe]
-                sent = text[:safe]
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if len(text) > len(sent):
-            yield len(tokens), text[len(sent):]
+        piece = text.finish()
+        if piece:
+            yield len(text.tokens), piece
 
     def answer(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
                stop_strings: tuple[str, ...] = ()) -> str:

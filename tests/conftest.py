@@ -48,6 +48,15 @@ def tiny(tokenizer) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama saved as a local model directory (what a service replica loads)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(layers=4, seed=3).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tiny):
     from service.engine import Engine
 

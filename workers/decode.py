@@ -23,6 +23,7 @@ from kvcompose.v1 import api_pb2_grpc as api_grpc
 
 from service import api as conv
 from service.answerer import Answerer
+from service.batching import BatchLimits
 from service.config import EngineConfig, RequestLimits, StoreConfig
 from service.engine import Engine
 from service.serve.frontend import Frontend
@@ -62,7 +63,8 @@ async def serve(store: str, address: str, config_path: Path, store_token: str | 
     limits = RequestLimits(**args.limits)
     engine = Engine(EngineConfig.from_env(**args.engine))
     token = store_token or StoreConfig.from_env(**args.store).service_token or None
-    answerer = Answerer(engine, PrefixStoreClient(store, token=token), args.decode_lru_bytes)
+    answerer = Answerer(engine, PrefixStoreClient(store, token=token), args.decode_lru_bytes,
+                        batch=BatchLimits(**args.decode_batch))
     worker = DecodeWorker(answerer, Frontend(Auth(args.auth_tokens), limits))
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limits.max_request_bytes)])
     api_grpc.add_KVComposeServicer_to_server(worker, server)

@@ -35,6 +35,7 @@ class AppArgs:
     auth_tokens: client bearer token -> tenant for the public API; empty = no auth (x-tenant metadata).
     decode_lru_bytes: decoded caches a Decoder replica keeps in memory.
     limits: RequestLimits fields (what one request may ask for).
+    decode_batch: BatchLimits fields of every Decoder replica's decode loop (max_batch, max_waiting, memory_bytes).
     """
 
     engine: dict = field(default_factory=dict)
@@ -43,6 +44,7 @@ class AppArgs:
     auth_tokens: dict = field(default_factory=dict)
     decode_lru_bytes: int = 256 << 20
     limits: dict = field(default_factory=dict)
+    decode_batch: dict = field(default_factory=dict)
 
 
 @serve.deployment(name="Compressor")
@@ -83,13 +85,14 @@ class Compressor:
 class Decoder:
     """Answers from caches fetched through the PrefixStore gRPC client (so it may run on any node)."""
 
-    def __init__(self, engine: dict, store: dict, store_address: str, lru_bytes: int):
+    def __init__(self, engine: dict, store: dict, store_address: str, lru_bytes: int, decode_batch: dict):
         from service.answerer import Answerer
+        from service.batching import BatchLimits
         from service.engine import Engine
         from service.serve.metrics import ServiceMetrics
 
-        self.worker = Answerer(Engine(EngineConfig(**engine)),
-                               _store_client(store, store_address), lru_bytes)
+        self.worker = Answerer(Engine(EngineConfig(**engine)), _store_client(store, store_address), lru_bytes,
+                               batch=BatchLimits(**decode_batch))
         self.metrics = ServiceMetrics()
 
     async def generate(self, tenant: str, cache_id: str, question: str, sampling, stop: tuple) -> AsyncIterator:
@@ -105,7 +108,14 @@ class Decoder:
             yield conv.error_dict(e)
 
     def counters(self) -> dict:
-        return {"fetches": self.worker.fetches, "lru_entries": len(self.worker.lru.items)}
+        loop = self.worker.decoder
+        return {"fetches": self.worker.fetches, "lru_entries": len(self.worker.lru.items), "decode_steps": loop.steps,
+                "peak_batch": loop.peak_batch}
+
+    def record_routing_stats(self) -> dict:
+        """Read by the cache-affinity router (``service.serve.routing``): which caches this replica holds."""
+        return {"cache_ids": [f"{tenant}/{cache_id}" for tenant, cache_id in self.worker.lru.items],
+                **self.worker.decoder.load()}
 
 
 @serve.deployment(name="Ingress")
@@ -195,9 +205,11 @@ def build_app(args: dict) -> serve.Application:
     """Application builder for the Serve config (``args`` -> AppArgs)."""
     a = AppArgs(**(args or {}))
     # fail fast on bad settings, with the field's name
-    EngineConfig(**a.engine), StoreConfig(**a.store), RequestLimits(**a.limits)
+    from service.batching import BatchLimits
+
+    EngineConfig(**a.engine), StoreConfig(**a.store), RequestLimits(**a.limits), BatchLimits(**a.decode_batch)
     return Ingress.bind(
         Compressor.bind(a.engine, a.store),
-        Decoder.bind(a.engine, a.store, a.store_address, a.decode_lru_bytes),
+        Decoder.bind(a.engine, a.store, a.store_address, a.decode_lru_bytes, a.decode_batch),
         a.store, a.store_address, a.auth_tokens, a.limits,
     )

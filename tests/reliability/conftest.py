@@ -17,29 +17,8 @@ MAX_NEW = 8
 
 
 @pytest.fixture(scope="package")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    from conftest import tiny_llama
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(layers=4, seed=3).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="package")
 def stack(tiny_model_dir):
-    from service.serve.launch import LocalStack
-
-    small = {"ray_actor_options": {"num_cpus": 0.2}}
-    stack = LocalStack(
-        args={"engine": {"model": str(tiny_model_dir), "codec": "float16", "max_context_tokens": 4096},
-              "limits": {"max_document_bytes": 1 << 20, "max_request_bytes": 4 << 20}},
-        deployments={"Ingress": small, "Compressor": small, "Decoder": small},
-        top={"grpc_options": {"port": free_port(), "grpc_servicer_functions": SERVICERS},
-             "http_options": {"host": "127.0.0.1", "port": free_port()}},
-        ray_init={"num_cpus": 2},
-    )
-    with stack:
+    with tiny_stack(tiny_model_dir, limits={"max_document_bytes": 1 << 20, "max_request_bytes": 4 << 20}) as stack:
         yield stack
 
 
@@ -55,6 +34,21 @@ def reference(client):
     compressed = client.compress(DOCUMENT)
     text, _ = client.ask(QUESTION, cache_id=compressed.cache_id, max_new_tokens=MAX_NEW)
     return {"cache_id": compressed.cache_id, "answer": text}
+
+
+def tiny_stack(model_dir, decoders: int = 1, **args):
+    """A LocalStack serving the tiny model (``args``: more app args)."""
+    from service.serve.launch import LocalStack
+
+    small = {"ray_actor_options": {"num_cpus": 0.2}}
+    decoder = {**small, "num_replicas": decoders, "autoscaling_config": None} if decoders > 1 else small
+    return LocalStack(
+        args={"engine": {"model": str(model_dir), "codec": "float16", "max_context_tokens": 4096}, **args},
+        deployments={"Ingress": small, "Compressor": small, "Decoder": decoder},
+        top={"grpc_options": {"port": free_port(), "grpc_servicer_functions": SERVICERS},
+             "http_options": {"host": "127.0.0.1", "port": free_port()}},
+        ray_init={"num_cpus": 2},
+    )
 
 
 def normal_request_works(client: KVComposeClient, reference: dict) -> None:

@@ -1,0 +1,253 @@
+"""Continuous batching: one decode loop per Decoder replica advances every active answer by one
+token per step, in one batched forward.
+
+A decode step is bound by reading the weights (CPU) or by memory bandwidth (GPU), so one step for
+many answers costs little more than one for a single answer. Between steps the loop admits new
+requests and retires finished, stopped and cancelled ones (continuous batching, as vLLM, SGLang
+and TGI do).
+
+- **Any caches together.** Rows may answer from different documents, with different original
+  lengths, per-layer lengths and head-wise evictions: each row keeps its own cache and the
+  attention function attends row by row (``service.attention``), while the projections and MLPs,
+  where the weights are read, run once for the whole batch. Nothing is padded or copied when a
+  row joins or leaves.
+- **Question prefill as its own step.** A new request's question (tens of tokens) is prefilled
+  alone, right after admission, then the request joins the batch. This keeps every answer
+  token-for-token what it would be alone (tested) and costs one short forward per request;
+  chunking questions into the batch would save little at these lengths.
+- **Bounded.** At most ``max_batch`` rows run; at most ``max_waiting`` more wait (admitted in
+  arrival order as rows retire or memory frees); beyond that a request is refused at once with
+  ``Overloaded`` (RESOURCE_EXHAUSTED: retry). A row's memory (its cache copy with room for the
+  answer) must fit in ``memory_bytes`` with the others'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from service.decode import Sampling, padded_cache, pick_token, ragged_cache, step_inputs
+from service.engine import Engine
+from service.kvcache import CompressedKV
+from service.text_stream import TextStream
+
+log = logging.getLogger(__name__)
+_DONE = object()
+
+
+class Overloaded(Exception):
+    """The decoder is at its admission limit; the client should retry (RESOURCE_EXHAUSTED)."""
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """max_batch: answers advanced together per step; max_waiting: requests queued beyond that;
+    memory_bytes: cache copies of the active answers (with room for their tokens)."""
+
+    max_batch: int = 16
+    max_waiting: int = 32
+    memory_bytes: int = 2 << 30
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_waiting", "memory_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"decode_batch.{name} must be >= 1")
+
+
+@dataclass(eq=False)
+class _Answer:
+    """One request's state in the loop (touched only by the loop thread, except ``cancelled``)."""
+
+    kv: CompressedKV
+    question_ids: list[int]
+    sampling: Sampling
+    text: TextStream
+    emit: Callable[[object], None]
+    nbytes: int
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    cache: object = None
+    evicted: list | None = None
+    position: int = 0
+    last: int = -1
+    generator: torch.Generator | None = None
+    done: bool = False
+
+    def take(self, token: int) -> None:
+        """A generated token: stream its text, or end the answer."""
+        if token in self.sampling.stop_token_ids:
+            return self.finish()
+        piece = self.text.add(token)
+        if piece:
+            self.emit((len(self.text.tokens), piece))
+        if self.text.stopped or len(self.text.tokens) >= self.sampling.max_new_tokens:
+            return self.finish()
+        self.last = token
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if not self.done:
+            piece = "" if error else self.text.finish()
+            if piece:
+                self.emit((len(self.text.tokens), piece))
+            self.emit(error or _DONE)
+            self.done = True
+            self.cache = None  # free the copy now
+
+
+class DecodeLoop:
+    """The replica's decode loop; ``stream`` is its only entry. ``steps`` and ``peak_batch`` are for
+    metrics and tests."""
+
+    def __init__(self, engine: Engine, limits: BatchLimits | None = None):
+        self.engine = engine
+        self.limits = limits or BatchLimits()
+        self.steps = 0
+        self.peak_batch = 0
+        self._waiting: collections.deque[_Answer] = collections.deque()
+        self._active: list[_Answer] = []
+        self._memory = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def load(self) -> dict:
+        with self._cond:
+            return {"active": len(self._active), "waiting": len(self._waiting), "memory_bytes": self._memory}
+
+    def check_capacity(self) -> None:
+        """Refuse early (before fetching a cache) when the queue is already full."""
+        with self._cond:
+            self._check_locked()
+
+    def _check_locked(self) -> None:
+        if len(self._waiting) >= self.limits.max_waiting:
+            raise Overloaded(f"the decoder is at capacity ({len(self._active)} answering, {len(self._waiting)} "
+                             f"waiting; decode_batch.max_waiting={self.limits.max_waiting}): retry shortly")
+
+    async def stream(self, kv: CompressedKV, question: str, sampling: Sampling,
+                     stop_strings: tuple[str, ...] = ()) -> AsyncIterator[tuple[int, str]]:
+        """(tokens so far, text piece) as this answer is decoded in the batch. Leaving early (a
+        cancelled or disconnected client) takes the answer out of the batch at the next step."""
+        question_ids, sampling = await asyncio.to_thread(self.engine.prepare, kv, question, sampling)
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        answer = _Answer(kv, question_ids, sampling, TextStream(self.engine.loaded.tokenizer, stop_strings),
+                         _emitter(loop, queue), self._row_bytes(kv, len(question_ids) + sampling.max_new_tokens))
+        if answer.nbytes > self.limits.memory_bytes:
+            raise Overloaded(f"this answer needs {answer.nbytes} bytes of cache; the decoder's budget is "
+                             f"{self.limits.memory_bytes} (decode_batch.memory_bytes)")
+        with self._cond:
+            self._check_locked()
+            self._waiting.append(answer)
+            self._start_thread()
+            self._cond.notify()
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            answer.cancelled.set()
+
+    def _row_bytes(self, kv: CompressedKV, room: int) -> int:
+        size = torch.empty((), dtype=self.engine.loaded.model.dtype).element_size()
+        return sum(2 * k.shape[0] * (k.shape[1] + room) * k.shape[2] * size for k in kv.keys)
+
+    def _start_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+            self._thread.start()
+
+    # -- the loop thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._active:
+                    self._cond.wait()
+                joining = self._admit_locked()
+            for answer in joining:
+                self._guarded([answer], self._prefill)
+            self._retire()
+            if self._active:
+                self._guarded(list(self._active), self._step)
+                self._retire()
+
+    def _admit_locked(self) -> list[_Answer]:
+        joining = []
+        while self._waiting and len(self._active) < self.limits.max_batch:
+            answer = self._waiting[0]
+            if answer.cancelled.is_set():
+                self._waiting.popleft()
+                answer.finish()
+                continue
+            if self._active and self._memory + answer.nbytes > self.limits.memory_bytes:
+                break  # waits, in order, until memory frees
+            self._waiting.popleft()
+            self._active.append(answer)
+            self._memory += answer.nbytes
+            joining.append(answer)
+        self.peak_batch = max(self.peak_batch, len(self._active))
+        return joining
+
+    def _retire(self) -> None:
+        with self._cond:
+            for answer in self._active:
+                if answer.cancelled.is_set():
+                    answer.finish()
+            kept = [a for a in self._active if not a.done]
+            self._memory -= sum(a.nbytes for a in self._active if a.done)
+            self._active = kept
+
+    def _guarded(self, answers: list[_Answer], work: Callable[[list[_Answer]], None]) -> None:
+        try:
+            work(answers)
+        except Exception as e:  # noqa: BLE001 - the requests in this step fail, the loop goes on
+            log.exception("decode step failed for %d answers", len(answers))
+            for answer in answers:
+                answer.finish(e)
+
+    def _prefill(self, answers: list[_Answer]) -> None:
+        """The question of a new answer, alone (as ``decode.generate``'s first step)."""
+        (a,) = answers
+        model = self.engine.loaded.model
+        a.cache = padded_cache([a.kv], model, room=len(a.question_ids) + a.sampling.max_new_tokens)
+        a.evicted = a.kv.evicted_for(model.device) or [None] * a.kv.num_layers
+        if a.sampling.seed is not None:
+            a.generator = torch.Generator(device=model.device).manual_seed(a.sampling.seed)
+        a.position = a.kv.meta.original_length
+        with torch.inference_mode():
+            out = model(**step_inputs(model, a.kv, a.question_ids, a.position), past_key_values=a.cache,
+                        logits_to_keep=1)
+        a.position += len(a.question_ids)
+        a.take(pick_token(out.logits[0, -1].float(), a.sampling, a.generator))
+
+    def _step(self, answers: list[_Answer]) -> None:
+        """One token for every active answer, in one forward."""
+        model = self.engine.loaded.model
+        device = model.device
+        layers = len(answers[0].evicted)
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([[a.last] for a in answers], device=device),
+                        position_ids=torch.tensor([[a.position] for a in answers], device=device),
+                        past_key_values=ragged_cache([a.cache for a in answers]),
+                        kvc_evicted=[[a.evicted[i] for a in answers] for i in range(layers)], logits_to_keep=1)
+        self.steps += 1
+        for row, a in enumerate(answers):
+            a.position += 1
+            a.take(pick_token(out.logits[row, -1].float(), a.sampling, a.generator))
+
+
+def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[object], None]:
+    def emit(item: object) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the request's event loop is gone; nobody listens
+            pass
+    return emit

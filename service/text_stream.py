@@ -1,0 +1,43 @@
+"""Generated token ids -> text pieces, for streaming: a piece is sent once it can no longer change.
+
+Text is held back while it may be the start of a stop string or an incomplete character; a stop
+string ends the answer (not included).
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+
+class TextStream:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_strings: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop_strings = stop_strings
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.stopped = False  # a stop string appeared: take no more tokens
+
+    def add(self, token: int) -> str:
+        """The new piece of text this token makes final ("" if none)."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = min((text.find(s) for s in self.stop_strings if s in text), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return self._send(text[:cut])
+        safe = len(text) - max((len(s) - 1 for s in self.stop_strings), default=0)
+        if text.endswith("\ufffd"):
+            safe = min(safe, len(text) - 1)
+        return self._send(text[:safe])
+
+    def finish(self) -> str:
+        """What is left once no more tokens come."""
+        if self.stopped:
+            return ""
+        return self._send(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+
+    def _send(self, upto: str) -> str:
+        if len(upto) <= len(self.sent):
+            return ""
+        piece, self.sent = upto[len(self.sent):], upto
+        return piece

@@ -1,0 +1,98 @@
+"""Continuous batching: answers decoded together are token-for-token what each gives alone, whatever
+mix of caches, lengths and presses; cancelled answers leave the batch; admission is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import random_ids
+
+from service.batching import BatchLimits, DecodeLoop, Overloaded
+from service.decode import Sampling
+
+PRESSES = [{}, {"press": "kvcompose", "compression_ratio": 0.6},
+           {"press": "adakv", "inner": {"press": "snapkv", "compression_ratio": 0.5, "window_size": 8}},
+           {"press": "pyramidkv", "compression_ratio": 0.7, "window_size": 8},
+           {"press": "kvcompose", "compression_ratio": 0.5, "structured": False}]
+
+
+@pytest.fixture(scope="module")
+def caches(tiny_engine):
+    """Different documents (lengths 90..330) under different presses, head-wise ones included."""
+    return [tiny_engine.compress(random_ids(90 + 60 * i, seed=100 + i), spec)[0] for i, spec in enumerate(PRESSES)]
+
+
+def alone(engine, kv, question, sampling, stop=()):
+    return [piece for _, piece in engine.stream_counted(kv, question, sampling, stop)]
+
+
+async def collect(loop: DecodeLoop, kv, question, sampling, stop=()):
+    return [piece async for _, piece in loop.stream(kv, question, sampling, stop)]
+
+
+def test_batched_answers_equal_answers_alone(tiny_engine, caches):
+    questions = ["What is it?", "Say more about the second part, please.", "Why?", "List three things.", "Hm"]
+    settings = [Sampling(max_new_tokens=n) for n in (12, 5, 9, 16, 7)]
+    settings[2] = Sampling(max_new_tokens=9, temperature=0.8, top_p=0.9, seed=11)  # sampled, seeded
+    stops = [(), (), (), ("e",), ()]
+    expected = [alone(tiny_engine, kv, q, s, st) for kv, q, s, st in zip(caches, questions, settings, stops)]
+    assert len({"".join(e) for e in expected}) > 1
+    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=8))
+
+    async def main():
+        return await asyncio.gather(*[collect(loop, kv, q, s, st)
+                                      for kv, q, s, st in zip(caches, questions, settings, stops)])
+
+    got = asyncio.run(main())
+    assert ["".join(g) for g in got] == ["".join(e) for e in expected]
+    assert loop.peak_batch >= 3  # they really ran together
+    assert loop.load() == {"active": 0, "waiting": 0, "memory_bytes": 0}
+
+
+def test_a_cancelled_answer_leaves_the_batch_and_the_others_go_on(tiny_engine, caches):
+    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=4))
+    long = Sampling(max_new_tokens=40)
+    expected = alone(tiny_engine, caches[1], "Go on.", long)
+
+    async def main():
+        stays = asyncio.create_task(collect(loop, caches[1], "Go on.", long))
+        leaver = loop.stream(caches[0], "Go on.", long)
+        await leaver.__anext__()  # one piece, then the client goes away
+        await leaver.aclose()
+        return await stays
+
+    assert "".join(asyncio.run(main())) == "".join(expected)
+    assert loop.load()["active"] == 0
+
+
+def test_admission_is_bounded_and_the_refusal_says_retry(tiny_engine, caches):
+    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=1, max_waiting=2))
+    sampling = Sampling(max_new_tokens=400)
+
+    async def main():
+        first = [asyncio.create_task(collect(loop, caches[0], "Go on.", sampling)) for _ in range(3)]
+        while loop.load()["waiting"] < 2:  # one answering, two queued
+            await asyncio.sleep(0.001)
+        with pytest.raises(Overloaded, match="retry"):
+            await collect(loop, caches[0], "Go on.", sampling)
+        return await asyncio.gather(*first)
+
+    answers = asyncio.run(main())
+    assert len({"".join(a) for a in answers}) == 1  # the queued ones were answered, in order, alike
+
+
+def test_memory_budget_admits_what_fits(tiny_engine, caches):
+    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=8, memory_bytes=loop_bytes(tiny_engine, caches[4])))
+
+    async def main():
+        return await asyncio.gather(*[collect(loop, caches[4], "Hi", Sampling(max_new_tokens=6)) for _ in range(3)])
+
+    answers = asyncio.run(main())
+    assert len({"".join(a) for a in answers}) == 1 and loop.peak_batch == 1  # one at a time, all answered
+    with pytest.raises(Overloaded, match="memory_bytes"):
+        asyncio.run(collect(DecodeLoop(tiny_engine, BatchLimits(memory_bytes=1000)), caches[0], "Hi", Sampling()))
+
+
+def loop_bytes(engine, kv) -> int:
+    return DecodeLoop(engine)._row_bytes(kv, 64)
