@@ -159,6 +159,45 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     return cmd_bench_report(argparse.Namespace(csv=args.out, report_dir=args.report_dir))
 
 
+def cmd_bench_load(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from transformers import AutoTokenizer
+
+    from service.bench import load
+    from service.config import EngineConfig
+    from service.haystack import needle_document
+    from service.models import embedded_model_dir
+    from service.serve.launch import LocalStack
+
+    clients = [int(n) for n in args.clients.split(",")]
+    if not clients or any(n < 1 for n in clients):
+        raise ValueError("--clients: comma-separated positive numbers, e.g. 1,4,16,64")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(EngineConfig().cache_dir))
+    documents = [needle_document(tokenizer, args.doc_tokens, seed=i)[0] for i in range(args.documents)]
+    with contextlib.ExitStack() as stack:
+        address, token = args.addr, args.token
+        if address is None:  # the local stack of `make serve`, on free ports
+            from service.store.embedded import free_port
+
+            local = stack.enter_context(LocalStack(top={
+                "grpc_options": {"port": free_port(), "grpc_servicer_functions": [
+                    "kvcompose.v1.api_pb2_grpc.add_KVComposeServicer_to_server"]},
+                "http_options": {"host": "127.0.0.1", "port": free_port()}}))
+            address = local.address
+        print(f"storing {args.documents} documents of ~{args.doc_tokens} tokens...", file=sys.stderr)
+        cache_ids = load.stored_documents(address, documents, token)
+        results = []
+        for n in clients:
+            print(f"{n} clients x {args.requests_per_client} requests...", file=sys.stderr, flush=True)
+            results.append(load.run_level(address, cache_ids, n, args.requests_per_client, args.seed, token))
+    paths = load.write(results, args.out_dir)
+    print(load.table(results))
+    print(load.summary(results))
+    print("written:", *paths, file=sys.stderr)
+    return 0
+
+
 def cmd_bench_report(args: argparse.Namespace) -> int:
     from service.bench import report
 
@@ -239,6 +278,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", type=Path, default=Path("bench/results.csv"))
     b.add_argument("--report-dir", type=Path)
     b.set_defaults(func=cmd_bench_accuracy)
+    b = bench.add_parser("load", help="the real service under 1..N concurrent clients (tokens/s, TTFT, latency)")
+    b.add_argument("--addr", help="a running service's gRPC address; default: start the local stack (make serve's)")
+    b.add_argument("--token", help="API bearer token for --addr")
+    b.add_argument("--clients", default="1,4,16,64", help="comma-separated client counts")
+    b.add_argument("--documents", type=int, default=4, help="stored documents the questions are about")
+    b.add_argument("--doc-tokens", type=int, default=1000, help="length of each document in model tokens")
+    b.add_argument("--requests-per-client", type=int, default=3)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out-dir", type=Path, default=Path("bench/load-smollm2"))
+    b.set_defaults(func=cmd_bench_load)
     b = bench.add_parser("report", help="tables and plots from a results CSV")
     b.add_argument("csv", type=Path)
     b.add_argument("--report-dir", type=Path)

@@ -36,12 +36,14 @@ def reference(client):
     return {"cache_id": compressed.cache_id, "answer": text}
 
 
-def tiny_stack(model_dir, decoders: int = 1, **args):
-    """A LocalStack serving the tiny model (``args``: more app args)."""
+def tiny_stack(model_dir, decoders: int = 1, decoder_options: dict | None = None, **args):
+    """A LocalStack serving the tiny model (``args``: more app args; ``decoder_options``: the Decoder's
+    deployment options)."""
     from service.serve.launch import LocalStack
 
     small = {"ray_actor_options": {"num_cpus": 0.2}}
     decoder = {**small, "num_replicas": decoders, "autoscaling_config": None} if decoders > 1 else small
+    decoder = {**decoder, **(decoder_options or {})}
     return LocalStack(
         args={"engine": {"model": str(model_dir), "codec": "float16", "max_context_tokens": 4096}, **args},
         deployments={"Ingress": small, "Compressor": small, "Decoder": decoder},

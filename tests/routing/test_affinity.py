@@ -6,18 +6,9 @@ from __future__ import annotations
 
 import concurrent.futures
 
-import pytest
-
 from service.api_client import KVComposeClient
-from tests.reliability.conftest import tiny_stack
 
 DEFAULT_ROUTER = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_model_dir):
-    with tiny_stack(tiny_model_dir, decoders=2) as stack:
-        yield stack
 
 
 def fetches_for_100_questions(address: str, documents: list[str]) -> int:

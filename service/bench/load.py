@@ -1,0 +1,148 @@
+"""``kvcompose bench load``: the real service under N concurrent clients.
+
+Each client asks ``requests_per_client`` questions in a row, each about one of M stored documents
+(by cache id) with an answer of 16 to 64 tokens (``max_new_tokens`` drawn per request, seeded, and
+``ignore_eos`` is not available over the API, so answers may end earlier: tokens are counted as
+produced). For every N it reports aggregate tokens/s, p50/p99 time to first token and latency, and
+errors by status code, with ratios against N = 1 measured in the same run; rows go to a CSV and a
+plot shows throughput and p99 TTFT against clients.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import statistics
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from service.api_client import KVComposeClient
+
+QUESTIONS = ["What is the special magic number mentioned in the text?", "Summarise the text in one sentence.",
+             "Which city is mentioned first?", "List three topics the text covers.",
+             "What does the text say about the weather?", "Who is the main character?"]
+
+
+@dataclass
+class LevelResult:
+    clients: int
+    requests: int
+    ok: int
+    tokens: int
+    seconds: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    latency_p50_s: float
+    latency_p99_s: float
+    errors: dict
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run_level(address: str, cache_ids: list[str], clients: int, requests_per_client: int, seed: int,
+              token: str | None = None) -> LevelResult:
+    """N clients, each with its own channel, asking in a loop; bounded in count."""
+    ttfts, latencies, errors = [], [], Counter()
+    tokens = Counter()
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        with KVComposeClient(address, token=token, timeout_s=600) as c:
+            for _ in range(requests_per_client):
+                started = time.perf_counter()
+                try:
+                    _, stats = c.ask(rng.choice(QUESTIONS), cache_id=rng.choice(cache_ids),
+                                     max_new_tokens=rng.randint(16, 64))
+                except grpc.RpcError as e:
+                    with lock:
+                        errors[e.code().name] += 1
+                    continue
+                with lock:
+                    ttfts.append(stats.time_to_first_token_s)
+                    latencies.append(time.perf_counter() - started)
+                    tokens["n"] += stats.new_tokens
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - started
+    return LevelResult(clients, clients * requests_per_client, len(latencies), tokens["n"], seconds,
+                       percentile(ttfts, 0.5), percentile(ttfts, 0.99), percentile(latencies, 0.5),
+                       percentile(latencies, 0.99), dict(errors))
+
+
+def table(results: list[LevelResult]) -> str:
+    base = results[0]
+    lines = ["| clients | requests | ok | tokens/s | × N=1 | TTFT p50 s | TTFT p99 s | p99 TTFT × N=1 | "
+             "latency p50 s | latency p99 s | errors |", "|" + "---|" * 11]
+    for r in results:
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())) or "0"
+        lines.append(f"| {r.clients} | {r.requests} | {r.ok} | {r.tokens_per_s:.1f} | "
+                     f"{r.tokens_per_s / base.tokens_per_s:.2f} | {r.ttft_p50_s:.2f} | {r.ttft_p99_s:.2f} | "
+                     f"{r.ttft_p99_s / base.ttft_p99_s:.2f} | {r.latency_p50_s:.2f} | {r.latency_p99_s:.2f} | "
+                     f"{errors} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(results: list[LevelResult], out_dir: Path) -> list[Path]:
+    """results.csv, results.md and load.png in ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["clients", "requests", "ok", "tokens", "seconds", "tokens_per_s", "ttft_p50_s", "ttft_p99_s",
+                    "latency_p50_s", "latency_p99_s", "errors"])
+        for r in results:
+            w.writerow([r.clients, r.requests, r.ok, r.tokens, f"{r.seconds:.3f}", f"{r.tokens_per_s:.2f}",
+                        f"{r.ttft_p50_s:.3f}", f"{r.ttft_p99_s:.3f}", f"{r.latency_p50_s:.3f}",
+                        f"{r.latency_p99_s:.3f}", ";".join(f"{k}={v}" for k, v in sorted(r.errors.items()))])
+    (out_dir / "results.md").write_text(table(results))
+    clients = [r.clients for r in results]
+    fig, left = plt.subplots(figsize=(6, 4))
+    left.plot(clients, [r.tokens_per_s for r in results], "o-", color="tab:blue", label="tokens/s")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("concurrent clients")
+    left.set_ylabel("aggregate tokens/s", color="tab:blue")
+    right = left.twinx()
+    right.plot(clients, [r.ttft_p99_s for r in results], "s--", color="tab:red", label="p99 TTFT")
+    right.set_ylabel("p99 time to first token (s)", color="tab:red")
+    left.set_title("KVCompose Serve under load (one Decoder replica)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "load.png", dpi=120)
+    plt.close(fig)
+    return [out_dir / "results.csv", out_dir / "results.md", out_dir / "load.png"]
+
+
+def stored_documents(address: str, documents: list[str], token: str | None = None) -> list[str]:
+    """Compress (or find) each document; their cache ids."""
+    with KVComposeClient(address, token=token, timeout_s=900) as c:
+        return [c.compress(doc).cache_id for doc in documents]
+
+
+def summary(results: list[LevelResult]) -> str:
+    base = results[0]
+    parts = [f"N={r.clients}: {r.tokens_per_s:.1f} tok/s ({r.tokens_per_s / base.tokens_per_s:.2f}x), "
+             f"p99 TTFT {r.ttft_p99_s:.2f} s ({r.ttft_p99_s / base.ttft_p99_s:.2f}x)" for r in results]
+    return "\n".join(parts) + f"\nmedian latency overall: {statistics.median(r.latency_p50_s for r in results):.2f} s"
