@@ -11,10 +11,13 @@ and TGI do).
   attention function attends row by row (``service.attention``), while the projections and MLPs,
   where the weights are read, run once for the whole batch. Nothing is padded or copied when a
   row joins or leaves.
-- **Question prefill as its own step.** A new request's question (tens of tokens) is prefilled
-  alone, right after admission, then the request joins the batch. This keeps every answer
-  token-for-token what it would be alone (tested) and costs one short forward per request;
-  chunking questions into the batch would save little at these lengths.
+- **Question prefill as its own step.** The questions of the requests admitted together (tens of
+  tokens each) are prefilled in one forward, right after admission, padded at the end to the
+  longest (each row's padding is dropped from its cache afterwards; causal attention keeps it from
+  touching the real tokens), then the requests join the decode batch. A burst of new requests
+  thus costs one forward, not one per request, and every answer stays token-for-token what it
+  would be alone (tested). Mixing question tokens into the decode step itself (chunked prefill)
+  would save little more at these question lengths.
 - **Bounded.** At most ``max_batch`` rows run; at most ``max_waiting`` more wait (admitted in
   arrival order as rows retire or memory frees); beyond that a request is refused at once with
   ``Overloaded`` (RESOURCE_EXHAUSTED: retry). A row's memory (its cache copy with room for the
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.decode import Sampling, padded_cache, pick_token, ragged_cache, step_inputs
+from service.decode import Sampling, padded_cache, pick_token, ragged_cache
 from service.engine import Engine
 from service.kvcache import CompressedKV
 from service.text_stream import TextStream
@@ -100,14 +103,15 @@ class _Answer:
 
 
 class DecodeLoop:
-    """The replica's decode loop; ``stream`` is its only entry. ``steps`` and ``peak_batch`` are for
-    metrics and tests."""
+    """The replica's decode loop; ``stream`` is its only entry. ``steps``, ``peak_batch`` and
+    ``peak_joining`` (most questions prefilled in one forward) are for metrics and tests."""
 
     def __init__(self, engine: Engine, limits: BatchLimits | None = None):
         self.engine = engine
         self.limits = limits or BatchLimits()
         self.steps = 0
         self.peak_batch = 0
+        self.peak_joining = 0
         self._waiting: collections.deque[_Answer] = collections.deque()
         self._active: list[_Answer] = []
         self._memory = 0
@@ -172,8 +176,8 @@ class DecodeLoop:
                 while not self._waiting and not self._active:
                     self._cond.wait()
                 joining = self._admit_locked()
-            for answer in joining:
-                self._guarded([answer], self._prefill)
+            if joining:
+                self._guarded(joining, self._prefill)
             self._retire()
             if self._active:
                 self._guarded(list(self._active), self._step)
@@ -194,6 +198,7 @@ class DecodeLoop:
             self._memory += answer.nbytes
             joining.append(answer)
         self.peak_batch = max(self.peak_batch, len(self._active))
+        self.peak_joining = max(self.peak_joining, len(joining))
         return joining
 
     def _retire(self) -> None:
@@ -214,19 +219,32 @@ class DecodeLoop:
                 answer.finish(e)
 
     def _prefill(self, answers: list[_Answer]) -> None:
-        """The question of a new answer, alone (as ``decode.generate``'s first step)."""
-        (a,) = answers
+        """The questions of newly admitted answers, in one forward, each row padded at its end."""
         model = self.engine.loaded.model
-        a.cache = padded_cache([a.kv], model, room=len(a.question_ids) + a.sampling.max_new_tokens)
-        a.evicted = a.kv.evicted_for(model.device) or [None] * a.kv.num_layers
-        if a.sampling.seed is not None:
-            a.generator = torch.Generator(device=model.device).manual_seed(a.sampling.seed)
-        a.position = a.kv.meta.original_length
+        device = model.device
+        width = max(len(a.question_ids) for a in answers)
+        for a in answers:
+            a.cache = padded_cache([a.kv], model, room=width + a.sampling.max_new_tokens)
+            a.evicted = a.kv.evicted_for(device) or [None] * a.kv.num_layers
+            if a.sampling.seed is not None:
+                a.generator = torch.Generator(device=device).manual_seed(a.sampling.seed)
+            a.position = a.kv.meta.original_length
+        ids = [a.question_ids + a.question_ids[-1:] * (width - len(a.question_ids)) for a in answers]
+        last = sorted({len(a.question_ids) - 1 for a in answers})  # where each row's logits are
         with torch.inference_mode():
-            out = model(**step_inputs(model, a.kv, a.question_ids, a.position), past_key_values=a.cache,
-                        logits_to_keep=1)
-        a.position += len(a.question_ids)
-        a.take(pick_token(out.logits[0, -1].float(), a.sampling, a.generator))
+            out = model(input_ids=torch.tensor(ids, device=device),
+                        position_ids=torch.stack([torch.arange(a.position, a.position + width) for a in answers]
+                                                 ).to(device),
+                        past_key_values=ragged_cache([a.cache for a in answers]),
+                        kvc_evicted=[[a.evicted[i] for a in answers] for i in range(len(answers[0].evicted))],
+                        logits_to_keep=torch.tensor(last, device=device))
+        for row, a in enumerate(answers):
+            padding = width - len(a.question_ids)
+            for layer in a.cache.layers:
+                layer.truncate(padding)
+            a.position += len(a.question_ids)
+            a.take(pick_token(out.logits[row, last.index(len(a.question_ids) - 1)].float(), a.sampling,
+                              a.generator))
 
     def _step(self, answers: list[_Answer]) -> None:
         """One token for every active answer, in one forward."""

@@ -30,6 +30,8 @@ class EngineConfig:
     cache_dir: where converted models are kept.
     max_context_tokens: longer contexts are refused, not truncated.
     default_press: press spec used when a request names none.
+    torch_threads: CPU threads torch uses in this process (0 = leave it to torch / Ray, which gives a
+        replica as many as its whole ``num_cpus``, at least 1).
     """
 
     model: str = EMBEDDED_MODEL
@@ -40,6 +42,7 @@ class EngineConfig:
     cache_dir: Path = field(default_factory=_default_cache_dir)
     max_context_tokens: int = 32_768
     default_press: dict = field(default_factory=lambda: {"press": "kvcompose", "compression_ratio": 0.5})
+    torch_threads: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))  # YAML and env give strings
@@ -49,6 +52,8 @@ class EngineConfig:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         if self.max_context_tokens < 1:
             raise ValueError("max_context_tokens must be >= 1")
+        if self.torch_threads < 0:
+            raise ValueError("torch_threads must be >= 0 (0 = default)")
 
     @classmethod
     def from_env(cls, **overrides) -> EngineConfig:
@@ -60,7 +65,7 @@ class EngineConfig:
                 continue
             if f.name == "cache_dir":
                 values[f.name] = Path(raw)
-            elif f.name == "max_context_tokens":
+            elif f.name in ("max_context_tokens", "torch_threads"):
                 values[f.name] = int(raw)
             elif f.name == "default_press":
                 values[f.name] = json.loads(raw)

@@ -146,6 +146,11 @@ class ReservedLayer(DynamicLayer):
         self._views()
         return self.keys, self.values
 
+    def truncate(self, n: int) -> None:
+        """Forget the last ``n`` appended slots (a padded batch's padding)."""
+        self._n -= n
+        self._views()
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._k, self._v = self._k[indices], self._v[indices]
         self._views()

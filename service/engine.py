@@ -53,6 +53,8 @@ class CompressStats:
 class Engine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None):
         self.config = config or EngineConfig()
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
         self.loaded = loaded or load_model(self.config)
         self.prompt = PromptFormat(self.loaded.tokenizer)
         # the model's own window bounds every context, whatever the config says

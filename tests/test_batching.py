@@ -41,12 +41,18 @@ def test_batched_answers_equal_answers_alone(tiny_engine, caches):
     loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=8))
 
     async def main():
-        return await asyncio.gather(*[collect(loop, kv, q, s, st)
-                                      for kv, q, s, st in zip(caches, questions, settings, stops)])
+        # Hold admission (the loop's lock is reentrant for this thread) until all five wait, so
+        # their questions are prefilled together.
+        with loop._cond:
+            tasks = [asyncio.ensure_future(collect(loop, kv, q, s, st))
+                     for kv, q, s, st in zip(caches, questions, settings, stops)]
+            while len(loop._waiting) < len(tasks):
+                await asyncio.sleep(0.001)
+        return await asyncio.gather(*tasks)
 
     got = asyncio.run(main())
     assert ["".join(g) for g in got] == ["".join(e) for e in expected]
-    assert loop.peak_batch >= 3  # they really ran together
+    assert loop.peak_joining == 5 and loop.peak_batch == 5  # questions of 2..9 tokens padded together
     assert loop.load() == {"active": 0, "waiting": 0, "memory_bytes": 0}
 
 
