@@ -189,8 +189,8 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
         cache_ids = load.stored_documents(address, documents, token)
         results = []
         for n in clients:
-            print(f"{n} clients x {args.requests_per_client} requests...", file=sys.stderr, flush=True)
-            results.append(load.run_level(address, cache_ids, n, args.requests_per_client, args.seed, token))
+            print(f"{n} clients, {args.requests} requests or more...", file=sys.stderr, flush=True)
+            results.append(load.run_level(address, cache_ids, n, args.requests, args.seed, token, args.ramp_s))
     paths = load.write(results, args.out_dir)
     print(load.table(results))
     print(load.summary(results))
@@ -284,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--clients", default="1,4,16,64", help="comma-separated client counts")
     b.add_argument("--documents", type=int, default=4, help="stored documents the questions are about")
     b.add_argument("--doc-tokens", type=int, default=1000, help="length of each document in model tokens")
-    b.add_argument("--requests-per-client", type=int, default=3)
+    b.add_argument("--requests", type=int, default=48, help="requests per level (at least two per client)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--ramp-s", type=float, default=2.0, help="clients start spread over this many seconds")
     b.add_argument("--out-dir", type=Path, default=Path("bench/load-smollm2"))
     b.set_defaults(func=cmd_bench_load)
     b = bench.add_parser("report", help="tables and plots from a results CSV")

@@ -1,11 +1,12 @@
 """``kvcompose bench load``: the real service under N concurrent clients.
 
-Each client asks ``requests_per_client`` questions in a row, each about one of M stored documents
-(by cache id) with an answer of 16 to 64 tokens (``max_new_tokens`` drawn per request, seeded, and
-``ignore_eos`` is not available over the API, so answers may end earlier: tokens are counted as
-produced). For every N it reports aggregate tokens/s, p50/p99 time to first token and latency, and
-errors by status code, with ratios against N = 1 measured in the same run; rows go to a CSV and a
-plot shows throughput and p99 TTFT against clients.
+Each client asks questions in a row (``requests`` per level in all, at least two per client), each
+about one of M stored documents (by cache id), with ``max_new_tokens`` drawn from 16 to 64 per
+request (seeded; an answer may end earlier at the end-of-turn token, and tokens are counted as
+produced). Clients start spread over ``ramp_s`` seconds. Every document is asked about once before
+the first level, so all levels measure warm decoders. For every N it reports aggregate tokens/s,
+p50/p99 time to first token and latency, and errors by status code, with ratios against N = 1
+measured in the same run; rows go to a CSV and a plot shows throughput and p99 TTFT against clients.
 """
 
 from __future__ import annotations
@@ -53,15 +54,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_level(address: str, cache_ids: list[str], clients: int, requests_per_client: int, seed: int,
-              token: str | None = None) -> LevelResult:
-    """N clients, each with its own channel, asking in a loop; bounded in count."""
+def run_level(address: str, cache_ids: list[str], clients: int, requests: int, seed: int,
+              token: str | None = None, ramp_s: float = 0.0) -> LevelResult:
+    """N clients, each with its own channel, asking in a loop; bounded in count. Client i starts
+    after ``i * ramp_s / N`` seconds (users do not all arrive in the same millisecond)."""
+    requests_per_client = max(2, -(-requests // clients))
     ttfts, latencies, errors = [], [], Counter()
     tokens = Counter()
     lock = threading.Lock()
 
     def client(i: int) -> None:
         rng = random.Random(seed * 1000 + i)
+        time.sleep(i * ramp_s / clients)
         with KVComposeClient(address, token=token, timeout_s=600) as c:
             for _ in range(requests_per_client):
                 started = time.perf_counter()
@@ -136,9 +140,13 @@ def write(results: list[LevelResult], out_dir: Path) -> list[Path]:
 
 
 def stored_documents(address: str, documents: list[str], token: str | None = None) -> list[str]:
-    """Compress (or find) each document; their cache ids."""
+    """Compress (or find) each document and ask about it once (so every level measures warm decoders);
+    their cache ids."""
     with KVComposeClient(address, token=token, timeout_s=900) as c:
-        return [c.compress(doc).cache_id for doc in documents]
+        ids = [c.compress(doc).cache_id for doc in documents]
+        for cache_id in ids:
+            c.ask(QUESTIONS[0], cache_id=cache_id, max_new_tokens=2)
+        return ids
 
 
 def summary(results: list[LevelResult]) -> str:
