@@ -1,0 +1,49 @@
+"""The standalone decode worker authenticates exactly as the Ingress: same config, same Frontend."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import yaml
+
+from service.api_client import KVComposeClient
+from service.serve.launch import CONFIG
+from service.store.embedded import free_port
+
+
+def test_the_worker_enforces_the_configured_api_tokens(tiny_model_dir, tmp_path):
+    config = yaml.safe_load(CONFIG.read_text())
+    config["applications"][0]["args"]["engine"]["model"] = str(tiny_model_dir)
+    config["applications"][0]["args"]["auth_tokens"] = {"tok-alpha": "alpha"}
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    worker = subprocess.Popen([sys.executable, "-m", "workers.decode", "--store", "127.0.0.1:1", "--address",
+                               f"127.0.0.1:{port}", "--config", str(path)], env={**os.environ})
+    try:
+        deadline = time.monotonic() + 120
+        with KVComposeClient(f"127.0.0.1:{port}", token="tok-alpha") as ok:
+            while True:
+                try:
+                    assert ok.list_models().models[0].id == str(tiny_model_dir)
+                    break
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.3)
+        for token, tenant in ((None, "alpha"), ("wrong", None)):
+            with KVComposeClient(f"127.0.0.1:{port}", token=token, tenant=tenant) as outsider:
+                with pytest.raises(grpc.RpcError) as e:
+                    outsider.list_models()
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.RpcError) as e:
+                    outsider.ask("hi?", cache_id="0" * 64)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        worker.terminate()
+        worker.wait(10)
