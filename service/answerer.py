@@ -112,12 +112,15 @@ class Answerer:
 
     async def _fetch(self, tenant: str, cache_id: str) -> tuple[CompressedKV, int]:
         key = (tenant, cache_id)
+        checked_at = time.monotonic()  # the entry was live when the fetch began: the staleness clock starts here
         manifest, data = await asyncio.to_thread(self.client.fetch, cache_id, tenant)
         kv = await asyncio.to_thread(codec.decode, data)
         self.engine.check_compatible(kv)
         self.fetches += 1
         self.lru.put(key, kv)
-        self._checked[key] = (time.monotonic(), manifest.sha256)
+        self._checked[key] = (checked_at, manifest.sha256)
+        for gone in [k for k in self._checked if k not in self.lru.items]:  # evicted meanwhile
+            del self._checked[gone]
         return kv, len(data)
 
     async def _still_live(self, key: tuple[str, str]) -> bool:

@@ -139,10 +139,12 @@ class DecodeLoop:
         question_ids, sampling = await asyncio.to_thread(self.engine.prepare, kv, question, sampling)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         answer = _Answer(kv, question_ids, sampling, TextStream(self.engine.loaded.tokenizer, stop_strings),
-                         _emitter(loop, queue), self._row_bytes(kv, len(question_ids) + sampling.max_new_tokens))
-        if answer.nbytes > self.limits.memory_bytes:
-            raise Overloaded(f"this answer needs {answer.nbytes} bytes of cache; the decoder's budget is "
-                             f"{self.limits.memory_bytes} (decode_batch.memory_bytes)")
+                         _emitter(loop, queue),
+                         self._row_bytes(kv, _padded_width(len(question_ids)) + sampling.max_new_tokens))
+        if answer.nbytes > self.limits.memory_bytes:  # retrying cannot help: a client error
+            raise ValueError(f"this answer needs {answer.nbytes} bytes of cache; the decoder's budget is "
+                             f"{self.limits.memory_bytes} (decode_batch.memory_bytes): ask for fewer "
+                             "max_new_tokens or a shorter question")
         with self._cond:
             self._check_locked()
             self._waiting.append(answer)
@@ -158,6 +160,9 @@ class DecodeLoop:
                 yield item
         finally:
             answer.cancelled.set()
+            with self._cond:
+                if answer in self._waiting:  # not admitted yet: free its place now
+                    self._waiting.remove(answer)
 
     def _row_bytes(self, kv: CompressedKV, room: int) -> int:
         size = torch.empty((), dtype=self.engine.loaded.model.dtype).element_size()
@@ -176,8 +181,8 @@ class DecodeLoop:
                 while not self._waiting and not self._active:
                     self._cond.wait()
                 joining = self._admit_locked()
-            if joining:
-                self._guarded(joining, self._prefill)
+            for group in _by_length(joining):
+                self._guarded(group, self._prefill)
             self._retire()
             if self._active:
                 self._guarded(list(self._active), self._step)
@@ -243,8 +248,8 @@ class DecodeLoop:
             for layer in a.cache.layers:
                 layer.truncate(padding)
             a.position += len(a.question_ids)
-            a.take(pick_token(out.logits[row, last.index(len(a.question_ids) - 1)].float(), a.sampling,
-                              a.generator))
+            column = last.index(len(a.question_ids) - 1)
+            _take(a, out.logits[row, column])
 
     def _step(self, answers: list[_Answer]) -> None:
         """One token for every active answer, in one forward."""
@@ -259,7 +264,33 @@ class DecodeLoop:
         self.steps += 1
         for row, a in enumerate(answers):
             a.position += 1
-            a.take(pick_token(out.logits[row, -1].float(), a.sampling, a.generator))
+            _take(a, out.logits[row, -1])
+
+
+def _padded_width(question_tokens: int) -> int:
+    """The most a question is padded to when prefilled with others (see ``_by_length``)."""
+    return 2 * question_tokens + 16
+
+
+def _by_length(answers: list[_Answer]) -> list[list[_Answer]]:
+    """Groups to prefill together: each no wider than ``_padded_width`` of its shortest question, so
+    padding stays within what admission counted."""
+    groups: list[list[_Answer]] = []
+    for a in sorted(answers, key=lambda a: len(a.question_ids)):
+        if groups and len(a.question_ids) <= _padded_width(len(groups[-1][0].question_ids)):
+            groups[-1].append(a)
+        else:
+            groups.append([a])
+    return groups
+
+
+def _take(answer: _Answer, logits: torch.Tensor) -> None:
+    """Pick and take one row's token from its (vocab,) logits; a failure ends that answer only."""
+    try:
+        answer.take(pick_token(logits.float(), answer.sampling, answer.generator))
+    except Exception as e:  # noqa: BLE001
+        log.exception("picking a token failed")
+        answer.finish(e)
 
 
 def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[object], None]:

@@ -184,7 +184,7 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
                 "grpc_options": {"port": free_port(), "grpc_servicer_functions": [
                     "kvcompose.v1.api_pb2_grpc.add_KVComposeServicer_to_server"]},
                 "http_options": {"host": "127.0.0.1", "port": free_port()}}))
-            address = local.address
+            address, token = local.address, local.api_token
         print(f"storing {args.documents} documents of ~{args.doc_tokens} tokens...", file=sys.stderr)
         cache_ids = load.stored_documents(address, documents, token)
         results = []

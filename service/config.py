@@ -105,6 +105,18 @@ class RequestLimits:
                 raise ValueError(f"limits.{f.name} must be > 0")
 
 
+def api_auth_tokens(configured: dict) -> dict:
+    """The API's bearer tokens (token -> tenant): the configured ones, else ``KVCOMPOSE_API_AUTH_TOKENS``
+    (JSON; on Kubernetes from a Secret, so tokens stay out of the Serve config)."""
+    if configured:
+        return dict(configured)
+    raw = os.environ.get("KVCOMPOSE_API_AUTH_TOKENS")
+    tokens = json.loads(raw) if raw else {}
+    if not isinstance(tokens, dict):
+        raise ValueError("KVCOMPOSE_API_AUTH_TOKENS must be a JSON object {token: tenant}")
+    return tokens
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Prefix-store settings (units in names).

@@ -17,6 +17,8 @@ from transformers.cache_utils import DynamicLayer
 
 from service.kvcache import CompressedKV
 
+MIN_TEMPERATURE = 1e-3
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -33,6 +35,8 @@ class Sampling:
             raise ValueError("max_new_tokens must be >= 1")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / t would overflow: sampling is undefined
+            raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature}")
         if not 0 < self.top_p <= 1:  # also refuses NaN
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 

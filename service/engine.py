@@ -61,7 +61,6 @@ class Engine:
         window = getattr(self.loaded.model.config, "max_position_embeddings", None) or self.config.max_context_tokens
         self.max_context_tokens = min(self.config.max_context_tokens, window)
         self.window = window
-        self._tokenizer_lock = threading.Lock()  # requests tokenize on worker threads
 
     @property
     def model_id(self) -> str:
@@ -71,11 +70,7 @@ class Engine:
         """Token ids of a context given as text (chat-templated) or as ids (used as given)."""
         if isinstance(context, str) and not context.strip():
             raise ValueError("document is empty (or only whitespace)")
-        if isinstance(context, str):
-            with self._tokenizer_lock:
-                ids = self.prompt.context_ids(context)
-        else:
-            ids = [int(i) for i in context]
+        ids = self.prompt.context_ids(context) if isinstance(context, str) else [int(i) for i in context]
         if not ids:
             raise ValueError("context is empty")
         if len(ids) > self.max_context_tokens:
@@ -163,8 +158,7 @@ class Engine:
         sampling = sampling or Sampling()
         if not sampling.stop_token_ids:
             sampling = dataclasses.replace(sampling, stop_token_ids=self.stop_token_ids())
-        with self._tokenizer_lock:
-            question_ids = self.prompt.question_ids(question)
+        question_ids = self.prompt.question_ids(question)
         room = self.window - kv.meta.original_length - len(question_ids)
         if room < 1:
             raise ValueError(f"question has {len(question_ids)} tokens; after the {kv.meta.original_length}-token "

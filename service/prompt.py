@@ -14,7 +14,8 @@ the text exactly from its context ids (tested with arbitrary Unicode).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from transformers import PreTrainedTokenizerBase
@@ -27,6 +28,8 @@ class PromptFormat:
     """How a tokenizer's chat template wraps a context and a question."""
 
     tokenizer: PreTrainedTokenizerBase
+    # transformers keeps "split special tokens" as tokenizer state set per call: encodes must not interleave
+    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     @cached_property
     def _frame(self) -> tuple[list[int], str]:
@@ -40,24 +43,31 @@ class PromptFormat:
             if text.count(_MARKER) != 1:
                 raise ValueError("the chat template does not place the user's message verbatim")
             head, suffix = text.split(_MARKER)
-        return tok.encode(head, add_special_tokens=False), suffix
+        return self._encode(head, split=False), suffix
+
+    def _encode(self, text: str, split: bool) -> list[int]:
+        """Template text (``split`` False: its markers are special tokens) or user text (True: plain text)."""
+        with self._lock:
+            return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=split)
 
     def _text_ids(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        return self._encode(text, split=True)
 
     def context_ids(self, context: str) -> list[int]:
         """Raises ValueError for text the tokenizer cannot represent exactly (two such documents could
         share ids, so they are refused rather than answered from each other's cache)."""
         head, _ = self._frame
         ids = self._text_ids(context)
-        if self.tokenizer.decode(ids, clean_up_tokenization_spaces=False) != context:
-            raise ValueError(f"document: {self._unrepresentable(context)}; remove or replace it")
+        decoded = self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+        if decoded != context:
+            raise ValueError(f"document: {self._unrepresentable(context, decoded)}; remove or replace it")
         return head + ids
 
-    def _unrepresentable(self, text: str) -> str:
-        for offset, char in enumerate(text):
-            if self.tokenizer.decode(self._text_ids(char), clean_up_tokenization_spaces=False) != char:
-                return f"character U+{ord(char):04X} at offset {offset} has no exact token in this model's vocabulary"
+    def _unrepresentable(self, text: str, decoded: str) -> str:
+        offset = next((i for i, (a, b) in enumerate(zip(text, decoded)) if a != b), min(len(text), len(decoded)))
+        if offset < len(text):
+            return (f"character U+{ord(text[offset]):04X} at offset {offset} has no exact token in this model's "
+                    "vocabulary")
         return "the model's tokenizer does not keep this text exactly"
 
     def document(self, context_ids: list[int]) -> str:
@@ -69,4 +79,4 @@ class PromptFormat:
 
     def question_ids(self, question: str, answer_prefix: str = "") -> list[int]:
         _, suffix = self._frame
-        return self._text_ids(question) + self.tokenizer.encode(suffix + answer_prefix, add_special_tokens=False)
+        return self._text_ids(question) + self._encode(suffix + answer_prefix, split=False)

@@ -58,18 +58,48 @@ def test_batched_answers_equal_answers_alone(tiny_engine, caches):
 
 def test_a_cancelled_answer_leaves_the_batch_and_the_others_go_on(tiny_engine, caches):
     loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=4))
-    long = Sampling(max_new_tokens=40)
-    expected = alone(tiny_engine, caches[1], "Go on.", long)
+    short, long = Sampling(max_new_tokens=20), Sampling(max_new_tokens=1000)
+    expected = alone(tiny_engine, caches[1], "Go on.", short)
 
     async def main():
-        stays = asyncio.create_task(collect(loop, caches[1], "Go on.", long))
+        stays = asyncio.create_task(collect(loop, caches[1], "Go on.", short))
         leaver = loop.stream(caches[0], "Go on.", long)
         await leaver.__anext__()  # one piece, then the client goes away
         await leaver.aclose()
-        return await stays
+        answer = await stays
+        while loop.load()["active"]:
+            await asyncio.sleep(0.01)
+        return answer
 
     assert "".join(asyncio.run(main())) == "".join(expected)
-    assert loop.load()["active"] == 0
+    assert loop.steps < 100  # the 1000-token answer left the batch instead of running on
+
+
+def test_a_failing_answer_ends_alone_not_its_batch(tiny_engine, caches):
+    """One row whose token cannot be picked (a fault injected into the pick) fails; the rest goes on."""
+    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=4))
+    good = alone(tiny_engine, caches[1], "Go on.", Sampling(max_new_tokens=12))
+    broken = Sampling(max_new_tokens=12, temperature=1.0, seed=4242)  # marked by its seed
+
+    async def main():
+        import service.batching as batching
+
+        original = batching.pick_token
+
+        def pick(logits, sampling, generator):
+            if sampling.seed == 4242:
+                raise RuntimeError("probability tensor contains nan")
+            return original(logits, sampling, generator)
+
+        batching.pick_token = pick
+        try:
+            return await asyncio.gather(collect(loop, caches[1], "Go on.", Sampling(max_new_tokens=12)),
+                                        collect(loop, caches[0], "Go on.", broken), return_exceptions=True)
+        finally:
+            batching.pick_token = original
+
+    ok, failed = asyncio.run(main())
+    assert "".join(ok) == "".join(good) and isinstance(failed, RuntimeError)
 
 
 def test_admission_is_bounded_and_the_refusal_says_retry(tiny_engine, caches):
@@ -96,7 +126,7 @@ def test_memory_budget_admits_what_fits(tiny_engine, caches):
 
     answers = asyncio.run(main())
     assert len({"".join(a) for a in answers}) == 1 and loop.peak_batch == 1  # one at a time, all answered
-    with pytest.raises(Overloaded, match="memory_bytes"):
+    with pytest.raises(ValueError, match="memory_bytes"):  # can never fit: a client error, not "retry"
         asyncio.run(collect(DecodeLoop(tiny_engine, BatchLimits(memory_bytes=1000)), caches[0], "Hi", Sampling()))
 
 

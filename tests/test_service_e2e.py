@@ -31,7 +31,7 @@ def stack():
     decode_node = cluster.add_node(num_cpus=2, resources={"decode_node": 1})
     grpc_port = free_port()
     stack = LocalStack(
-        redis_url=SHARED_REDIS, args={"store": {"key_prefix": prefix}},
+        redis_url=SHARED_REDIS, args={"store": {"key_prefix": prefix}, "allow_unauthenticated": True},
         deployments={"Compressor": {"ray_actor_options": {"resources": {"compress_node": 0.1}}},
                      "Decoder": {"ray_actor_options": {"resources": {"decode_node": 0.1}}}},
         top={"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": free_port()},
@@ -133,10 +133,11 @@ def test_standalone_decode_worker_answers_from_the_store(stack, document):
     port = free_port()
     worker = subprocess.Popen([sys.executable, "-m", "workers.decode", "--store", stack["store"].address,
                                "--address", f"127.0.0.1:{port}"],
-                              env={**os.environ, "KVCOMPOSE_STORE_SERVICE_TOKEN": stack["token"]})
+                              env={**os.environ, "KVCOMPOSE_STORE_SERVICE_TOKEN": stack["token"],
+                                   "KVCOMPOSE_API_AUTH_TOKENS": '{"e2e-token": "default"}'})
     try:
         deadline = time.monotonic() + 120
-        with KVComposeClient(f"127.0.0.1:{port}") as client:
+        with KVComposeClient(f"127.0.0.1:{port}", token="e2e-token") as client:
             while True:
                 try:
                     client.list_models()

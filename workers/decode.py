@@ -5,7 +5,8 @@ compact caches from the prefix store over gRPC. Any node that reaches the store 
 
 It reads the same Serve config as the Ray deployment (engine settings, API tokens, request
 limits) and answers through the same ``Frontend``, so it authenticates exactly as the Ingress
-does. The store token comes from ``KVCOMPOSE_STORE_SERVICE_TOKEN`` (or ``--store-token``).
+does: API tokens from the config's ``auth_tokens`` or ``KVCOMPOSE_API_AUTH_TOKENS``. The store token
+comes from ``KVCOMPOSE_STORE_SERVICE_TOKEN`` (or ``--store-token``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from kvcompose.v1 import api_pb2_grpc as api_grpc
 from service import api as conv
 from service.answerer import Answerer
 from service.batching import BatchLimits
-from service.config import EngineConfig, RequestLimits, StoreConfig
+from service.config import EngineConfig, RequestLimits, StoreConfig, api_auth_tokens
 from service.engine import Engine
 from service.serve.frontend import Frontend
 from service.store.auth import Auth
@@ -65,7 +66,8 @@ async def serve(store: str, address: str, config_path: Path, store_token: str | 
     token = store_token or StoreConfig.from_env(**args.store).service_token or None
     answerer = Answerer(engine, PrefixStoreClient(store, token=token), args.decode_lru_bytes,
                         batch=BatchLimits(**args.decode_batch))
-    worker = DecodeWorker(answerer, Frontend(Auth(args.auth_tokens), limits))
+    worker = DecodeWorker(answerer, Frontend(Auth(api_auth_tokens(args.auth_tokens)), limits,
+                                             allow_unauthenticated=args.allow_unauthenticated))
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limits.max_request_bytes)])
     api_grpc.add_KVComposeServicer_to_server(worker, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)

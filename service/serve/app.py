@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from service import api as conv
-from service.config import EngineConfig, RequestLimits, StoreConfig
+from service.config import EngineConfig, RequestLimits, StoreConfig, api_auth_tokens
 from service.serve.frontend import Frontend
 from service.store.auth import Auth
 
@@ -32,7 +32,9 @@ class AppArgs:
     store: StoreConfig fields; secrets (``redis_url`` with a password, ``service_token``) are best left
         out and given as environment variables (``REDIS_URL``, ``KVCOMPOSE_STORE_SERVICE_TOKEN``).
     store_address: host:port of the PrefixStore gRPC server decoders fetch from.
-    auth_tokens: client bearer token -> tenant for the public API; empty = no auth (x-tenant metadata).
+    auth_tokens: client bearer token -> tenant for the public API (or ``KVCOMPOSE_API_AUTH_TOKENS`` in the
+        replicas' environment, e.g. from a Kubernetes Secret). None at all is refused, unless
+    allow_unauthenticated: development mode, the tenant taken from ``x-tenant`` metadata (logged).
     decode_lru_bytes: decoded caches a Decoder replica keeps in memory.
     limits: RequestLimits fields (what one request may ask for).
     decode_batch: BatchLimits fields of every Decoder replica's decode loop (max_batch, max_waiting, memory_bytes).
@@ -42,6 +44,7 @@ class AppArgs:
     store: dict = field(default_factory=dict)
     store_address: str = "127.0.0.1:50051"
     auth_tokens: dict = field(default_factory=dict)
+    allow_unauthenticated: bool = False
     decode_lru_bytes: int = 256 << 20
     limits: dict = field(default_factory=dict)
     decode_batch: dict = field(default_factory=dict)
@@ -112,7 +115,7 @@ class Decoder:
         return {"fetches": self.worker.fetches, "lru_entries": len(self.worker.lru.items), "decode_steps": loop.steps,
                 "peak_batch": loop.peak_batch}
 
-    def record_routing_stats(self) -> dict:
+    async def record_routing_stats(self) -> dict:  # async: runs on the replica's loop, beside the LRU's users
         """Read by the cache-affinity router (``service.serve.routing``): which caches this replica holds."""
         return {"cache_ids": [f"{tenant}/{cache_id}" for tenant, cache_id in self.worker.lru.items],
                 **self.worker.decoder.load()}
@@ -123,12 +126,13 @@ class Ingress:
     """The KVCompose gRPC service; methods are named as in api.proto (Serve's gRPC proxy routes by name)."""
 
     def __init__(self, compressor: DeploymentHandle, decoder: DeploymentHandle, store: dict, store_address: str,
-                 auth_tokens: dict, limits: dict):
+                 auth_tokens: dict, limits: dict, allow_unauthenticated: bool):
         from service.serve.metrics import ServiceMetrics
 
         self.compressor = compressor
         self.decoder = decoder
-        self.frontend = Frontend(Auth(auth_tokens), RequestLimits(**limits), ServiceMetrics())
+        self.frontend = Frontend(Auth(api_auth_tokens(auth_tokens)), RequestLimits(**limits), ServiceMetrics(),
+                                 allow_unauthenticated)
         self.store = _store_client(store, store_address)
         self._model: dict | None = None
 
@@ -211,5 +215,5 @@ def build_app(args: dict) -> serve.Application:
     return Ingress.bind(
         Compressor.bind(a.engine, a.store),
         Decoder.bind(a.engine, a.store, a.store_address, a.decode_lru_bytes, a.decode_batch),
-        a.store, a.store_address, a.auth_tokens, a.limits,
+        a.store, a.store_address, a.auth_tokens, a.limits, a.allow_unauthenticated,
     )

@@ -20,6 +20,7 @@ from kvcompose.v1 import api_pb2 as api
 from service import api as conv
 from service.config import RequestLimits
 from service.store.auth import Auth
+from service.store.keys import CACHE_ID
 
 log = logging.getLogger("ray.serve")
 
@@ -31,14 +32,17 @@ CompressFn = Callable[[str, dict], object]
 
 @dataclass
 class Frontend:
-    """auth: API bearer tokens (empty = development mode: tenant from ``x-tenant``); limits: request limits;
-    metrics: a ``ServiceMetrics`` (None outside Ray)."""
+    """auth: API bearer tokens; limits: request limits; metrics: a ``ServiceMetrics`` (None outside Ray).
+    allow_unauthenticated: with no tokens, serve anyway in development mode (tenant from ``x-tenant``);
+    otherwise no tokens is a configuration error."""
 
     auth: Auth
     limits: RequestLimits = field(default_factory=RequestLimits)
     metrics: object | None = None
+    allow_unauthenticated: bool = False
 
     def __post_init__(self) -> None:
+        check_api_auth(self.auth.tokens, self.allow_unauthenticated)
         if not self.auth.tokens:
             log.warning("no API tokens configured: development mode, the tenant is taken from 'x-tenant' metadata")
 
@@ -71,22 +75,35 @@ class Frontend:
                 compressed = await compress(tenant, request.context)
                 cache_id = compressed.cache_id
             elif request.cache_id:
+                if not CACHE_ID.match(request.cache_id):
+                    raise conv.ApiError(grpc.StatusCode.INVALID_ARGUMENT,
+                                        "cache_id must be 64 lowercase hex characters")
                 cache_id = request.cache_id
             else:
                 raise conv.ApiError(grpc.StatusCode.INVALID_ARGUMENT, "send cache_id or context")
             first = None
-            async for item in answer(tenant, cache_id, request.question, sampling, stop):
-                if isinstance(item, str):
-                    first = first or time.perf_counter() - started
-                    yield api.GenerateResponse(text=item)
-                    continue
-                item.time_to_first_token_s = first or time.perf_counter() - started
-                item.seconds = time.perf_counter() - started
-                if self.metrics is not None:
-                    self.metrics.ttft_s.observe(item.time_to_first_token_s)
-                    self.metrics.decode_s.observe(item.seconds)
-                hit = compressed is None or compressed.reused
-                yield api.GenerateResponse(stats=conv.stats_message(item, hit, compressed))
+            for attempt in (1, 2):
+                try:
+                    async for item in answer(tenant, cache_id, request.question, sampling, stop):
+                        if isinstance(item, str):
+                            first = first or time.perf_counter() - started
+                            yield api.GenerateResponse(text=item)
+                            continue
+                        item.time_to_first_token_s = first or time.perf_counter() - started
+                        item.seconds = time.perf_counter() - started
+                        if self.metrics is not None:
+                            self.metrics.ttft_s.observe(item.time_to_first_token_s)
+                            self.metrics.decode_s.observe(item.seconds)
+                        hit = compressed is None or compressed.reused
+                        yield api.GenerateResponse(stats=conv.stats_message(item, hit, compressed))
+                    break
+                except Exception as e:  # noqa: BLE001
+                    # Asked by text, the entry vanished between Compress and fetch (expired, deleted,
+                    # Redis restarted empty): compress it again, once, before anything was sent.
+                    if attempt == 2 or compressed is None or first is not None or not _not_found(e):
+                        raise
+                    compressed = await compress(tenant, request.context)
+                    cache_id = compressed.cache_id
         except Exception as e:  # noqa: BLE001
             raise self._failed("Generate", e, request_id) from None
         self._ok("Generate", request_id, started)
@@ -104,3 +121,14 @@ class Frontend:
     def _count(self, method: str, status: str) -> None:
         if self.metrics is not None:
             self.metrics.requests.inc(tags={"method": method, "status": status})
+
+
+def check_api_auth(tokens: dict, allow_unauthenticated: bool) -> None:
+    if not tokens and not allow_unauthenticated:
+        raise ValueError("the API needs bearer tokens: set the app's auth_tokens {token: tenant} or "
+                         "KVCOMPOSE_API_AUTH_TOKENS, or allow_unauthenticated: true for local development")
+
+
+def _not_found(e: BaseException) -> bool:
+    cause = getattr(e, "cause", None) or e
+    return getattr(cause, "status", None) == grpc.StatusCode.NOT_FOUND

@@ -128,8 +128,9 @@ class LocalStack:
 
     args / deployments / top: overrides of the Serve config (see ``load_config``). The store and
     Serve's HTTP proxy listen on 127.0.0.1. Serve's gRPC proxy binds every interface (Ray 2.60 has
-    no host option for it), so with ``api_token_file`` and no configured API tokens the API gets a
-    fresh token per run, written to that file (mode 0600) for local clients.
+    no host option for it), so unless API tokens are configured (or ``allow_unauthenticated``) the
+    API gets a fresh token per run (``api_token``), also written to ``api_token_file`` (mode 0600)
+    when given, for local clients.
     """
 
     config_path: Path = CONFIG
@@ -140,6 +141,7 @@ class LocalStack:
     top: dict = field(default_factory=dict)
     ray_init: dict = field(default_factory=dict)
     api_token_file: Path | None = None
+    api_token: str | None = None
     redis: EmbeddedRedis | None = None
     store: StoreProcess | None = None
     config: dict | None = None
@@ -167,8 +169,11 @@ class LocalStack:
                **({"KVCOMPOSE_STORE_KEY_PREFIX": prefix} if prefix else {})}
         self.store = StoreProcess(self.redis_url, self.store_port or free_port(), env).start()
         app["args"]["store_address"] = self.store.address
-        if self.api_token_file is not None and not typed.auth_tokens:
-            app["args"]["auth_tokens"] = {self._write_api_token(): "default"}
+        if not typed.auth_tokens and not typed.allow_unauthenticated:
+            self.api_token = secrets.token_urlsafe(32)
+            app["args"]["auth_tokens"] = {self.api_token: "default"}
+            if self.api_token_file is not None:
+                self._write_api_token(self.api_token)
         app.setdefault("runtime_env", {}).setdefault("env_vars", {})["KVCOMPOSE_STORE_SERVICE_TOKEN"] = token
         limits = RequestLimits(**typed.limits)
         # read by Serve's proxy when it starts (it inherits this environment through the local raylet)
@@ -178,15 +183,13 @@ class LocalStack:
         deploy(self.config)
         return self
 
-    def _write_api_token(self) -> str:
-        """A fresh API token for this run, readable only by this user (``kvcompose remote`` finds it)."""
-        token = secrets.token_urlsafe(32)
+    def _write_api_token(self, token: str) -> None:
+        """This run's API token, readable only by this user (``kvcompose remote`` finds it)."""
         self.api_token_file.parent.mkdir(parents=True, exist_ok=True)
         self.api_token_file.unlink(missing_ok=True)
         fd = os.open(self.api_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token)
-        return token
 
     @property
     def address(self) -> str:

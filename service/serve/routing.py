@@ -17,14 +17,16 @@ document (from any Ingress replica) meet on the same replica instead of each fet
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
 
 class CacheAffinityRouter(RequestRouter):
-    def initialize_state(self, overloaded_at: int = 16) -> None:
+    def initialize_state(self, overloaded_at: int = 16, remembered: int = 100_000) -> None:
         self.overloaded_at = overloaded_at
-        self.owner: dict[str, ReplicaID] = {}  # "tenant/cache id" -> replica it was last sent to
+        self.remembered = remembered  # bound on ``owner``: the most recently routed caches
+        self.owner: OrderedDict[str, ReplicaID] = OrderedDict()  # "tenant/cache id" -> replica last sent to
 
     @staticmethod
     def _cache(request: PendingRequest | None) -> str | None:
@@ -62,8 +64,11 @@ class CacheAffinityRouter(RequestRouter):
         cache = self._cache(pending_request)
         if cache is not None:
             self.owner[cache] = replica_id
+            self.owner.move_to_end(cache)
+            while len(self.owner) > self.remembered:
+                self.owner.popitem(last=False)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         live = {r.replica_id for r in replicas}
-        self.owner = {cache: rid for cache, rid in self.owner.items() if rid in live}
+        self.owner = OrderedDict((cache, rid) for cache, rid in self.owner.items() if rid in live)

@@ -18,7 +18,8 @@ MAX_NEW = 8
 
 @pytest.fixture(scope="package")
 def stack(tiny_model_dir):
-    with tiny_stack(tiny_model_dir, limits={"max_document_bytes": 1 << 20, "max_request_bytes": 4 << 20}) as stack:
+    with tiny_stack(tiny_model_dir, limits={"max_document_bytes": 1 << 20, "max_request_bytes": 4 << 20},
+                    decode_batch={"memory_bytes": 64 << 20}) as stack:
         yield stack
 
 
@@ -45,7 +46,8 @@ def tiny_stack(model_dir, decoders: int = 1, decoder_options: dict | None = None
     decoder = {**small, "num_replicas": decoders, "autoscaling_config": None} if decoders > 1 else small
     decoder = {**decoder, **(decoder_options or {})}
     return LocalStack(
-        args={"engine": {"model": str(model_dir), "codec": "float16", "max_context_tokens": 4096}, **args},
+        args={"engine": {"model": str(model_dir), "codec": "float16", "max_context_tokens": 4096},
+              "allow_unauthenticated": True, **args},  # development mode: tests name tenants in x-tenant
         deployments={"Ingress": small, "Compressor": small, "Decoder": decoder},
         top={"grpc_options": {"port": free_port(), "grpc_servicer_functions": SERVICERS},
              "http_options": {"host": "127.0.0.1", "port": free_port()}},
