@@ -165,8 +165,15 @@ def test_a_cancelled_compress_does_not_break_the_next_ones(stack, document):
         with pytest.raises(grpc.RpcError) as e:
             client.stub.Compress(client.compress_request(long_doc, press), metadata=client.kw["metadata"], timeout=1)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        started = time.monotonic()
         results = [client.compress(text, press) for text in small]
         digests = [client.stat(r.cache_id).manifest.sha256.hex() for r in results]
+        # the cancelled prefill stopped (it would take well over 10 s) and left nothing stored
+        assert time.monotonic() - started < 10
+        lookup = client.compress_request(long_doc, press)
+        with pytest.raises(grpc.RpcError) as e:
+            client.stub.Compress(lookup, metadata=client.kw["metadata"], timeout=0.5)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # not stored: it must be computed again
     code = (
         "import hashlib; from service import codec; from service.engine import Engine; "
         f"e = Engine(); print(' '.join(hashlib.sha256(codec.encode(e.compress(t, {press!r})[0], 'float16'))"

@@ -65,6 +65,7 @@ class EmbeddedRedis:
         self.process: subprocess.Popen | None = None
         self.supervise, self.check_s, self.restarts = supervise, check_s, 0
         self._stopping = threading.Event()
+        self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
 
     @property
@@ -72,6 +73,10 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> EmbeddedRedis:
+        self._stopping.clear()
+        return self._launch()
+
+    def _launch(self) -> EmbeddedRedis:
         self.process = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir, "--maxmemory", self.maxmemory,
@@ -88,36 +93,44 @@ class EmbeddedRedis:
                         return self
             except OSError:
                 time.sleep(0.05)
-        self.stop()
+        self._kill()
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def _watch(self) -> None:
-        self._stopping.clear()
         if self.supervise and (self._watcher is None or not self._watcher.is_alive()):
             self._watcher = threading.Thread(target=self._supervise, name="redis-supervisor", daemon=True)
             self._watcher.start()
 
     def _supervise(self) -> None:
         while not self._stopping.wait(self.check_s):
-            process = self.process
-            if process is None or process.poll() is None:
-                continue
-            log.warning("embedded redis-server on port %d exited (code %s); restarting it (empty)",
-                        self.port, process.returncode)
-            try:
-                self.start()
-                self.restarts += 1
-                log.warning("embedded redis-server restarted on port %d", self.port)
-            except (OSError, RuntimeError) as e:
-                log.error("restarting redis-server failed: %s; trying again", e)
+            with self._lock:
+                process = self.process
+                if self._stopping.is_set() or process is None or process.poll() is None:
+                    continue
+                self._restart(process)
 
-    def stop(self) -> None:
-        """Stop the server (and its supervision)."""
-        self._stopping.set()
+    def _restart(self, process: subprocess.Popen) -> None:
+        """(supervisor, under the lock) the server died by itself: start it again on its port."""
+        log.warning("embedded redis-server on port %d exited (code %s); restarting it (empty)",
+                    self.port, process.returncode)
+        try:
+            self._launch()
+            self.restarts += 1
+            log.warning("embedded redis-server restarted on port %d", self.port)
+        except (OSError, RuntimeError) as e:
+            log.error("restarting redis-server failed: %s; trying again", e)
+
+    def _kill(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
         self.process = None
+
+    def stop(self) -> None:
+        """Stop the server (and its supervision)."""
+        self._stopping.set()
+        with self._lock:  # never beside a supervisor restart
+            self._kill()
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

@@ -358,7 +358,9 @@ class RedisStore:
         expiry_ms = int(time.time() * 1000) + m.ttl_s * 1000
         try:
             await pipe.execute()
-            await self.redis.eval(_EXTEND, 1, self.keys.prefix_ends(tenant, m.prefix_id), m.ttl_s)
+            ends = self.keys.prefix_ends(tenant, m.prefix_id)
+            await self.redis.sadd(ends, m.context_tokens)  # re-indexed if a stale-length sweep dropped it
+            await self.redis.eval(_EXTEND, 1, ends, m.ttl_s)
             await self.redis.eval(_TOUCH_USAGE, 1, self.keys.usage(tenant), m.cache_id, f"{m.total_bytes} {expiry_ms}")
         except rexc.RedisError:
             if not quiet:
