@@ -111,6 +111,17 @@ def test_redis_matches_the_store_policy_and_only_ray_pods_reach_it():
             assert allowed.items() <= template["metadata"]["labels"].items()
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_store_checks_puts_against_the_served_model(overlay):
+    docs = rendered(overlay)
+    rs = next(d for d in docs if d["kind"] == "RayService")
+    model = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]["engine"]["model"]
+    store = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "kvcompose-store")
+    env = {e["name"]: e.get("value") for e in store["spec"]["template"]["spec"]["containers"][0]["env"]}
+    shapes = json.loads(env["KVCOMPOSE_STORE_MODEL_SHAPES"])
+    assert list(shapes) == [model] and len(shapes[model]) == 3
+
+
 def _templates(doc: dict) -> list[dict]:
     if doc["kind"] == "RayService":
         cluster = doc["spec"]["rayClusterConfig"]
