@@ -144,3 +144,19 @@ def test_a_lookup_longer_than_the_limit_is_refused_at_once(cache):
             await store.lookup(key, list(range(5000)) * 300, longest_prefix=True)
 
     with_store(go)
+
+
+def test_a_failed_write_releases_only_its_own_usage_record(cache):
+    """Two writers of one entry: the one whose write fails must not erase the other's reservation."""
+    key, ids, data = cache
+
+    async def go(store):
+        cache_id = key.cache_id(ids)
+        mine = await store._reserve("acme", cache_id, len(data), 10**13, "writer-a")
+        theirs = await store._reserve("acme", cache_id, len(data), 10**13, "writer-b")
+        await store._release("acme", cache_id, mine)  # writer A failed after B reserved
+        assert (await store.redis.hget(store.keys.usage("acme"), cache_id)).decode() == theirs
+        await store._release("acme", cache_id, theirs)
+        assert await store.redis.hget(store.keys.usage("acme"), cache_id) is None
+
+    with_store(go)

@@ -42,8 +42,8 @@ _EXTEND = "if redis.call('ttl', KEYS[1]) < tonumber(ARGV[1]) then return redis.c
 _TOUCH_USAGE = ("if redis.call('hexists', KEYS[1], ARGV[1]) == 1 then "
                 "return redis.call('hset', KEYS[1], ARGV[1], ARGV[2]) end return 0")
 # Reserve quota atomically: drop expired records, sum the rest, record this entry if it fits.
-# KEYS[1] usage hash; ARGV: cache id, bytes, expiry ms, now ms, quota bytes (0 = none). Returns -1
-# when recorded, else the bytes in use.
+# KEYS[1] usage hash; ARGV: cache id, bytes, expiry ms, now ms, quota bytes (0 = none), write id.
+# Records "bytes expiry_ms write_id"; returns -1 when recorded, else the bytes in use.
 _RESERVE = """
 local used = 0
 local all = redis.call('hgetall', KEYS[1])
@@ -53,9 +53,12 @@ for i = 1, #all, 2 do
   elseif all[i] ~= ARGV[1] then used = used + tonumber(bytes) end
 end
 if tonumber(ARGV[5]) > 0 and used + tonumber(ARGV[2]) > tonumber(ARGV[5]) then return used end
-redis.call('hset', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
+redis.call('hset', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[6])
 return -1
 """
+# Drop a usage record only if it is still this writer's (another writer of the same entry may own it).
+_RELEASE_USAGE = ("if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then "
+                  "return redis.call('hdel', KEYS[1], ARGV[1]) end return 0")
 _MGET_BATCH = 8  # chunks per round trip when reading
 
 
@@ -107,8 +110,8 @@ class RedisStore:
                 await self._touch(existing)
                 return existing, True
             created_ms = int(time.time() * 1000)
-            await self._reserve(tenant, cache_id, len(data), created_ms + ttl_s * 1000)
             write_id = uuid.uuid4().hex[:16]
+            record = await self._reserve(tenant, cache_id, len(data), created_ms + ttl_s * 1000, write_id)
             size = self.config.chunk_bytes
             n_chunks = max(1, -(-len(data) // size))
             view = memoryview(data)
@@ -118,7 +121,7 @@ class RedisStore:
             try:
                 await pipe.execute()
             except BaseException:
-                await self._release(tenant, cache_id)
+                await self._release(tenant, cache_id, record)
                 raise
             slots, per_token = layer_shapes(header)
             aligned = len(context_ids) // self.config.block_tokens * self.config.block_tokens
@@ -159,19 +162,21 @@ class RedisStore:
                                   f"context_ids has {len(context_ids)}")
         return header
 
-    async def _reserve(self, tenant: str, cache_id: str, size: int, expiry_ms: int) -> None:
-        """Record the entry in its tenant's usage, atomically checked against the quota (one script)."""
+    async def _reserve(self, tenant: str, cache_id: str, size: int, expiry_ms: int, write_id: str) -> str:
+        """Record the entry in its tenant's usage, atomically checked against the quota (one script);
+        returns the record written."""
         used = await self.redis.eval(_RESERVE, 1, self.keys.usage(tenant), cache_id, size, expiry_ms,
-                                     int(time.time() * 1000), self.config.tenant_quota_bytes)
+                                     int(time.time() * 1000), self.config.tenant_quota_bytes, write_id)
         if used != -1:
             raise QuotaExceeded(f"tenant {tenant!r} holds {used} bytes; storing {size} more exceeds its quota of "
                                 f"{self.config.tenant_quota_bytes} bytes (delete entries or wait for them to expire)")
+        return f"{size} {expiry_ms} {write_id}"
 
-    async def _release(self, tenant: str, cache_id: str) -> None:
-        """Undo a reservation whose write failed (unless another writer committed the entry)."""
+    async def _release(self, tenant: str, cache_id: str, record: str) -> None:
+        """Undo this writer's reservation after its write failed (a record another writer of the same
+        entry wrote since is left alone)."""
         try:
-            if await self._manifest(tenant, cache_id) is None:
-                await self.redis.hdel(self.keys.usage(tenant), cache_id)
+            await self.redis.eval(_RELEASE_USAGE, 1, self.keys.usage(tenant), cache_id, record)
         except rexc.RedisError:
             pass  # the record expires with its TTL
 
@@ -361,7 +366,8 @@ class RedisStore:
             ends = self.keys.prefix_ends(tenant, m.prefix_id)
             await self.redis.sadd(ends, m.context_tokens)  # re-indexed if a stale-length sweep dropped it
             await self.redis.eval(_EXTEND, 1, ends, m.ttl_s)
-            await self.redis.eval(_TOUCH_USAGE, 1, self.keys.usage(tenant), m.cache_id, f"{m.total_bytes} {expiry_ms}")
+            await self.redis.eval(_TOUCH_USAGE, 1, self.keys.usage(tenant), m.cache_id,
+                                  f"{m.total_bytes} {expiry_ms} {m.write_id}")
         except rexc.RedisError:
             if not quiet:
                 raise
