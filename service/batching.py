@@ -12,9 +12,10 @@ and TGI do).
   where the weights are read, run once for the whole batch. Nothing is padded or copied when a
   row joins or leaves.
 - **Question prefill as its own step.** The questions of the requests admitted together (tens of
-  tokens each) are prefilled in one forward, right after admission, padded at the end to the
-  longest (each row's padding is dropped from its cache afterwards; causal attention keeps it from
-  touching the real tokens), then the requests join the decode batch. A burst of new requests
+  tokens each) are prefilled in one forward per group of similar lengths (``_by_length``), right
+  after admission, padded at the end to the group's longest (each row's padding is dropped from
+  its cache afterwards; causal attention keeps it from touching the real tokens), then the
+  requests join the decode batch. A burst of new requests
   thus costs one forward, not one per request, and every answer stays token-for-token what it
   would be alone (tested). Mixing question tokens into the decode step itself (chunked prefill)
   would save little more at these question lengths.

@@ -1,9 +1,10 @@
 """Cancellation of model work that runs in a thread.
 
 A cancelled asyncio task cannot stop a thread, and a model lock released while the thread still
-runs lets the next request share the model mid-forward. So model work gets a stop flag, checked
-before every decoder layer (``stop_between_layers``) and between decode steps, and the caller
-keeps waiting, lock held, until the thread has really ended (``run_stoppable``).
+runs lets the next request share the model mid-forward. So a prefill gets a stop flag, checked
+before every decoder layer (``stop_between_layers``), and the caller keeps waiting, lock held,
+until the thread has really ended (``run_stoppable``). Decoding needs neither: an answer that is
+cancelled leaves the decode loop's batch at the next step (``service.batching``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from service.cancel import stop_between_layers
 from service.codec import memory_dtype
 from service.config import CODECS, EngineConfig
 from service.decode import Sampling, generate, question_logits
@@ -169,13 +168,11 @@ class Engine:
         return question_ids, sampling
 
     def stream_counted(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
-                       stop_strings: tuple[str, ...] = (), stop: threading.Event | None = None,
-                       ) -> Iterator[tuple[int, str]]:
-        """As ``stream``, with the number of tokens generated so far beside each piece.
-        ``stop``: when set, generation ends before the next decoder layer (``Cancelled``)."""
+                       stop_strings: tuple[str, ...] = ()) -> Iterator[tuple[int, str]]:
+        """As ``stream``, with the number of tokens generated so far beside each piece (one answer
+        alone; the service decodes in ``service.batching.DecodeLoop``, which gives the same tokens)."""
         question_ids, sampling = self.prepare(kv, question, sampling)
-        with stop_between_layers(self.loaded.model, stop):
-            yield from self._pieces(generate(self.loaded.model, kv, question_ids, sampling), stop_strings)
+        yield from self._pieces(generate(self.loaded.model, kv, question_ids, sampling), stop_strings)
 
     def _pieces(self, token_ids: Iterator[int], stop_strings: tuple[str, ...]) -> Iterator[tuple[int, str]]:
         """Generated tokens -> (tokens so far, text piece)."""
