@@ -4,6 +4,7 @@ mix of caches, lengths and presses; cancelled answers leave the batch; admission
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from conftest import random_ids
@@ -104,14 +105,21 @@ def test_a_failing_answer_ends_alone_not_its_batch(tiny_engine, caches):
 
 def test_admission_is_bounded_and_the_refusal_says_retry(tiny_engine, caches):
     loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=1, max_waiting=2))
-    sampling = Sampling(max_new_tokens=400)
+    sampling = Sampling(max_new_tokens=40)
+    # Hold the first answer before its question is prefilled, so it cannot finish (and free a place)
+    # while the fourth request is being refused: the test is about admission, not about timing.
+    gate, prefill = threading.Event(), loop._prefill
+    loop._prefill = lambda rows: (gate.wait(), prefill(rows))[1]
 
     async def main():
         first = [asyncio.create_task(collect(loop, caches[0], "Go on.", sampling)) for _ in range(3)]
-        while loop.load()["waiting"] < 2:  # one answering, two queued
-            await asyncio.sleep(0.001)
-        with pytest.raises(Overloaded, match="retry"):
-            await collect(loop, caches[0], "Go on.", sampling)
+        while (loop.load()["active"], loop.load()["waiting"]) != (1, 2):
+            await asyncio.sleep(0.001)  # one answering, two queued
+        try:
+            with pytest.raises(Overloaded, match="retry"):
+                await collect(loop, caches[0], "Go on.", sampling)
+        finally:
+            gate.set()
         return await asyncio.gather(*first)
 
     answers = asyncio.run(main())
