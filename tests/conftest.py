@@ -87,3 +87,23 @@ def plain_transformers_logits(model, context: list[int], question: list[int]) ->
             return model(torch.tensor([context + question])).logits[0, -len(question):].float()
     finally:
         use_per_layer_attention(model)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A real 3-master, 3-replica Redis Cluster on loopback ports, shared by the session's tests
+    (tests that kill nodes start their own)."""
+    from service.store.embedded_cluster import EmbeddedRedisCluster
+
+    with EmbeddedRedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_target(request) -> dict:
+    """``with_store`` arguments for the shared single Redis, then for the session's Redis Cluster."""
+    from store_helpers import SHARED_REDIS
+
+    if request.param == "single":
+        return {"url": SHARED_REDIS}
+    return {"url": request.getfixturevalue("redis_cluster").url, "redis_cluster": True}

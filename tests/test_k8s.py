@@ -102,7 +102,7 @@ def test_grpc_is_exposed_as_h2c_and_head_does_no_model_work():
 def test_redis_matches_the_store_policy_and_only_ray_pods_reach_it():
     docs = rendered("cpu-dev")
     conf = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kvcompose-redis-config")
-    assert "maxmemory-policy allkeys-lru" in conf["data"]["redis.conf"] and 'save ""' in conf["data"]["redis.conf"]
+    assert "maxmemory-policy volatile-lru" in conf["data"]["redis.conf"] and 'save ""' in conf["data"]["redis.conf"]
     policy = next(d for d in docs if d["metadata"]["name"] == "kvcompose-redis-clients")
     allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
     clients = [d for d in docs if d["kind"] in ("RayService", "Deployment")]

@@ -24,7 +24,7 @@ def cache(tiny_engine):
 
 
 @pytest.mark.parametrize("codec_name", ["float16", "bfloat16", "float32", "int8"])
-def test_round_trip_is_bit_exact_for_every_codec(tiny_engine, codec_name):
+def test_round_trip_is_bit_exact_for_every_codec(tiny_engine, codec_name, redis_target):
     ids = random_ids(200, seed=3)
     key, data = make_cache(tiny_engine, ids, codec_name)
 
@@ -36,11 +36,11 @@ def test_round_trip_is_bit_exact_for_every_codec(tiny_engine, codec_name):
         again, existed = await store.put(key, ids, data)
         assert existed and again.cache_id == m.cache_id
 
-    with_store(go, chunk_bytes=4096)
+    with_store(go, **redis_target, chunk_bytes=4096)
     assert codec.decode(data).meta.original_length == 200
 
 
-def test_a_write_killed_midway_leaves_nothing_readable(cache):
+def test_a_write_killed_midway_leaves_nothing_readable(cache, redis_target):
     key, ids, data = cache
 
     async def go(store):
@@ -63,10 +63,10 @@ def test_a_write_killed_midway_leaves_nothing_readable(cache):
         with pytest.raises(NotFound):
             await store.lookup(key, ids, longest_prefix=False)
 
-    with_store(go, chunk_bytes=1024)
+    with_store(go, **redis_target, chunk_bytes=1024)
 
 
-def test_a_flipped_byte_is_data_loss_and_the_entry_is_gone(cache):
+def test_a_flipped_byte_is_data_loss_and_the_entry_is_gone(cache, redis_target):
     key, ids, data = cache
 
     async def go(store):
@@ -81,10 +81,10 @@ def test_a_flipped_byte_is_data_loss_and_the_entry_is_gone(cache):
         with pytest.raises(NotFound):
             await store.stat("acme", m.cache_id)
 
-    with_store(go, chunk_bytes=2048)
+    with_store(go, **redis_target, chunk_bytes=2048)
 
 
-def test_an_evicted_chunk_is_a_miss_and_the_entry_is_deleted(cache):
+def test_an_evicted_chunk_is_a_miss_and_the_entry_is_deleted(cache, redis_target):
     key, ids, data = cache
 
     async def go(store):
@@ -95,10 +95,10 @@ def test_an_evicted_chunk_is_a_miss_and_the_entry_is_deleted(cache):
         assert store.counters["missing_chunk_deleted"] == 1
         assert await store.redis.exists(store.keys.manifest("acme", m.cache_id)) == 0
 
-    with_store(go, chunk_bytes=2048)
+    with_store(go, **redis_target, chunk_bytes=2048)
 
 
-def test_tenants_cannot_see_each_other(cache, tiny_engine):
+def test_tenants_cannot_see_each_other(cache, tiny_engine, redis_target):
     key, ids, data = cache
 
     async def go(store):
@@ -116,10 +116,10 @@ def test_tenants_cannot_see_each_other(cache, tiny_engine):
             await store.lookup(other, ids, longest_prefix=True)
         assert (await store.stat("acme", m.cache_id)).cache_id == m.cache_id
 
-    with_store(go)
+    with_store(go, **redis_target)
 
 
-def test_hits_refresh_the_ttl(cache):
+def test_hits_refresh_the_ttl(cache, redis_target):
     key, ids, data = cache
 
     async def go(store):
@@ -133,10 +133,10 @@ def test_hits_refresh_the_ttl(cache):
             await asyncio.sleep(0.02)
         assert await store.redis.ttl(name) > 90
 
-    with_store(go, chunk_bytes=4096)
+    with_store(go, **redis_target, chunk_bytes=4096)
 
 
-def test_longest_prefix_lookup_finds_the_document_under_a_question(tiny_engine):
+def test_longest_prefix_lookup_finds_the_document_under_a_question(tiny_engine, redis_target):
     doc = random_ids(600, seed=8)
     key, data = make_cache(tiny_engine, doc)
 
@@ -153,10 +153,10 @@ def test_longest_prefix_lookup_finds_the_document_under_a_question(tiny_engine):
         found, matched = await store.lookup(key, doc[:300], longest_prefix=True)
         assert found.cache_id == s.cache_id and matched == 100
 
-    with_store(go, block_tokens=256)
+    with_store(go, **redis_target, block_tokens=256)
 
 
-def test_quota_and_size_limits(cache):
+def test_quota_and_size_limits(cache, redis_target):
     key, ids, data = cache
 
     async def over_quota(store):
@@ -168,11 +168,11 @@ def test_quota_and_size_limits(cache):
         with pytest.raises(QuotaExceeded, match="at most 100"):
             await store.put(key, ids, data)
 
-    with_store(over_quota, tenant_quota_bytes=len(data) + 10)
-    with_store(too_big, max_entry_bytes=100)
+    with_store(over_quota, **redis_target, tenant_quota_bytes=len(data) + 10)
+    with_store(too_big, **redis_target, max_entry_bytes=100)
 
 
-def test_bad_uploads_are_refused(cache):
+def test_bad_uploads_are_refused(cache, redis_target):
     key, ids, data = cache
 
     async def go(store):
@@ -185,7 +185,7 @@ def test_bad_uploads_are_refused(cache):
         with pytest.raises(InvalidArgument, match="codec"):
             await store.put(dataclasses.replace(key, codec="int8"), ids, data)
 
-    with_store(go)
+    with_store(go, **redis_target)
 
 
 def test_redis_down_is_unavailable_and_the_store_recovers(cache):
@@ -206,15 +206,15 @@ def test_redis_down_is_unavailable_and_the_store_recovers(cache):
         with_store(go, redis.url)
 
 
-def test_two_concurrent_compressions_of_one_document_run_the_model_once(tiny_engine):
+def test_two_concurrent_compressions_of_one_document_run_the_model_once(tiny_engine, redis_target):
     """Two replicas (threads with their own event loop and Redis connection) ask for the same document."""
     ids = random_ids(400, seed=31)
     runs, lock = [], threading.Lock()
-    prefix = store_for().config.key_prefix
+    prefix = store_for(**redis_target).config.key_prefix
 
     def replica(results):
         async def go():
-            store = store_for(key_prefix=prefix)
+            store = store_for(**redis_target, key_prefix=prefix)
 
             async def compute():
                 with lock:
@@ -239,4 +239,4 @@ def test_two_concurrent_compressions_of_one_document_run_the_model_once(tiny_eng
     assert {m.cache_id for m, _ in results} == {results[0][0].cache_id}
     assert sorted(created for _, created in results) == [False, True]
 
-    run(wipe(store_for(key_prefix=prefix)))
+    run(wipe(store_for(**redis_target, key_prefix=prefix)))

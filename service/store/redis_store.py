@@ -62,14 +62,21 @@ _RELEASE_USAGE = ("if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then "
 _MGET_BATCH = 8  # chunks per round trip when reading
 
 
-def connect(config: StoreConfig, url: str) -> aioredis.Redis:
-    """A redis-py client with the store's one retry policy and timeouts."""
+# Errors that mean "Redis (or this slot's master) is unreachable right now", on one Redis or a
+# cluster mid-failover: the caller gets UNAVAILABLE and retries.
+TRANSIENT = (rexc.ConnectionError, rexc.TimeoutError, rexc.ClusterError, rexc.TryAgainError,
+             rexc.SlotNotCoveredError, OSError)
+
+
+def connect(config: StoreConfig, url: str) -> aioredis.Redis | aioredis.RedisCluster:
+    """A redis-py client with the store's one retry policy and timeouts: ``RedisCluster`` when
+    ``config.redis_cluster`` (it discovers the slots from ``url``'s node and follows failovers)."""
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), config.redis_retries)
-    return aioredis.Redis.from_url(
-        url, retry=retry, retry_on_error=[rexc.ConnectionError, rexc.TimeoutError],
-        socket_timeout=config.redis_timeout_s, socket_connect_timeout=config.redis_timeout_s,
-        health_check_interval=30,
-    )
+    timeouts = {"socket_timeout": config.redis_timeout_s, "socket_connect_timeout": config.redis_timeout_s}
+    if config.redis_cluster:
+        return aioredis.RedisCluster.from_url(url, retry=retry, **timeouts)
+    return aioredis.Redis.from_url(url, retry=retry, retry_on_error=[rexc.ConnectionError, rexc.TimeoutError],
+                                   health_check_interval=30, **timeouts)
 
 
 class RedisStore:
@@ -289,8 +296,9 @@ class RedisStore:
         pipe.delete(self.keys.manifest(tenant, m.cache_id))  # first: the entry disappears at once
         for i in range(m.chunk_count):
             pipe.delete(self.keys.chunk(tenant, m.cache_id, m.write_id, i))
-        pipe.hdel(self.keys.usage(tenant), m.cache_id)
-        await pipe.execute()
+        pipe.hdel(self.keys.usage(tenant), m.cache_id)  # (another slot on a cluster: redis-py splits by node)
+        async with self._redis_errors():
+            await pipe.execute()
         if counter:
             self.counters[counter] += 1
 
@@ -334,7 +342,10 @@ class RedisStore:
         async def renew():
             while True:
                 await asyncio.sleep(lease_ms / 3000)
-                await self.redis.eval(_RENEW, 1, lock, token, lease_ms)
+                try:
+                    await self.redis.eval(_RENEW, 1, lock, token, lease_ms)
+                except TRANSIENT:
+                    pass  # e.g. a failover: renew again next period, the lease has two more
 
         task = asyncio.create_task(renew())
         try:
@@ -396,5 +407,24 @@ class RedisStore:
     async def _redis_errors(self):
         try:
             yield
-        except (rexc.ConnectionError, rexc.TimeoutError, OSError) as e:
+        except rexc.OutOfMemoryError:
+            raise QuotaExceeded("Redis is full (maxmemory) and has nothing left to evict; retry later or "
+                                "give it more memory") from None
+        except TRANSIENT as e:
             raise Unavailable(f"Redis is unreachable ({type(e).__name__}); retry shortly") from None
+        except (AttributeError, TypeError) as e:
+            # redis-py's asyncio cluster client closes a node's connections while other commands
+            # still use them when it refreshes the topology after a failover, and those commands
+            # fail this way (redis/redis-py#3546, #3835); they succeed once retried.
+            if not _from_redis_py(e):
+                raise
+            raise Unavailable(f"Redis connection reset during a topology change ({type(e).__name__}); "
+                              "retry shortly") from None
+
+
+def _from_redis_py(e: BaseException) -> bool:
+    """Whether ``e`` was raised inside redis-py (or the asyncio streams under it), not by our code."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").split(".")[0] in ("redis", "asyncio")

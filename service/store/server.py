@@ -23,7 +23,7 @@ from service.store.auth import Auth, store_auth
 from service.store.embedded import EmbeddedRedis
 from service.store.errors import InvalidArgument, QuotaExceeded, StoreError
 from service.store.manifest import key_from_proto
-from service.store.redis_store import RedisStore, connect
+from service.store.redis_store import TRANSIENT, RedisStore, connect
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrefixStore"].full_name
@@ -37,6 +37,8 @@ async def _abort(context: grpc.aio.ServicerContext, e: Exception, method: str) -
         await context.abort(e.status, str(e))
     if isinstance(e, ValueError):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if isinstance(e, TRANSIENT):  # a Redis error the store did not wrap: still "retry", never INTERNAL
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"Redis is unreachable ({type(e).__name__}); retry shortly")
     request_id = uuid.uuid4().hex[:12]
     log.exception("PrefixStore.%s failed (request %s)", method, request_id)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request {request_id})")
