@@ -83,8 +83,43 @@ def test_serve_config_v2_is_the_projects_serve_config():
             f"{directory} is stale: run python k8s/render.py")
     for overlay in OVERLAYS:
         rs = next(d for d in rendered(overlay) if d["kind"] == "RayService")
-        expected = yaml.safe_load(render.render(K8S / "overlays" / overlay))["spec"]["serveConfigV2"]
+        expected = yaml.safe_load(render.render(_serve_overrides_dir(overlay)))["spec"]["serveConfigV2"]
         assert rs["spec"]["serveConfigV2"] == expected
+
+
+def _serve_overrides_dir(overlay: str) -> Path:
+    """The overlay's own serve-overrides.yaml, or that of the overlay it builds on (gpu-redis-cluster)."""
+    directory = K8S / "overlays" / overlay
+    while not (directory / "serve-overrides.yaml").exists():
+        kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+        directory = (directory / kustomization["resources"][0]).resolve()
+    return directory
+
+
+def _redis_env(doc: dict) -> list[tuple[dict, dict]]:
+    """(env by name, envFrom ConfigMap names) of every container that talks to Redis."""
+    return [({e["name"]: e for e in c.get("env", [])}, {f["configMapRef"]["name"] for f in c.get("envFrom", [])})
+            for t in _templates(doc) for c in t["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_redis_client_reads_one_redis_target(overlay):
+    docs = rendered(overlay)
+    target = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kvcompose-redis-target")
+    cluster = target["data"]["KVCOMPOSE_STORE_REDIS_CLUSTER"] == "true"
+    clients = [d for d in docs if d["kind"] == "RayService" or d["metadata"]["name"] == "kvcompose-store"]
+    for doc in (d for d in clients if d["kind"] in ("RayService", "Deployment")):
+        for env, env_from in _redis_env(doc):
+            assert "kvcompose-redis-target" in env_from
+            assert env["REDIS_URL"]["value"] == "$(REDIS_SCHEME)://$(REDIS_USERNAME):$(REDIS_PASSWORD)@$(REDIS_HOST)/0"
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    in_repo = {("StatefulSet", "kvcompose-redis"), ("Service", "kvcompose-redis"),
+               ("NetworkPolicy", "kvcompose-redis-clients"), ("PodDisruptionBudget", "kvcompose-redis")}
+    if cluster:  # an external cluster: TLS, and no in-repo Redis left behind
+        assert overlay == "gpu-redis-cluster" and target["data"]["REDIS_SCHEME"] == "rediss"
+        assert not in_repo & names
+    else:
+        assert in_repo <= names and target["data"]["REDIS_HOST"] == "kvcompose-redis:6379"
 
 
 def test_grpc_is_exposed_as_h2c_and_head_does_no_model_work():

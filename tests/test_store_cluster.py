@@ -132,3 +132,18 @@ def test_a_fresh_cluster_serves_the_grpc_store_like_a_single_redis(tiny_engine, 
         assert client.delete(m.cache_id)
         with pytest.raises(NotFound):
             client.fetch(m.cache_id)
+
+
+def test_the_url_kubernetes_builds_for_a_managed_cluster_gives_a_tls_cluster_client():
+    """k8s builds REDIS_URL as $(REDIS_SCHEME)://$(REDIS_USERNAME):$(REDIS_PASSWORD)@$(REDIS_HOST)/0."""
+    from redis.asyncio import RedisCluster
+    from redis.asyncio.connection import SSLConnection
+
+    from service.store.redis_store import connect
+
+    url = "rediss://default:s3cret@clustercfg.example.internal:6379/0"
+    client = connect(StoreConfig(redis_url=url, redis_cluster=True), url)  # connects lazily, on first use
+    assert isinstance(client, RedisCluster)
+    kwargs = client.connection_kwargs
+    assert kwargs["connection_class"] is SSLConnection
+    assert (kwargs["username"], kwargs["password"]) == ("default", "s3cret")

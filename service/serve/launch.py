@@ -164,9 +164,11 @@ class LocalStack:
         engine = EngineConfig(**typed.engine)
         # The store refuses Puts whose cache does not have the served model's shape.
         shapes = json.dumps({engine.model: model_shape(engine)})
-        prefix = typed.store.get("key_prefix")
+        store = StoreConfig.from_env(**typed.store)
+        app["args"]["store"]["redis_cluster"] = store.redis_cluster  # the replicas and the store agree
         env = {"KVCOMPOSE_STORE_SERVICE_TOKEN": token, "KVCOMPOSE_STORE_MODEL_SHAPES": shapes,
-               **({"KVCOMPOSE_STORE_KEY_PREFIX": prefix} if prefix else {})}
+               "KVCOMPOSE_STORE_KEY_PREFIX": store.key_prefix,
+               "KVCOMPOSE_STORE_REDIS_CLUSTER": str(store.redis_cluster).lower()}
         self.store = StoreProcess(self.redis_url, self.store_port or free_port(), env).start()
         app["args"]["store_address"] = self.store.address
         if not typed.auth_tokens and not typed.allow_unauthenticated:

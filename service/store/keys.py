@@ -1,5 +1,14 @@
-"""Every Redis key of the store is built here. All keys of one entry share the hash tag
-``{<tenant>/<cache id>}``, so they live in one Redis Cluster slot."""
+"""Every Redis key of the store is built here, laid out for Redis Cluster slots.
+
+- All keys of one entry (manifest, chunks, single-flight lock) share the hash tag
+  ``{<tenant>/<cache id>}``: one slot, so multi-key commands (MGET of chunks, deletes) never span
+  slots, and one entry's keys replicate in order (chunks before manifest) on one shard.
+- A prefix-index set is tagged by its block prefix ``{<tenant>/<prefix id>}``: index sets spread
+  over the slots like entries.
+- A tenant's usage hash (quota accounting) is one key in its own slot ``{tenant/<tenant>}``, on
+  purpose: the quota check and the reservation are one atomic script, which needs one key. It is
+  small (a field per live entry) and touched once per Put and per hit.
+"""
 
 from __future__ import annotations
 
