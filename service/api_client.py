@@ -10,13 +10,15 @@ from kvcompose.v1 import api_pb2 as api
 from kvcompose.v1 import api_pb2_grpc as api_grpc
 from kvcompose.v1 import store_pb2 as store_pb
 
+from service.wire import api_client_options
+
 APPLICATION = "kvcompose"  # Serve's gRPC proxy routes by this metadata when several apps run
 
 
 class KVComposeClient:
     def __init__(self, address: str, token: str | None = None, tenant: str | None = None,
                  timeout_s: float = 900.0):
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self.channel = grpc.insecure_channel(address, options=api_client_options())
         self.stub = api_grpc.KVComposeStub(self.channel)
         metadata = [("application", APPLICATION)]
         if token:

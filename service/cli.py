@@ -1,4 +1,7 @@
-"""``kvcompose`` command line: compress a document to a cache file, ask questions from it, run the demo."""
+"""``kvcompose`` command line: compress a document to a cache file, ask questions from it, run the demo.
+
+Heavy modules (torch, transformers, grpc) are imported inside the commands, so ``--help`` is instant.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +14,30 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-
-from service.codec import CorruptCacheError
 from service.config import CODECS
+
+
+def press_spec(text: str) -> dict:
+    """argparse type of ``--press``: a JSON object (errors name the flag, via argparse)."""
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg} at column {e.colno}); e.g. "
+                                          '\'{"press": "kvcompose", "compression_ratio": 0.5}\'') from None
+    if not isinstance(spec, dict):
+        raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"press": "knorm"}\'')
+    return spec
+
+
+def press_list(text: str) -> list:
+    """argparse type of ``--presses``: a JSON list of press specs."""
+    try:
+        specs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(specs, list) or not all(isinstance(s, dict) for s in specs):
+        raise argparse.ArgumentTypeError('must be a JSON list of press objects, e.g. \'[{"press": "tova"}]\'')
+    return specs
 
 
 def _quiet() -> None:
@@ -103,7 +126,7 @@ def cmd_remote_compress(args: argparse.Namespace) -> int:
 
     text = Path(args.document).read_text()
     with _remote(args) as client, _progress("compressing (prefill + KVCompose)..."):
-        reply = client.compress(text, json.loads(args.press) if args.press else None, args.codec or "",
+        reply = client.compress(text, args.press, args.codec or "",
                                 args.task_prompt or ())
     print(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True), indent=2))
     return 0
@@ -116,12 +139,12 @@ def cmd_remote_ask(args: argparse.Namespace) -> int:
         context = None
         if args.document:
             context = client.compress_request(Path(args.document).read_text(),
-                                              json.loads(args.press) if args.press else None)
+                                              args.press)
         stats = None
         with _progress("waiting for the first token..."):
             stream = client.generate(args.question, cache_id=args.cache_id, context=context,
                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                     seed=args.seed)
+                                     top_p=args.top_p, seed=args.seed, stop=args.stop or ())
             first = next(stream, None)
         for msg in itertools.chain([first] if first is not None else [], stream):
             sys.stdout.write(msg.text)
@@ -153,7 +176,7 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     ratios = [float(r) for r in args.ratios.split(",")]
     if any(not 0 < r < 1 for r in ratios):
         raise ValueError("--ratios must be in (0, 1)")
-    presses = json.loads(args.presses)
+    presses = args.presses
     AccuracyRun(_engine(args.model), args.out, args.length).run(list(tasks), args.samples, presses, ratios,
                                                                 task_aware=not args.no_task_aware)
     return cmd_bench_report(argparse.Namespace(csv=args.out, report_dir=args.report_dir))
@@ -212,59 +235,67 @@ def cmd_bench_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvcompose", description=__doc__)
+PRESS_HELP = 'JSON press spec, e.g. \'{"press": "kvcompose", "compression_ratio": 0.5}\' (default: the model\'s)'
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher samples more freely")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1)")
+    p.add_argument("--seed", type=int, help="sampling seed, for reproducible sampled answers")
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvcompose", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="embedded default, a Hugging Face id or a local path")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compress", help="prefill + compress a document into a cache file")
     p.add_argument("document", help="text file ('-' for stdin)")
-    p.add_argument("--press", help='JSON spec, e.g. \'{"press": "kvcompose", "compression_ratio": 0.5}\'')
+    p.add_argument("--press", type=press_spec, help=PRESS_HELP)
     p.add_argument("--task-prompt", action="append", help="expected question (task-aware KVCompose); repeatable")
     p.add_argument("--codec", choices=list(CODECS), help="storage codec (default float16)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="cache file to write")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("ask", help="answer questions from a cache file")
-    p.add_argument("cache", type=Path)
-    p.add_argument("question", nargs="+")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("cache", type=Path, help="cache file written by 'kvcompose compress'")
+    p.add_argument("question", nargs="+", help="one or more questions, each answered from the cache")
+    _sampling_flags(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("demo", help="needle-in-a-haystack demo with the embedded model")
-    p.add_argument("--tokens", type=int, default=2000)
-    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--tokens", type=int, default=2000, help="length of the generated document (default 2000)")
+    p.add_argument("--ratio", type=float, default=0.5, help="KVCompose compression ratio (default 0.5)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="run the whole service locally: Redis, prefix store, Ray Serve (gRPC 9000)")
     p.add_argument("--config", help="Serve config file (default: service/serve/serve_config.yaml)")
-    p.add_argument("--store-port", type=int, default=50051)
+    p.add_argument("--store-port", type=int, default=50051, help="prefix store's port on 127.0.0.1 (default 50051)")
     p.set_defaults(func=cmd_serve)
 
     remote = sub.add_parser("remote", help="call a running service over gRPC").add_subparsers(dest="remote",
                                                                                              required=True)
-    for name in ("compress", "ask"):
-        r = remote.add_parser(name)
-        r.add_argument("--addr", default="127.0.0.1:9000")
-        r.add_argument("--token", help="bearer token (or KVCOMPOSE_TOKEN)")
-        r.add_argument("--tenant")
-        r.add_argument("--press", help="JSON press spec")
+    for name, help_text in (("compress", "store a document's compressed cache; prints its cache id"),
+                            ("ask", "answer a question from a stored cache or a document (streamed)")):
+        r = remote.add_parser(name, help=help_text)
+        r.add_argument("--addr", default="127.0.0.1:9000", help="the service's gRPC address (default 127.0.0.1:9000)")
+        r.add_argument("--token", help="API bearer token (or KVCOMPOSE_TOKEN; for a local address, the one "
+                       "'make serve' wrote)")
+        r.add_argument("--tenant", help="tenant, for a service without API tokens (development mode)")
+        r.add_argument("--press", type=press_spec, help=PRESS_HELP)
         if name == "compress":
-            r.add_argument("document")
-            r.add_argument("--codec", choices=list(CODECS))
-            r.add_argument("--task-prompt", action="append")
+            r.add_argument("document", help="text file")
+            r.add_argument("--codec", choices=list(CODECS), help="storage codec (default: the service's)")
+            r.add_argument("--task-prompt", action="append", help="expected question (task-aware); repeatable")
             r.set_defaults(func=cmd_remote_compress)
         else:
-            r.add_argument("question")
+            r.add_argument("question", help="the question")
             source = r.add_mutually_exclusive_group(required=True)
-            source.add_argument("--cache-id")
+            source.add_argument("--cache-id", help="a cache id from 'remote compress'")
             source.add_argument("--document", help="text file: compressed first unless already stored")
-            r.add_argument("--max-new-tokens", type=int, default=64)
-            r.add_argument("--temperature", type=float, default=0.0)
-            r.add_argument("--seed", type=int)
+            _sampling_flags(r)
+            r.add_argument("--stop", action="append", help="stop the answer at this string (not included); repeatable")
             r.set_defaults(func=cmd_remote_ask)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
@@ -272,11 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--length", type=int, default=4096, help="context length in the model's tokens")
     b.add_argument("--tasks", default="all", help="comma-separated RULER task names, or 'all'")
     b.add_argument("--samples", type=int, default=10, help="samples per task")
-    b.add_argument("--presses", default=DEFAULT_BENCH_PRESSES, help="JSON list of press specs (ratios set per run)")
-    b.add_argument("--ratios", default="0.25,0.5,0.75,0.9")
+    b.add_argument("--presses", type=press_list, default=DEFAULT_BENCH_PRESSES,
+                   help="JSON list of press specs (ratios set per run)")
+    b.add_argument("--ratios", default="0.25,0.5,0.75,0.9", help="comma-separated compression ratios, each in (0, 1)")
     b.add_argument("--no-task-aware", action="store_true", help="skip KVCompose scored by the question")
-    b.add_argument("--out", type=Path, default=Path("bench/results.csv"))
-    b.add_argument("--report-dir", type=Path)
+    b.add_argument("--out", type=Path, default=Path("bench/results.csv"), help="results CSV (resumed if it exists)")
+    b.add_argument("--report-dir", type=Path, help="where results.md and plots go (default: beside --out)")
     b.set_defaults(func=cmd_bench_accuracy)
     b = bench.add_parser("load", help="the real service under 1..N concurrent clients (tokens/s, TTFT, latency)")
     b.add_argument("--addr", help="a running service's gRPC address; default: start the local stack (make serve's)")
@@ -285,23 +317,29 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--documents", type=int, default=4, help="stored documents the questions are about")
     b.add_argument("--doc-tokens", type=int, default=1000, help="length of each document in model tokens")
     b.add_argument("--requests", type=int, default=48, help="requests per level (at least two per client)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="seed of the question and document choices")
     b.add_argument("--ramp-s", type=float, default=2.0, help="clients start spread over this many seconds")
-    b.add_argument("--out-dir", type=Path, default=Path("bench/load-smollm2"))
+    b.add_argument("--out-dir", type=Path, default=Path("bench/load-smollm2"), help="where results and plots go")
     b.set_defaults(func=cmd_bench_load)
     b = bench.add_parser("report", help="tables and plots from a results CSV")
-    b.add_argument("csv", type=Path)
-    b.add_argument("--report-dir", type=Path)
+    b.add_argument("csv", type=Path, help="results CSV of 'bench accuracy'")
+    b.add_argument("--report-dir", type=Path, help="where results.md and plots go (default: beside the CSV)")
     b.set_defaults(func=cmd_bench_report)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     _quiet()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, CorruptCacheError) as e:
+    except (ValueError, FileNotFoundError) as e:  # including a damaged cache file (CorruptCacheError)
         print(f"kvcompose: error: {e}", file=sys.stderr)
         return 2
-    except grpc.RpcError as e:
+    except Exception as e:
+        grpc = sys.modules.get("grpc")  # imported by the remote commands only
+        if grpc is None or not isinstance(e, grpc.RpcError):
+            raise
         print(f"kvcompose: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
 

@@ -137,7 +137,9 @@ class StoreConfig:
         (and ``auth_tokens``) and nothing else: every store call needs a service token.
     auth_tokens: more accepted service tokens, as {token: "*"} (e.g. during a token rotation).
     allow_unauthenticated: a store with no token starts only with this set (local development).
-    redis_timeout_s / redis_retries: every Redis call's socket timeout and retry count (backoff 50 ms, x2, cap 1 s).
+    redis_timeout_s / redis_retries: every Redis call's socket timeout and retry count.
+    client_deadline_s / client_retries: every gRPC store call's deadline and how often UNAVAILABLE is
+        retried (decoders, workers). Both retry with the one policy of ``service/store/retry.py``.
     max_ttl_s: the longest lifetime a Put may ask for.
     max_context_tokens: longest context a Put or Lookup may carry (Lookup hashes its block prefixes).
     model_shapes: model id -> [layers, kv_heads, head_dim]; a Put whose cache does not have its model's
@@ -158,6 +160,8 @@ class StoreConfig:
     allow_unauthenticated: bool = False
     redis_timeout_s: float = 10.0
     redis_retries: int = 3
+    client_deadline_s: float = 60.0
+    client_retries: int = 3
     key_prefix: str = "kvc"
     max_ttl_s: int = 30 * 24 * 3600
     max_context_tokens: int = 1 << 17
@@ -174,8 +178,10 @@ class StoreConfig:
         if tenant_tokens:
             raise ValueError("store auth_tokens must all map to \"*\" (service tokens); tenants' tokens belong "
                              "to the API (the Serve app's auth_tokens)")
-        if self.lock_lease_s <= 0 or self.wait_s <= 0 or self.redis_timeout_s <= 0:
-            raise ValueError("lock_lease_s, wait_s and redis_timeout_s must be > 0")
+        if min(self.lock_lease_s, self.wait_s, self.redis_timeout_s, self.client_deadline_s) <= 0:
+            raise ValueError("lock_lease_s, wait_s, redis_timeout_s and client_deadline_s must be > 0")
+        if min(self.redis_retries, self.client_retries) < 0:
+            raise ValueError("redis_retries and client_retries must be >= 0")
 
     @classmethod
     def from_env(cls, **overrides) -> StoreConfig:

@@ -53,14 +53,14 @@ async def wipe(store: RedisStore) -> None:
 class ServerProcess:
     """A real PrefixStore gRPC server in its own process, configured by ``config`` through its env."""
 
-    def __init__(self, config: StoreConfig):
+    def __init__(self, config: StoreConfig, metrics_port: int = 0):
         from service.serve.launch import StoreProcess
 
         env = {f"KVCOMPOSE_STORE_{name.upper()}": json.dumps(value) if isinstance(value, dict) else str(value)
                for name, value in config.__dict__.items() if name != "redis_url"}
         env["KVCOMPOSE_STORE_SERVICE_TOKEN"] = config.service_token  # "" must not fall back to the caller's env
         self.config = config
-        self.process = StoreProcess(config.redis_url, free_port(), env)
+        self.process = StoreProcess(config.redis_url, free_port(), env, metrics_port=metrics_port)
 
     @property
     def target(self) -> str:

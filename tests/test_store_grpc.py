@@ -168,3 +168,30 @@ def test_without_redis_url_the_server_starts_its_own_redis(tiny_engine):
     with ServerProcess(config("")) as s, s.client() as client:
         m, _ = client.put(key, ids, data)
         assert client.fetch(m.cache_id)[1] == data
+
+
+def test_the_store_exports_prometheus_metrics(tiny_engine):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from store_helpers import free_port
+
+    ids = random_ids(120, seed=47)
+    key, data = make_cache(tiny_engine, ids, tenant="default")
+    port = free_port()
+    with ServerProcess(config(), metrics_port=port) as s, s.client() as client:
+        m, _ = client.put(key, ids, data)
+        client.fetch(m.cache_id)
+        with pytest.raises(NotFound):
+            client.stat("0" * 64)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("kvcompose_store_requests_total", (("code", "OK"), ("method", "Put")))] == 1
+    assert samples[("kvcompose_store_requests_total", (("code", "NOT_FOUND"), ("method", "Stat")))] == 1
+    assert samples[("kvcompose_store_bytes_in_total", ())] == len(data)
+    assert samples[("kvcompose_store_bytes_out_total", ())] == len(data)
+    assert samples[("kvcompose_store_entries_total", (("outcome", "hit"),))] == 1
+    assert samples[("kvcompose_store_entries_total", (("outcome", "put"),))] == 1
+    assert samples[("kvcompose_store_request_seconds_count", (("method", "Fetch"),))] == 1
+    assert samples[("kvcompose_store_redis_up", ())] == 1

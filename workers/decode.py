@@ -30,6 +30,7 @@ from service.engine import Engine
 from service.serve.frontend import Frontend
 from service.store.auth import Auth
 from service.store.client import PrefixStoreClient
+from service.wire import api_server_options
 
 log = logging.getLogger("workers.decode")
 
@@ -63,12 +64,12 @@ async def serve(store: str, address: str, config_path: Path, store_token: str | 
     args: AppArgs = app_args(load_config(config_path))
     limits = RequestLimits(**args.limits)
     engine = Engine(EngineConfig.from_env(**args.engine))
-    token = store_token or StoreConfig.from_env(**args.store).service_token or None
-    answerer = Answerer(engine, PrefixStoreClient(store, token=token), args.decode_lru_bytes,
+    store_config = StoreConfig.from_env(**{**args.store, "service_token": store_token})  # None: from the env
+    answerer = Answerer(engine, PrefixStoreClient.from_config(store, store_config), args.decode_lru_bytes,
                         batch=BatchLimits(**args.decode_batch))
     worker = DecodeWorker(answerer, Frontend(Auth(api_auth_tokens(args.auth_tokens)), limits,
                                              allow_unauthenticated=args.allow_unauthenticated))
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limits.max_request_bytes)])
+    server = grpc.aio.server(options=api_server_options(limits.max_request_bytes))
     api_grpc.add_KVComposeServicer_to_server(worker, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     service_name = api.DESCRIPTOR.services_by_name["KVCompose"].full_name

@@ -202,7 +202,7 @@ class Ingress:
 def _store_client(store: dict, address: str):
     from service.store.client import PrefixStoreClient
 
-    return PrefixStoreClient(address, token=StoreConfig.from_env(**store).service_token or None)
+    return PrefixStoreClient.from_config(address, StoreConfig.from_env(**store))
 
 
 def build_app(args: dict) -> serve.Application:

@@ -80,8 +80,10 @@ def deploy(config: dict, timeout_s: float = 900) -> None:
 class StoreProcess:
     """``python -m service.store.server`` as a child process (used by the local stack and tests)."""
 
-    def __init__(self, redis_url: str, port: int, env: dict | None = None, host: str = "127.0.0.1"):
+    def __init__(self, redis_url: str, port: int, env: dict | None = None, host: str = "127.0.0.1",
+                 metrics_port: int = 0):
         self.redis_url, self.port, self.env, self.host = redis_url, port, env or {}, host
+        self.metrics_port = metrics_port  # 0: no /metrics endpoint
 
     @property
     def address(self) -> str:
@@ -92,8 +94,9 @@ class StoreProcess:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         env = {**os.environ, "REDIS_URL": self.redis_url, **self.env}
+        metrics = ["--metrics-address", f"{self.host}:{self.metrics_port}"] if self.metrics_port else []
         self.process = subprocess.Popen([sys.executable, "-m", "service.store.server", "--address",
-                                         f"{self.host}:{self.port}"], env=env, preexec_fn=die_with_parent)
+                                         f"{self.host}:{self.port}", *metrics], env=env, preexec_fn=die_with_parent)
         with grpc.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             for _ in range(300):
@@ -136,6 +139,7 @@ class LocalStack:
     config_path: Path = CONFIG
     redis_url: str | None = None
     store_port: int = 0
+    store_metrics_port: int = 0
     args: dict = field(default_factory=dict)
     deployments: dict = field(default_factory=dict)
     top: dict = field(default_factory=dict)
@@ -169,7 +173,8 @@ class LocalStack:
         env = {"KVCOMPOSE_STORE_SERVICE_TOKEN": token, "KVCOMPOSE_STORE_MODEL_SHAPES": shapes,
                "KVCOMPOSE_STORE_KEY_PREFIX": store.key_prefix,
                "KVCOMPOSE_STORE_REDIS_CLUSTER": str(store.redis_cluster).lower()}
-        self.store = StoreProcess(self.redis_url, self.store_port or free_port(), env).start()
+        self.store = StoreProcess(self.redis_url, self.store_port or free_port(), env,
+                                  metrics_port=self.store_metrics_port).start()
         app["args"]["store_address"] = self.store.address
         if not typed.auth_tokens and not typed.allow_unauthenticated:
             self.api_token = secrets.token_urlsafe(32)
@@ -234,9 +239,11 @@ def run_local(config_path: Path = CONFIG, store_port: int = 50051) -> None:
     """``make serve``: the local stack, until Ctrl-C. REDIS_URL names an external Redis."""
     redis_url = StoreConfig.from_env().redis_url or None
     print("Deploying KVCompose Serve (first start converts the embedded model, ~1 min)...", flush=True)
-    with LocalStack(config_path, redis_url=redis_url, store_port=store_port,
+    with LocalStack(config_path, redis_url=redis_url, store_port=store_port, store_metrics_port=STORE_METRICS_PORT,
+                    ray_init={"_metrics_export_port": RAY_METRICS_PORT},
                     api_token_file=local_api_token_file()) as stack:
-        print(READY.format(port=stack.config["grpc_options"]["port"], store_port=store_port), flush=True)
+        print(READY.format(port=stack.config["grpc_options"]["port"], store_port=store_port,
+                           store_metrics=STORE_METRICS_PORT, ray_metrics=RAY_METRICS_PORT), flush=True)
         try:
             while True:
                 time.sleep(3600)
@@ -244,10 +251,12 @@ def run_local(config_path: Path = CONFIG, store_port: int = 50051) -> None:
             print("\nStopping KVCompose Serve...", flush=True)
 
 
+STORE_METRICS_PORT, RAY_METRICS_PORT = 9102, 8080
 READY = """
 KVCompose Serve is up.
   gRPC API (kvcompose.v1.KVCompose): 127.0.0.1:{port}
   Prefix store (token-protected):     127.0.0.1:{store_port}
+  Prometheus metrics:                 http://127.0.0.1:{store_metrics}/metrics (store), :{ray_metrics}/metrics (Ray)
   Try:
     .venv/bin/kvcompose remote ask --addr 127.0.0.1:{port} --document k8s/README.md "Which port does the gRPC API use?"
   Press Ctrl-C to stop.

@@ -1,14 +1,14 @@
 """Python client of the PrefixStore (used by decode workers): deadlines, and retries that are safe.
 
-Every call is idempotent (entries are content-addressed), so UNAVAILABLE is retried with
-exponential backoff (50 ms, x2, cap 1 s) up to ``retries`` times, each attempt under ``deadline_s``.
+Every call is idempotent (entries are content-addressed), so UNAVAILABLE is retried up to
+``retries`` times with the store's one retry policy (``retry.py``: exponential backoff with
+jitter), each attempt under ``deadline_s``. ``from_config`` takes both from ``StoreConfig``.
 Errors arrive as the store's exceptions (``service.store.errors``), mapped from status codes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -17,26 +17,27 @@ import grpc
 from kvcompose.v1 import store_pb2 as pb
 from kvcompose.v1 import store_pb2_grpc as pb_grpc
 
-from service.store.errors import BY_STATUS, DataLoss, StoreError
+from service.config import StoreConfig
+from service.store.errors import BY_STATUS, DataLoss, StoreError, Unavailable
 from service.store.ids import CacheKey
 from service.store.manifest import key_to_proto
+from service.store.retry import retry_policy
+from service.wire import store_options
 
 T = TypeVar("T")
 UPLOAD_CHUNK_BYTES = 1 << 20
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
-                   ("grpc.http2.lookahead_bytes", 16 << 20)]
 
 
 class PrefixStoreClient:
     def __init__(self, target: str, token: str | None = None, tenant: str | None = None,
                  deadline_s: float = 60.0, retries: int = 3):
         self.target = target
-        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.channel = grpc.insecure_channel(target, options=store_options())
         self.stub = pb_grpc.PrefixStoreStub(self.channel)
         self.token = token
         self.tenant = tenant
         self.deadline_s = deadline_s
-        self.retries = retries
+        self.retry = retry_policy(retries, (Unavailable,))
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="fetch-sha256")
 
     def close(self) -> None:
@@ -49,19 +50,20 @@ class PrefixStoreClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @classmethod
+    def from_config(cls, target: str, config: StoreConfig, tenant: str | None = None) -> PrefixStoreClient:
+        """A client with ``config``'s service token, deadline and retries."""
+        return cls(target, token=config.service_token or None, tenant=tenant, deadline_s=config.client_deadline_s,
+                   retries=config.client_retries)
+
     def _call(self, attempt: Callable[[], T]) -> T:
-        delay = 0.05
-        for n in range(self.retries + 1):
+        def once() -> T:
             try:
                 return attempt()
             except grpc.RpcError as e:
-                code = e.code()
-                if code == grpc.StatusCode.UNAVAILABLE and n < self.retries:
-                    time.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-                    continue
-                raise BY_STATUS.get(code, StoreError)(e.details() or str(code)) from None
-        raise AssertionError("unreachable")
+                raise BY_STATUS.get(e.code(), StoreError)(e.details() or str(e.code())) from None
+
+        return self.retry.call_with_retry(once, lambda _: None)
 
     def _kw(self, tenant: str | None) -> dict:
         """Deadline and credentials; ``tenant`` (per call) overrides the client's (service tokens)."""

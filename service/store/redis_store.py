@@ -23,8 +23,6 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from service.codec import FORMAT_VERSION, CorruptCacheError, check, layer_shapes
 from service.config import StoreConfig
@@ -32,6 +30,7 @@ from service.store.errors import DataLoss, InvalidArgument, NotFound, QuotaExcee
 from service.store.ids import CacheKey
 from service.store.keys import CACHE_ID, Keys, check_tenant
 from service.store.manifest import Manifest
+from service.store.retry import retry_policy
 
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 _RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
@@ -71,7 +70,7 @@ TRANSIENT = (rexc.ConnectionError, rexc.TimeoutError, rexc.ClusterError, rexc.Tr
 def connect(config: StoreConfig, url: str) -> aioredis.Redis | aioredis.RedisCluster:
     """A redis-py client with the store's one retry policy and timeouts: ``RedisCluster`` when
     ``config.redis_cluster`` (it discovers the slots from ``url``'s node and follows failovers)."""
-    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), config.redis_retries)
+    retry = retry_policy(config.redis_retries, (rexc.ConnectionError, rexc.TimeoutError))
     timeouts = {"socket_timeout": config.redis_timeout_s, "socket_connect_timeout": config.redis_timeout_s}
     if config.redis_cluster:
         return aioredis.RedisCluster.from_url(url, retry=retry, **timeouts)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import logging
+import time
 import uuid
 
 import grpc
@@ -23,52 +25,63 @@ from service.store.auth import Auth, store_auth
 from service.store.embedded import EmbeddedRedis
 from service.store.errors import InvalidArgument, QuotaExceeded, StoreError
 from service.store.manifest import key_from_proto
+from service.store.metrics import StoreMetrics
 from service.store.redis_store import TRANSIENT, RedisStore, connect
+from service.wire import store_options
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrefixStore"].full_name
-MAX_MESSAGE_BYTES = 64 << 20
-GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.http2.lookahead_bytes", 16 << 20)]
 
 
-async def _abort(context: grpc.aio.ServicerContext, e: Exception, method: str) -> None:
+def _status(e: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status an error leaves as (unexpected ones are logged with a request id)."""
     if isinstance(e, StoreError):
-        await context.abort(e.status, str(e))
+        return e.status, str(e)
     if isinstance(e, ValueError):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     if isinstance(e, TRANSIENT):  # a Redis error the store did not wrap: still "retry", never INTERNAL
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"Redis is unreachable ({type(e).__name__}); retry shortly")
+        return grpc.StatusCode.UNAVAILABLE, f"Redis is unreachable ({type(e).__name__}); retry shortly"
     request_id = uuid.uuid4().hex[:12]
     log.exception("PrefixStore.%s failed (request %s)", method, request_id)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request {request_id})")
+    return grpc.StatusCode.INTERNAL, f"internal error (request {request_id})"
+
+
+@contextlib.asynccontextmanager
+async def _call(servicer: PrefixStoreServicer, context: grpc.aio.ServicerContext, method: str):
+    """Every call: its tenant from the credentials, its metrics, and errors as statuses, never tracebacks."""
+    start, code = time.perf_counter(), grpc.StatusCode.OK
+    try:
+        yield servicer.auth.tenant(dict(context.invocation_metadata()))
+    except Exception as e:  # noqa: BLE001
+        code, message = _status(e, method)
+        await context.abort(code, message)
+    finally:
+        servicer.metrics.requests.labels(method, code.name).inc()
+        servicer.metrics.seconds.labels(method).observe(time.perf_counter() - start)
 
 
 def _unary(fn):
     @functools.wraps(fn)
     async def wrapper(self, request, context):
-        try:
-            return await fn(self, request, context, self.auth.tenant(dict(context.invocation_metadata())))
-        except Exception as e:  # noqa: BLE001 - every error leaves as a status, never a traceback
-            await _abort(context, e, fn.__name__)
+        async with _call(self, context, fn.__name__) as tenant:
+            return await fn(self, request, context, tenant)
     return wrapper
 
 
 def _streaming(fn):
     @functools.wraps(fn)
     async def wrapper(self, request, context):
-        try:
-            async for item in fn(self, request, context, self.auth.tenant(dict(context.invocation_metadata()))):
+        async with _call(self, context, fn.__name__) as tenant:
+            async for item in fn(self, request, context, tenant):
                 yield item
-        except Exception as e:  # noqa: BLE001
-            await _abort(context, e, fn.__name__)
     return wrapper
 
 
 class PrefixStoreServicer(pb_grpc.PrefixStoreServicer):
-    def __init__(self, store: RedisStore, auth: Auth):
+    def __init__(self, store: RedisStore, auth: Auth, metrics: StoreMetrics):
         self.store = store
         self.auth = auth
+        self.metrics = metrics
 
     @_unary
     async def Put(self, requests, context, tenant):
@@ -90,6 +103,7 @@ class PrefixStoreServicer(pb_grpc.PrefixStoreServicer):
                 parts.append(req.chunk)
         if header is None or size != header.total_bytes:
             raise InvalidArgument(f"Put stream ended after {size} of {header.total_bytes if header else '?'} bytes")
+        self.metrics.bytes_in.inc(size)
         manifest, existed = await self.store.put(key_from_proto(header.key, tenant), list(header.context_ids),
                                                  b"".join(parts), header.ttl_s or None, header.sha256 or None)
         return pb.PutResponse(manifest=manifest.to_proto(pb), existed=existed)
@@ -99,6 +113,7 @@ class PrefixStoreServicer(pb_grpc.PrefixStoreServicer):
         manifest, chunks = await self.store.fetch(tenant, request.cache_id)
         yield pb.FetchResponse(manifest=manifest.to_proto(pb))
         async for chunk in chunks:
+            self.metrics.bytes_out.inc(len(chunk))
             yield pb.FetchResponse(chunk=chunk)
 
     @_unary
@@ -119,7 +134,7 @@ class PrefixStoreServicer(pb_grpc.PrefixStoreServicer):
         return pb.DeleteResponse(deleted=await self.store.delete(tenant, request.cache_id))
 
 
-async def _watch_redis(store: RedisStore, health_servicer, period_s: float = 2.0) -> None:
+async def _watch_redis(store: RedisStore, health_servicer, metrics: StoreMetrics, period_s: float = 2.0) -> None:
     """Health follows Redis: NOT_SERVING while it is unreachable (readiness probes drain the pod)."""
     while True:
         try:
@@ -127,13 +142,16 @@ async def _watch_redis(store: RedisStore, health_servicer, period_s: float = 2.0
             status = health_pb2.HealthCheckResponse.SERVING
         except Exception:  # noqa: BLE001
             status = health_pb2.HealthCheckResponse.NOT_SERVING
+        metrics.redis_up.set(status == health_pb2.HealthCheckResponse.SERVING)
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, status)
         await asyncio.sleep(period_s)
 
 
-async def start_server(config: StoreConfig, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int, RedisStore]:
+async def start_server(config: StoreConfig, address: str = "127.0.0.1:0", metrics_address: str = ""
+                       ) -> tuple[grpc.aio.Server, int, RedisStore]:
     """Start serving on ``address`` (port 0 = any free port); returns (server, port, store).
+    ``metrics_address`` (host:port): where Prometheus scrapes ``/metrics`` ("" = not exported).
 
     ``config.redis_url`` must be set (``serve`` starts an embedded Redis when it is not).
     """
@@ -141,24 +159,28 @@ async def start_server(config: StoreConfig, address: str = "127.0.0.1:0") -> tup
     if not auth.tokens:
         log.warning("the prefix store runs WITHOUT authentication (allow_unauthenticated): development only")
     store = RedisStore(connect(config, config.redis_url), config)
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    pb_grpc.add_PrefixStoreServicer_to_server(PrefixStoreServicer(store, auth), server)
+    server = grpc.aio.server(options=store_options())
+    metrics = StoreMetrics(store)
+    if metrics_address:
+        metrics.serve(metrics_address)
+    pb_grpc.add_PrefixStoreServicer_to_server(PrefixStoreServicer(store, auth, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(address)
     await server.start()
-    server._kvc_health_task = asyncio.create_task(_watch_redis(store, health_servicer))  # lives with the server
+    # lives with the server
+    server._kvc_health_task = asyncio.create_task(_watch_redis(store, health_servicer, metrics))
     return server, port, store
 
 
-async def serve(config: StoreConfig, address: str) -> None:
+async def serve(config: StoreConfig, address: str, metrics_address: str = "") -> None:
     embedded = None
     if not config.redis_url:
         embedded = EmbeddedRedis().start()
         config = StoreConfig(**{**config.__dict__, "redis_url": embedded.url})
         log.info("no REDIS_URL: started an embedded redis-server at %s", embedded.url)
-    server, port, store = await start_server(config, address)
+    server, port, store = await start_server(config, address, metrics_address)
     log.info("PrefixStore serving on port %d (Redis %s)", port, config.redis_url)
     try:
         await server.wait_for_termination()
@@ -172,9 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the PrefixStore gRPC server.")
     parser.add_argument("--address", default="127.0.0.1:50051", help="where to listen, host:port "
                         "(0.0.0.0:50051 for other hosts; keep it behind a network policy)")
+    parser.add_argument("--metrics-address", default="", help="where Prometheus scrapes /metrics, host:port "
+                        "(e.g. 127.0.0.1:9102; default: not exported)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(StoreConfig.from_env(), args.address))
+    asyncio.run(serve(StoreConfig.from_env(), args.address, args.metrics_address))
 
 
 if __name__ == "__main__":

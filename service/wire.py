@@ -1,0 +1,27 @@
+"""gRPC message-size limits and channel options of the project, in one place.
+
+The store streams caches in messages of at most ``chunk_bytes`` (1 MiB by default) plus framing;
+64 MiB leaves room for larger configured chunks. The public API's request limit is
+``RequestLimits.max_request_bytes`` (Serve's proxy reads it as RAY_SERVE_GRPC_MAX_MESSAGE_SIZE).
+"""
+
+from __future__ import annotations
+
+STORE_MESSAGE_BYTES = 64 << 20
+API_REPLY_BYTES = 64 << 20  # a client accepts replies up to this size
+_LOOKAHEAD_BYTES = 16 << 20  # HTTP/2 read-ahead: keeps a large Fetch streaming without stalls
+
+
+def store_options() -> list[tuple[str, int]]:
+    """Options of every PrefixStore channel and server (both directions carry whole caches)."""
+    return [("grpc.max_receive_message_length", STORE_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", STORE_MESSAGE_BYTES), ("grpc.http2.lookahead_bytes", _LOOKAHEAD_BYTES)]
+
+
+def api_client_options() -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", API_REPLY_BYTES)]
+
+
+def api_server_options(max_request_bytes: int) -> list[tuple[str, int]]:
+    """The standalone worker's server: requests above the limit are refused by gRPC itself."""
+    return [("grpc.max_receive_message_length", max_request_bytes)]
