@@ -99,7 +99,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.serve.launch import CONFIG, run_local
 
-    run_local(Path(args.config) if args.config else CONFIG, args.store_port)
+    run_local(Path(args.config) if args.config else CONFIG, args.store_port, args.store_metrics_port,
+              args.ray_metrics_port)
     return 0
 
 
@@ -272,6 +273,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the whole service locally: Redis, prefix store, Ray Serve (gRPC 9000)")
     p.add_argument("--config", help="Serve config file (default: service/serve/serve_config.yaml)")
     p.add_argument("--store-port", type=int, default=50051, help="prefix store's port on 127.0.0.1 (default 50051)")
+    p.add_argument("--store-metrics-port", type=int, default=9102, help="prefix store's /metrics (default 9102)")
+    p.add_argument("--ray-metrics-port", type=int, default=8080, help="Ray's /metrics: the service's (default 8080)")
     p.set_defaults(func=cmd_serve)
 
     remote = sub.add_parser("remote", help="call a running service over gRPC").add_subparsers(dest="remote",

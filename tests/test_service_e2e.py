@@ -182,3 +182,24 @@ def test_a_cancelled_compress_does_not_break_the_next_ones(stack, document):
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()
     assert digests == fresh
+
+
+def test_the_readmes_first_example_answers_right(stack, capsys, monkeypatch, tmp_path):
+    """The command the README shows first, against the real service with SmolLM2: the right answer."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    import service.serve.launch as launch
+    from service import cli
+
+    root = Path(__file__).resolve().parents[1]
+    line = next(line for line in (root / "README.md").read_text().splitlines()
+                if "kvcompose remote ask" in line and "examples/" in line)
+    argv = shlex.split(line.split("#")[0])[1:]  # drop the program, keep its arguments
+    argv[argv.index("--addr") + 1] = stack["address"]
+    argv[argv.index("--document") + 1] = str(root / argv[argv.index("--document") + 1])
+    expected = re.search(r"# answers: (.+)$", line).group(1).strip()
+    monkeypatch.setattr(launch, "local_api_token_file", lambda: tmp_path / "none")  # no token: dev stack
+    assert cli.main(argv) == 0
+    assert expected in capsys.readouterr().out

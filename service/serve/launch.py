@@ -11,8 +11,11 @@ import json
 import logging
 import os
 import secrets
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +99,8 @@ class StoreProcess:
         env = {**os.environ, "REDIS_URL": self.redis_url, **self.env}
         metrics = ["--metrics-address", f"{self.host}:{self.metrics_port}"] if self.metrics_port else []
         self.process = subprocess.Popen([sys.executable, "-m", "service.store.server", "--address",
-                                         f"{self.host}:{self.port}", *metrics], env=env, preexec_fn=die_with_parent)
+                                         f"{self.host}:{self.port}", *metrics], env=env, preexec_fn=die_with_parent,
+                                        start_new_session=True)  # a terminal's Ctrl-C reaches only the launcher
         with grpc.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             for _ in range(300):
@@ -161,8 +165,9 @@ class LocalStack:
             self.redis_url = self.redis.url
             log.info("no REDIS_URL: started an embedded, supervised redis-server at %s", self.redis_url)
         args = {**self.args, "store": {**self.args.get("store", {}), "redis_url": self.redis_url}}
+        http = {**yaml.safe_load(Path(self.config_path).read_text()).get("http_options", {}), "host": "127.0.0.1"}
         self.config = load_config(self.config_path, args=args, deployments=self.deployments,
-                                  **{"http_options": {"host": "127.0.0.1", "port": 8000}, **self.top})
+                                  **{"http_options": http, **self.top})
         app = next(a for a in self.config["applications"] if a["name"] == APP)
         typed = app_args(self.config)
         engine = EngineConfig(**typed.engine)
@@ -235,20 +240,36 @@ def local_api_token_file() -> Path:
     return EngineConfig().cache_dir / "local-api-token"
 
 
-def run_local(config_path: Path = CONFIG, store_port: int = 50051) -> None:
-    """``make serve``: the local stack, until Ctrl-C. REDIS_URL names an external Redis."""
+def run_local(config_path: Path = CONFIG, store_port: int = 50051, store_metrics_port: int = 9102,
+              ray_metrics_port: int = 8080) -> None:
+    """``make serve``: the local stack, until Ctrl-C or SIGTERM, then everything stops in order and
+    leaves nothing behind (Ray's session files live in a temporary directory removed at the end).
+    REDIS_URL names an external Redis."""
     redis_url = StoreConfig.from_env().redis_url or None
     print("Deploying KVCompose Serve (first start converts the embedded model, ~1 min)...", flush=True)
-    with LocalStack(config_path, redis_url=redis_url, store_port=store_port, store_metrics_port=STORE_METRICS_PORT,
-                    ray_init={"_metrics_export_port": RAY_METRICS_PORT},
-                    api_token_file=local_api_token_file()) as stack:
-        print(READY.format(port=stack.config["grpc_options"]["port"], store_port=store_port,
-                           store_metrics=STORE_METRICS_PORT, ray_metrics=RAY_METRICS_PORT), flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            print("\nStopping KVCompose Serve...", flush=True)
+    ray_dir = tempfile.mkdtemp(prefix="kvc-ray-")
+    try:
+        with LocalStack(config_path, redis_url=redis_url, store_port=store_port, store_metrics_port=store_metrics_port,
+                        ray_init={"_metrics_export_port": ray_metrics_port, "_temp_dir": ray_dir},
+                        api_token_file=local_api_token_file()) as stack:
+            # after ray.init: Ray's core worker installs its own SIGTERM handler, which aborts
+            signal.signal(signal.SIGTERM, _interrupt)
+            print(READY.format(port=stack.config["grpc_options"]["port"], store_port=store_port,
+                               store_metrics=store_metrics_port, ray_metrics=ray_metrics_port), flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                print("\nStopping KVCompose Serve...", flush=True)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    print("Stopped.", flush=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 STORE_METRICS_PORT, RAY_METRICS_PORT = 9102, 8080
@@ -258,6 +279,7 @@ KVCompose Serve is up.
   Prefix store (token-protected):     127.0.0.1:{store_port}
   Prometheus metrics:                 http://127.0.0.1:{store_metrics}/metrics (store), :{ray_metrics}/metrics (Ray)
   Try:
-    .venv/bin/kvcompose remote ask --addr 127.0.0.1:{port} --document k8s/README.md "Which port does the gRPC API use?"
+    .venv/bin/kvcompose remote ask --addr 127.0.0.1:{port} --document examples/field-guide.md \\
+      "How much weight can the robot carry?"
   Press Ctrl-C to stop.
 """

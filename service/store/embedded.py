@@ -83,6 +83,7 @@ class EmbeddedRedis:
              "--appendonly", "no", "--dir", self.dir, "--maxmemory", self.maxmemory,
              "--maxmemory-policy", "volatile-lru", "--protected-mode", "yes"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
+            start_new_session=True,  # a terminal's Ctrl-C reaches only its owner, which stops it in order
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import signal
 import time
 import uuid
 
@@ -182,12 +183,16 @@ async def serve(config: StoreConfig, address: str, metrics_address: str = "") ->
         log.info("no REDIS_URL: started an embedded redis-server at %s", embedded.url)
     server, port, store = await start_server(config, address, metrics_address)
     log.info("PrefixStore serving on port %d (Redis %s)", port, config.redis_url)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stop cleanly: finish calls in flight (5 s), no traceback
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop(grace=5)))
     try:
         await server.wait_for_termination()
     finally:
         await store.close()
         if embedded:
             embedded.stop()
+        log.info("PrefixStore stopped")
 
 
 def main(argv: list[str] | None = None) -> None:

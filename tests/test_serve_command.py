@@ -1,0 +1,85 @@
+"""``kvcompose serve`` (what ``make serve`` runs) as a user runs it: it comes up, answers, and stops
+cleanly on Ctrl-C (SIGINT to its whole process group, as a terminal sends it) or SIGTERM: exit code
+0, no stack dump, every child process ended, no temporary directory or token file left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from service.api_client import KVComposeClient
+from service.serve.launch import CONFIG
+from service.store.embedded import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def serve_config(path: Path, model_dir: Path) -> tuple[Path, int]:
+    """The project's Serve config with the tiny model, small replicas and free ports."""
+    config = yaml.safe_load(CONFIG.read_text())
+    grpc_port = free_port()
+    config["grpc_options"]["port"] = grpc_port
+    config["http_options"]["port"] = free_port()
+    app = config["applications"][0]
+    app["args"]["engine"].update(model=str(model_dir), max_context_tokens=4096)
+    for deployment in app["deployments"]:
+        deployment.setdefault("ray_actor_options", {})["num_cpus"] = 0.2
+    path.write_text(yaml.safe_dump(config))
+    return path, grpc_port
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_serve_comes_up_answers_and_stops_cleanly(tiny_model_dir, tmp_path, how):
+    config, grpc_port = serve_config(tmp_path / "serve.yaml", tiny_model_dir)
+    scratch, cache = Path(tempfile.mkdtemp(prefix="kvc-t-", dir="/tmp")), tmp_path / "cache"  # Ray's socket
+    # paths must stay under 107 bytes: a short TMPDIR
+    env = {**os.environ, "TMPDIR": str(scratch), "XDG_CACHE_HOME": str(cache)}
+    env.pop("REDIS_URL", None)  # the embedded, supervised Redis, as on a laptop
+    log = (tmp_path / "serve.log").open("w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--config", str(config), "--store-port", str(free_port()),
+         "--store-metrics-port", str(free_port()), "--ray-metrics-port", str(free_port())],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # its own terminal group
+    try:
+        deadline = time.monotonic() + 240
+        while "KVCompose Serve is up" not in (tmp_path / "serve.log").read_text():
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "serve did not come up"
+            time.sleep(0.5)
+        token = (cache / "kvcompose" / "local-api-token").read_text().strip()
+        with KVComposeClient(f"127.0.0.1:{grpc_port}", token=token, timeout_s=120) as client:
+            cache_id = client.compress("The lighthouse on Kessel Point was built in 1871. " * 20).cache_id
+            text, stats = client.ask("When was it built?", cache_id=cache_id, max_new_tokens=4)
+            assert stats.new_tokens > 0
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert len(children) >= 4  # Redis, the store, Ray's processes and replicas
+
+        if how == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    output = (tmp_path / "serve.log").read_text()
+    for noise in ("Traceback", "SIGTERM received", "Aborted", "*** "):
+        assert noise not in output, output[-3000:]
+    assert "Stopped." in output
+    time.sleep(2)  # Ray's last workers exit right after the driver
+    alive = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(p.pid, p.name()) for p in alive]
+    left = list(scratch.iterdir())
+    shutil.rmtree(scratch, ignore_errors=True)
+    assert not left, left  # no Redis or Ray temporary directory left
+    assert not (cache / "kvcompose" / "local-api-token").exists()
