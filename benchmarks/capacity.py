@@ -95,7 +95,7 @@ def main() -> None:
             cells = []
             for r in ratios:
                 entry = per_token * args.tokens * (1 - r)
-                cells.append(f"{entry / 1e6:,.1f} / {GB / (entry * overhead):,.0f}")
+                cells.append(f"{entry / 1e6:,.1f} / {int(GB // (entry * overhead)):,}")  # whole entries
             print(f"| {name} ({' x '.join(map(str, shape))}) | {label} | {per_token:,.0f} | {' | '.join(cells)} |",
                   flush=True)
 

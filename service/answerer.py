@@ -15,25 +15,15 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from service import codec
 from service.batching import BatchLimits, DecodeLoop
 from service.decode import Sampling
 from service.engine import Engine
 from service.kvcache import CompressedKV
+from service.protocol import AnswerStats
 from service.store.client import PrefixStoreClient
 from service.store.errors import NotFound
-
-
-@dataclass
-class AnswerStats:
-    cache_id: str
-    cache_source: str  # "memory" | "store"
-    time_to_first_token_s: float
-    new_tokens: int
-    seconds: float
-    fetched_bytes: int
 
 
 class DecodedLRU:

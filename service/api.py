@@ -14,14 +14,9 @@ from kvcompose.v1 import api_pb2 as api
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from service.answerer import AnswerStats
-from service.batching import Overloaded
-from service.cancel import Cancelled
-from service.compressor import CompressResult
 from service.config import RequestLimits
-from service.decode import Sampling
-from service.presses import PressSpecError
-from service.store.errors import StoreError
+from service.protocol import AnswerStats, Cancelled, CompressResult, Overloaded, PressSpecError, Sampling
+from service.store.errors import StoreError, is_transient, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +50,8 @@ def to_status(e: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, (RayActorError, ActorUnavailableError)) or isinstance(cause, (RayActorError,
                                                                                   ActorUnavailableError)):
         return grpc.StatusCode.UNAVAILABLE, "a replica failed while serving this request; retry it"
+    if is_transient(cause):  # a Redis error from the Compressor's store: "retry", never INTERNAL
+        return grpc.StatusCode.UNAVAILABLE, str(unavailable(cause))
     log.error("request %s failed", request_id, exc_info=e)
     return grpc.StatusCode.INTERNAL, f"internal error (request {request_id}); the server logged the details"
 

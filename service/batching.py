@@ -39,14 +39,11 @@ import torch
 from service.decode import Sampling, padded_cache, pick_token, ragged_cache
 from service.engine import Engine
 from service.kvcache import CompressedKV
+from service.protocol import Overloaded
 from service.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 _DONE = object()
-
-
-class Overloaded(Exception):
-    """The decoder is at its admission limit; the client should retry (RESOURCE_EXHAUSTED)."""
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,9 @@ from typing import TypeVar
 
 from torch import nn
 
+from service.protocol import Cancelled
+
 T = TypeVar("T")
-
-
-class Cancelled(Exception):
-    """Model work stopped because its request was cancelled."""
 
 
 @contextlib.contextmanager

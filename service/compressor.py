@@ -9,32 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 
 from service import codec
 from service.cancel import run_stoppable
 from service.engine import Engine
 from service.presses import canonical
+from service.protocol import CompressResult
 from service.store.ids import CacheKey
 from service.store.redis_store import RedisStore
-
-
-@dataclass
-class CompressResult:
-    cache_id: str
-    original_tokens: int
-    layer_slots: list[int]
-    stored_bytes: int
-    uncompressed_bytes: int
-    reused: bool
-    seconds: float
-    model: str
-    press: dict
-    codec: str
-
-    @property
-    def kept_fraction(self) -> float:
-        return sum(self.layer_slots) / (len(self.layer_slots) * self.original_tokens)
 
 
 class CacheCompressor:

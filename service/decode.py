@@ -7,38 +7,14 @@ passed to the attention function per call.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 from transformers import Cache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from service.kvcache import CompressedKV
-
-MIN_TEMPERATURE = 1e-3
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Decoding settings. temperature 0 = greedy; top_p in (0, 1]; seed makes sampling repeatable."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / t would overflow: sampling is undefined
-            raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature}")
-        if not 0 < self.top_p <= 1:  # also refuses NaN
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+from service.protocol import MIN_TEMPERATURE, Sampling  # noqa: F401 - the decode settings live in protocol
 
 
 def question_logits(model: PreTrainedModel, kv: CompressedKV, question_ids: list[int]) -> torch.Tensor:

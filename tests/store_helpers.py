@@ -78,9 +78,11 @@ class ServerProcess:
         return PrefixStoreClient(self.target, **kw)
 
     def redis(self):
-        """A plain client of the server's Redis, for damaging entries behind its back."""
+        """A plain client of the server's Redis (or cluster), for damaging entries behind its back."""
         import redis
 
+        if self.config.redis_cluster:
+            return redis.RedisCluster.from_url(self.config.redis_url)
         return redis.Redis.from_url(self.config.redis_url)
 
     def __exit__(self, *exc) -> None:

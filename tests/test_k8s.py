@@ -111,7 +111,7 @@ def test_every_redis_client_reads_one_redis_target(overlay):
     for doc in (d for d in clients if d["kind"] in ("RayService", "Deployment")):
         for env, env_from in _redis_env(doc):
             assert "kvcompose-redis-target" in env_from
-            assert env["REDIS_URL"]["value"] == "$(REDIS_SCHEME)://$(REDIS_USERNAME):$(REDIS_PASSWORD)@$(REDIS_HOST)/0"
+            assert env["REDIS_URL"]["value"] == "$(REDIS_SCHEME)://$(REDIS_USERNAME):$(REDIS_PASSWORD)@$(REDIS_HOST)/0$(REDIS_QUERY)"
     names = {(d["kind"], d["metadata"]["name"]) for d in docs}
     in_repo = {("StatefulSet", "kvcompose-redis"), ("Service", "kvcompose-redis"),
                ("NetworkPolicy", "kvcompose-redis-clients"), ("PodDisruptionBudget", "kvcompose-redis")}

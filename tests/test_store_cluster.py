@@ -52,14 +52,21 @@ def retried(outcomes: Outcomes, call, *args):
 
 
 def test_a_master_dies_under_load_and_no_wrong_or_partial_cache_is_served(tiny_engine):
-    ids = random_ids(300, seed=5)
-    key, data = make_cache(tiny_engine, ids, tenant="default")
+    # Distinct payloads (any 300-token cache is valid under any 300 ids), so serving one entry's
+    # bytes for another's would be seen.
+    payloads = [make_cache(tiny_engine, random_ids(300, seed=s), tenant="default") for s in range(5)]
+    key = payloads[0][0]
+    expected: dict[str, bytes] = {}
     with EmbeddedRedisCluster() as cluster:
         config = StoreConfig(redis_url=cluster.url, redis_cluster=True, service_token="svc", chunk_bytes=4096,
                              redis_retries=1, redis_timeout_s=2.0)
         with ServerProcess(config) as server:
             with server.client(retries=0) as client:  # each UNAVAILABLE reaches the test
-                before = [client.put(key, random_ids(300, seed=1000 + i), data)[0].cache_id for i in range(24)]
+                before = []
+                for i in range(24):
+                    data = payloads[i % len(payloads)][1]
+                    before.append(client.put(key, random_ids(300, seed=1000 + i), data)[0].cache_id)
+                    expected[before[-1]] = data
             assert len({cluster.master_of(f"{{default/{c}}}") for c in before}) == 3  # on every shard
             cluster.wait_replicated()
 
@@ -77,8 +84,11 @@ def test_a_master_dies_under_load_and_no_wrong_or_partial_cache_is_served(tiny_e
                     i = 0
                     while not stop.is_set():
                         own = random_ids(300, seed=10_000 * (n + 1) + i)
+                        data = payloads[(n + i) % len(payloads)][1]
                         i += 1
                         m, _ = retried(outcomes, c.put, key, own, data)
+                        with outcomes.lock:
+                            expected[m.cache_id] = data
                         for cache_id, written_before in ((rng.choice(before), True), (m.cache_id, False)):
                             try:
                                 _, got = retried(outcomes, c.fetch, cache_id)
@@ -87,8 +97,8 @@ def test_a_master_dies_under_load_and_no_wrong_or_partial_cache_is_served(tiny_e
                                     outcomes.wrong.append(f"replicated entry {cache_id} lost")
                                 outcomes.add(lost_after_ack=1)  # acknowledged, not yet replicated, master died
                                 continue
-                            if got != data:
-                                outcomes.wrong.append(f"{cache_id}: wrong bytes")
+                            if got != expected[cache_id]:
+                                outcomes.wrong.append(f"{cache_id}: another entry's bytes")
                             outcomes.add(ok=1)
 
             threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(CLIENTS)]
@@ -108,19 +118,19 @@ def test_a_master_dies_under_load_and_no_wrong_or_partial_cache_is_served(tiny_e
             assert not outcomes.wrong, outcomes.wrong
             assert victim not in cluster.masters_by_port()
             assert ok_before_kill > 0 and outcomes.ok > ok_before_kill + CLIENTS  # served through and after
+            assert outcomes.unavailable > 0  # the calls did meet the dead master
             assert outcomes.lost_after_ack <= CLIENTS  # at most each client's last unreplicated write
             with server.client() as c:  # every entry written before the kill is still exactly there
                 for cache_id in before:
-                    assert c.fetch(cache_id)[1] == data
+                    assert c.fetch(cache_id)[1] == expected[cache_id]
     print(f"failover under load: {outcomes.ok} verified calls, {outcomes.unavailable} UNAVAILABLE "
           f"(retried), {outcomes.lost_after_ack} acknowledged writes lost with the master")
 
 
-@pytest.mark.parametrize("codec_name", ["int8"])
-def test_a_fresh_cluster_serves_the_grpc_store_like_a_single_redis(tiny_engine, redis_cluster, codec_name):
+def test_a_fresh_cluster_serves_the_grpc_store_like_a_single_redis(tiny_engine, redis_cluster):
     """Put, Fetch, Stat(touch), Lookup (longest prefix), Delete over gRPC against the session cluster."""
     ids = random_ids(600, seed=6)
-    key, data = make_cache(tiny_engine, ids, codec_name, tenant="default")
+    key, data = make_cache(tiny_engine, ids, "int8", tenant="default")
     config = StoreConfig(redis_url=redis_cluster.url, redis_cluster=True, service_token="svc", chunk_bytes=8192,
                          block_tokens=256, key_prefix="kvc-cluster-grpc")
     with ServerProcess(config) as server, server.client() as client:
@@ -147,3 +157,20 @@ def test_the_url_kubernetes_builds_for_a_managed_cluster_gives_a_tls_cluster_cli
     kwargs = client.connection_kwargs
     assert kwargs["connection_class"] is SSLConnection
     assert (kwargs["username"], kwargs["password"]) == ("default", "s3cret")
+
+
+def test_a_cluster_that_cannot_be_reached_is_unavailable_not_internal():
+    """No node answers (the one named is down): every call is UNAVAILABLE (retry), the store stays up."""
+    import asyncio
+
+    from store_helpers import free_port, store_for
+
+    async def go():
+        store = store_for(f"redis://127.0.0.1:{free_port()}/0", redis_cluster=True)
+        try:
+            with pytest.raises(Unavailable):
+                await store.stat("default", "0" * 64)
+        finally:
+            await store.close()
+
+    asyncio.run(go())

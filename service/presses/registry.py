@@ -22,6 +22,7 @@ import kvpress
 from kvpress import BasePress
 
 from service.presses.kvcompose import KVComposePress
+from service.protocol import PressSpecError
 
 PRESSES: dict[str, type[BasePress]] = {
     "kvcompose": KVComposePress,
@@ -78,10 +79,6 @@ NOT_FOR_STORED_CACHES = {
 }
 WRAPPER_FIELDS = ("press", "base_press", "prefilling_press", "decoding_press")
 SET_BY_ENGINE = {"task_ids"}  # KVCompose's task prompts arrive as text (task_prompts), tokenized by the engine
-
-
-class PressSpecError(ValueError):
-    """A press spec that cannot be built; the message names the offending field."""
 
 
 def _key(name: str) -> str:

@@ -272,7 +272,6 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-STORE_METRICS_PORT, RAY_METRICS_PORT = 9102, 8080
 READY = """
 KVCompose Serve is up.
   gRPC API (kvcompose.v1.KVCompose): 127.0.0.1:{port}

