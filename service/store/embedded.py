@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import random
 import shutil
 import socket
 import subprocess
@@ -45,8 +46,28 @@ def die_with_parent() -> None:
         pass  # not Linux: stop() still ends them
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free loopback port below the kernel's ephemeral range, so that it is not taken by some
+    other process's outgoing connection or random listener (Ray's) before it is used."""
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        if port in _GIVEN:  # free now, but probably about to be used by whoever asked before
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    with socket.socket() as s:  # fall back to any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

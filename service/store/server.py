@@ -50,18 +50,23 @@ def _status(e: Exception, method: str) -> tuple[grpc.StatusCode, str]:
 @contextlib.asynccontextmanager
 async def _call(servicer: PrefixStoreServicer, context: grpc.aio.ServicerContext, method: str):
     """Every call: its tenant from the credentials, its metrics, and errors as statuses, never tracebacks."""
-    start, code = time.perf_counter(), grpc.StatusCode.OK
+    start = time.perf_counter()
+
+    def record(code: grpc.StatusCode) -> None:  # before the status leaves, so a scrape after a reply sees it
+        servicer.metrics.requests.labels(method, code.name).inc()
+        servicer.metrics.seconds.labels(method).observe(time.perf_counter() - start)
+
     try:
         yield servicer.auth.tenant(dict(context.invocation_metadata()))
     except asyncio.CancelledError:
-        code = grpc.StatusCode.CANCELLED  # the client went away
+        record(grpc.StatusCode.CANCELLED)  # the client went away
         raise
     except Exception as e:  # noqa: BLE001
         code, message = _status(e, method)
+        record(code)
         await context.abort(code, message)
-    finally:
-        servicer.metrics.requests.labels(method, code.name).inc()
-        servicer.metrics.seconds.labels(method).observe(time.perf_counter() - start)
+    else:
+        record(grpc.StatusCode.OK)
 
 
 def _unary(fn):
