@@ -111,16 +111,28 @@ def test_admission_is_bounded_and_the_refusal_says_retry(tiny_engine, caches):
     gate, prefill = threading.Event(), loop._prefill
     loop._prefill = lambda rows: (gate.wait(), prefill(rows))[1]
 
+    async def until(state: tuple[int, int], tasks: list[asyncio.Task]) -> None:
+        """Wait (bounded) for (active, waiting) == state; a request that failed instead raises here."""
+        for _ in range(30_000):
+            if (loop.load()["active"], loop.load()["waiting"]) == state:
+                return
+            for task in tasks:
+                if task.done():
+                    task.result()
+            await asyncio.sleep(0.001)
+        raise AssertionError(f"decode loop never reached {state}: {loop.load()}")
+
     async def main():
-        first = [asyncio.create_task(collect(loop, caches[0], "Go on.", sampling)) for _ in range(3)]
-        while (loop.load()["active"], loop.load()["waiting"]) != (1, 2):
-            await asyncio.sleep(0.001)  # one answering, two queued
+        first: list[asyncio.Task] = []
         try:
+            for state in ((1, 0), (1, 1), (1, 2)):  # one answering (held), then two queued, one at a time
+                first.append(asyncio.create_task(collect(loop, caches[0], "Go on.", sampling)))
+                await until(state, first)
             with pytest.raises(Overloaded, match="retry"):
                 await collect(loop, caches[0], "Go on.", sampling)
         finally:
             gate.set()
-        return await asyncio.gather(*first)
+        return await asyncio.wait_for(asyncio.gather(*first), 120)
 
     answers = asyncio.run(main())
     assert len({"".join(a) for a in answers}) == 1  # the queued ones were answered, in order, alike
