@@ -60,6 +60,8 @@ class Engine:
         window = getattr(self.loaded.model.config, "max_position_embeddings", None) or self.config.max_context_tokens
         self.max_context_tokens = min(self.config.max_context_tokens, window)
         self.window = window
+        # read once: the tokenizer is not safe to touch from several threads while another encodes
+        self._stop_token_ids = self._model_stop_token_ids()
 
     @property
     def model_id(self) -> str:
@@ -138,6 +140,9 @@ class Engine:
             raise ValueError(f"cache has {kv.num_layers} layers; the model has {cfg.num_hidden_layers}")
 
     def stop_token_ids(self) -> tuple[int, ...]:
+        return self._stop_token_ids
+
+    def _model_stop_token_ids(self) -> tuple[int, ...]:
         eos = self.loaded.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         extra = [self.loaded.tokenizer.eos_token_id]

@@ -11,7 +11,6 @@ from transformers import DynamicCache, PreTrainedModel
 
 from service.cancel import stop_between_layers
 from service.kvcache import CacheMeta, CompressedKV, compact
-from service.presses.kvcompose import remove_input_hook
 
 
 def prefill(model: PreTrainedModel, context_ids: list[int], press: BasePress | None, meta: CacheMeta,
@@ -37,7 +36,6 @@ def prefill(model: PreTrainedModel, context_ids: list[int], press: BasePress | N
     finally:  # also after a failure or a cancellation midway: the model keeps no per-request state
         for module in attn:
             module.masked_key_indices = None
-        remove_input_hook(model.model)
 
 
 def collect(model: PreTrainedModel, cache: DynamicCache, meta: CacheMeta) -> CompressedKV:

@@ -8,16 +8,20 @@ Differences from kvpress 0.5.5's KVComposePress (same positions on the same scor
   ``replay_context=False``, scored from the prefill's own attention in one pass;
 - the replay reads the cache through a view that never stores the replayed tokens, so the cache
   is not doubled and nothing of the replay is left behind;
-- it is a plain forward hook (no patched ``model.forward``), so ``ComposedPress`` accepts it:
+- it is a plain forward hook (no patched ``model.forward``), so it composes (``presses.compose``):
   at the last layer it scores what is cached, allocates globally and compresses every layer;
+- its state is declared and cleaned up: the context-ids hook and per-document state go when the
+  ``with press(model)`` block ends, stale head masks are cleared when it starts;
 - unstructured mode packs each head's picks densely (the layer is as wide as its busiest head)
   and marks the padding evicted, instead of keeping every position and masking.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from kvpress.presses.base_press import BasePress, is_prefilling
@@ -52,14 +56,6 @@ class _ReadOnlyLayer(DynamicLayer):
         return self.base.get_seq_length()
 
 
-def remove_input_hook(decoder: nn.Module) -> None:
-    """Remove the context-remembering hook a KVComposePress put on ``decoder`` (if any)."""
-    handle = getattr(decoder, "_kvcompose_input_hook", None)
-    if handle is not None:
-        handle.remove()
-        decoder._kvcompose_input_hook = None
-
-
 def _read_only(cache: Cache) -> Cache:
     return Cache(layers=[_ReadOnlyLayer(layer) for layer in cache.layers])
 
@@ -89,7 +85,11 @@ class KVComposePress(BasePress):
     structured: bool = True
     replay_context: bool = True
     task_ids: list[list[int]] | None = None
+    last_selection: dict[str, list] | None = field(default=None, init=False, repr=False, compare=False)
     _state: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _input_hook: Any = field(default=None, init=False, repr=False, compare=False)
+
+    compresses_at_last_layer: ClassVar[bool] = True  # compositions defer later presses until it has
 
     def __post_init__(self) -> None:
         if not 0 <= self.compression_ratio < 1:
@@ -102,14 +102,30 @@ class KVComposePress(BasePress):
         if self.task_ids is not None and not all(len(ids) > 0 for ids in self.task_ids):
             raise ValueError("task_ids must be non-empty token id lists")
 
-    # kvpress calls this when the press (or a ComposedPress holding it) is entered.
+    # kvpress calls this when the press (or a composition holding it) is entered.
     def post_init_from_model(self, model: nn.Module) -> None:
+        self.release()
         decoder = model.model
-        remove_input_hook(decoder)
+        for layer in decoder.layers:  # head masks of an earlier document must not apply to this one
+            layer.self_attn.masked_key_indices = None
         # The context ids are needed to replay it, and an attention hook only sees hidden states.
-        # At most one such hook exists per model; it is removed once the cache is compressed.
-        decoder._kvcompose_input_hook = decoder.register_forward_pre_hook(self._remember_input, with_kwargs=True)
+        self._input_hook = decoder.register_forward_pre_hook(self._remember_input, with_kwargs=True)
         self._state = {"model": model, "num_layers": len(decoder.layers)}
+
+    def release(self) -> None:
+        """Remove the context-ids hook and drop per-document state (the head masks stay for decoding)."""
+        if self._input_hook is not None:
+            self._input_hook.remove()
+            self._input_hook = None
+        self._state = {}
+
+    @contextmanager
+    def __call__(self, model: nn.Module) -> Iterator[None]:
+        try:
+            with super().__call__(model):
+                yield
+        finally:
+            self.release()
 
     def _remember_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._state.get("replaying"):
@@ -133,7 +149,8 @@ class KVComposePress(BasePress):
         if not self._needs_replay():
             keys = cache.layers[layer].keys
             if keys.shape[2] != q_len:
-                raise ValueError("KVCompose with replay_context=false must come first in a composition")
+                raise ValueError("kvcompose with replay_context=false must come first in a composition "
+                                 "(or after think only)")
             state["n_cached"][layer] = q_len
             self._score(module, kwargs, keys, q_len)
         if layer == state["num_layers"] - 1:
@@ -141,8 +158,7 @@ class KVComposePress(BasePress):
                 if self._needs_replay():
                     self._replay(cache)
                 self._compress(cache)
-            finally:
-                remove_input_hook(state["model"].model)
+            finally:  # the next document in the same ``with`` block starts clean
                 self._state = {"model": state["model"], "num_layers": state["num_layers"]}
         return output
 

@@ -21,6 +21,7 @@ from typing import Any
 import kvpress
 from kvpress import BasePress
 
+from service.presses.compose import ComposedPress, order_problem
 from service.presses.kvcompose import KVComposePress
 from service.protocol import PressSpecError
 
@@ -138,9 +139,9 @@ def _canonical(spec: dict, where: str) -> dict:
         if not isinstance(parts, list) or not parts:
             raise PressSpecError(f"{where}compose must be a non-empty list of press specs")
         out = [_canonical(parse(p), f"{where}compose[{i}].") for i, p in enumerate(parts)]
-        for i, p in enumerate(out):
-            if p["press"] in ("adakv", "kvzip", "kvpresskvcompose"):
-                raise PressSpecError(f"{where}compose[{i}].press: {p['press']!r} cannot be composed")
+        problem = order_problem(out)
+        if problem:
+            raise PressSpecError(f"{where}compose[{problem[0]}].press: {problem[1]}")
         return {"compose": out}
     if "press" not in spec:
         raise PressSpecError(f"{where}press: missing; name one of {sorted(PRESSES)} or use 'compose'")
@@ -208,7 +209,7 @@ def build(spec: str | dict | None) -> BasePress | None:
 
 def _build(spec: dict, where: str) -> BasePress:
     if "compose" in spec:
-        return kvpress.ComposedPress([_build(p, f"{where}compose[{i}].") for i, p in enumerate(spec["compose"])])
+        return ComposedPress([_build(p, f"{where}compose[{i}].") for i, p in enumerate(spec["compose"])])
     cls = PRESSES[spec["press"]]
     kwargs = {}
     for key, value in spec.items():
