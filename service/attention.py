@@ -67,6 +67,7 @@ def per_layer_sdpa(
     scaling: float | None = None,
     kvc_evicted: list[torch.Tensor | None] | None = None,
     kvc_lse: dict[int, torch.Tensor] | None = None,
+    softcap: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Scaled dot-product attention; query (b, heads, q, d), key/value (b, kv_heads, k, d).
@@ -77,11 +78,17 @@ def per_layer_sdpa(
     """
     evicted = kvc_evicted[module.layer_idx] if kvc_evicted is not None else None
     if isinstance(key, list):
-        rows = [_sdpa(query[r : r + 1], k, v, evicted[r] if evicted is not None else None, dropout, scaling)
+        rows = [_sdpa(query[r : r + 1], k, v, evicted[r] if evicted is not None else None, dropout, scaling, softcap)
                 for r, (k, v) in enumerate(zip(key, value))]
         return torch.cat(rows).transpose(1, 2).contiguous(), None
     q_len, k_len = query.shape[2], key.shape[2]
     groups = query.shape[1] // key.shape[1]
+    if softcap:  # Gemma 2: no fused kernel caps logits
+        out, lse = capped_attention(query, key, value, key_mask(q_len, k_len, evicted, groups, query.device),
+                                    scaling, softcap)
+        if kvc_lse is not None:
+            kvc_lse[module.layer_idx] = lse[0]
+        return out.transpose(1, 2).contiguous(), None
     if kvc_lse is not None and evicted is None and query.device.type == "cpu" and k_len >= q_len:
         if groups > 1:  # the fused kernel that returns the lse has no GQA flag
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -92,11 +99,13 @@ def per_layer_sdpa(
 
 
 def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, evicted: torch.Tensor | None,
-          dropout: float, scaling: float | None) -> torch.Tensor:
+          dropout: float, scaling: float | None, softcap: float | None = None) -> torch.Tensor:
     """(b, heads, q, d) attention output under the per-layer causal mask and head-wise evictions."""
     q_len, k_len = query.shape[2], key.shape[2]
     groups = query.shape[1] // key.shape[1]
     mask = key_mask(q_len, k_len, evicted, groups, query.device)
+    if softcap:
+        return capped_attention(query, key, value, mask, scaling, softcap)[0]
     return torch.nn.functional.scaled_dot_product_attention(
         query,
         key,
@@ -107,6 +116,29 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, evicted: 
         is_causal=mask is None and q_len == k_len and q_len > 1,
         enable_gqa=groups > 1,  # no repeated copy of the cache: ~10x faster decode steps on CPU
     )
+
+
+def cap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's logit soft-capping, softcap * tanh(logits / softcap); unchanged without a cap."""
+    return logits if not softcap else torch.tanh(logits / softcap) * softcap
+
+
+def capped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float | None, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with soft-capped logits, (b, heads, q, d) output and (b, heads, q) log-sum-exp.
+
+    mask: bool, True = may attend, or None for bottom-right causal. Materialises (q, k) logits.
+    """
+    q_len, k_len = query.shape[2], key.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    logits = cap_logits(torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale, softcap)
+    allowed = mask if mask is not None else causal_mask(q_len, k_len, query.device)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    weights = (logits - lse.unsqueeze(-1)).exp()
+    return torch.matmul(weights, value.float()).to(query.dtype), lse
 
 
 def attention_with_lse(

@@ -18,7 +18,7 @@ from service.codec import memory_dtype
 from service.config import CODECS, EngineConfig
 from service.decode import Sampling, generate, question_logits
 from service.kvcache import CacheMeta, CompressedKV
-from service.models import LoadedModel, load_model
+from service.models import LoadedModel, load_model, position_limit
 from service.prefill import prefill
 from service.presses import build, canonical, presses_in
 from service.prompt import PromptFormat
@@ -57,9 +57,8 @@ class Engine:
         self.loaded = loaded or load_model(self.config)
         self.prompt = PromptFormat(self.loaded.tokenizer)
         # the model's own window bounds every context, whatever the config says
-        window = getattr(self.loaded.model.config, "max_position_embeddings", None) or self.config.max_context_tokens
-        self.max_context_tokens = min(self.config.max_context_tokens, window)
-        self.window = window
+        self.window, self._window_kind = position_limit(self.loaded.model.config)
+        self.max_context_tokens = min(self.config.max_context_tokens, self.window)
         # read once: the tokenizer is not safe to touch from several threads while another encodes
         self._stop_token_ids = self._model_stop_token_ids()
 
@@ -76,7 +75,7 @@ class Engine:
             raise ValueError("context is empty")
         if len(ids) > self.max_context_tokens:
             raise ValueError(f"context has {len(ids)} tokens; the limit is {self.max_context_tokens} "
-                             f"(max_context_tokens, at most the model's {self.window} positions)")
+                             f"(max_context_tokens, at most the model's {self.window} {self._window_kind})")
         vocab = self.loaded.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"context token ids must be in [0, {vocab})")
@@ -167,7 +166,7 @@ class Engine:
         if room < 1:
             raise ValueError(f"question has {len(question_ids)} tokens; after the {kv.meta.original_length}-token "
                              f"context only {max(room + len(question_ids) - 1, 0)} of the model's {self.window} "
-                             "positions are left")
+                             f"{self._window_kind} are left")
         if sampling.max_new_tokens > room:  # the answer ends at the model's window
             sampling = dataclasses.replace(sampling, max_new_tokens=room)
         return question_ids, sampling

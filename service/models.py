@@ -85,6 +85,43 @@ def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
+# tested in tests/test_model_families.py
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture cannot run the presses or the per-layer attention."""
+
+
+def check_family(model: PreTrainedModel) -> None:
+    """Refuse, saying why, a model whose attention the presses cannot read."""
+    kind = model.config.model_type
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not hasattr(model.model, "rotary_emb"):
+        raise UnsupportedModelError(f"{kind!r} models are not supported: the presses need a decoder-only model "
+                                    f"with rotary positions (tested: {', '.join(TESTED_FAMILIES)})")
+    attn = layers[0].self_attn
+    if not (hasattr(attn, "q_proj") or hasattr(attn, "qkv_proj")):
+        raise UnsupportedModelError(f"{kind!r} models are not supported: scoring recomputes queries from "
+                                    f"q_proj/qkv_proj, which {type(attn).__name__} does not have")
+    if kind not in TESTED_FAMILIES:
+        log.warning("%s models are not in the tested families (%s)", kind, ", ".join(TESTED_FAMILIES))
+
+
+def position_limit(config) -> tuple[int, str]:
+    """(positions a context + question + answer may use, what sets that limit).
+
+    A compressed cache keeps no token positions, so a sliding-window layer could not tell which
+    kept keys fall out of its window: every position must stay inside the window.
+    """
+    limit, why = config.max_position_embeddings, "positions"
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if window and (types is None or "sliding_attention" in types) and window < limit:
+        limit, why = window, "sliding-window positions"
+    return limit, why
+
+
 def load_model(config: EngineConfig) -> LoadedModel:
     transformers_logging.disable_progress_bar()  # one bar line per tensor otherwise
     dtype = getattr(torch, config.compute_dtype)
@@ -97,6 +134,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         revision = config.model_revision or _local_revision(config.model)
     model = AutoModelForCausalLM.from_pretrained(source, revision=rev_arg, dtype=dtype).to(config.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source, revision=rev_arg)
+    check_family(model)
     use_per_layer_attention(model)
     return LoadedModel(model, tokenizer, config.model, revision, tokenizer_digest(tokenizer))
 

@@ -18,6 +18,7 @@ Differences from kvpress 0.5.5's KVComposePress (same positions on the same scor
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,6 @@ from kvpress.utils import get_prerope_query_states
 from torch import nn
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from service import selection
 from service.presses.scoring import TaskAttention
@@ -190,8 +190,10 @@ class KVComposePress(BasePress):
         hidden = kwargs["hidden_states"]
         query = get_prerope_query_states(module, hidden)
         cos, sin = kwargs["position_embeddings"]
-        query, _ = apply_rotary_pos_emb(query, query, cos, sin)
-        agg = self._state["scores"].setdefault(module.layer_idx, TaskAttention(self.agg_task, n_context))
+        rotate = sys.modules[type(module).__module__].apply_rotary_pos_emb  # the family's own (Phi-3: partial)
+        query, _ = rotate(query, query, cos, sin)
+        softcap = getattr(module.config, "attn_logit_softcapping", None)
+        agg = self._state["scores"].setdefault(module.layer_idx, TaskAttention(self.agg_task, n_context, softcap))
         heads, k_len = query.shape[1], keys.shape[2]
         chunk = max(1, SCORE_BLOCK_BYTES // (4 * heads * k_len))
         agg.add(query[0], keys[0], module.scaling, chunk, lse)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.attention import attention_with_lse, causal_mask
+from service.attention import attention_with_lse, cap_logits, causal_mask
 
 
 @dataclass
@@ -26,6 +26,7 @@ class TaskAttention:
 
     how: str
     n_context: int
+    softcap: float | None = None  # Gemma 2's logit soft-capping
     total: torch.Tensor | None = None
     count: int = 0
 
@@ -41,28 +42,37 @@ class TaskAttention:
         kv_heads = keys.shape[0]
         groups = heads // kv_heads
         if lse is None:
-            lse = self._lse(query, keys.repeat_interleave(groups, dim=0), scale)
+            lse = self._lse(query, keys.repeat_interleave(groups, dim=0), scale, self.softcap)
         # A GQA group's query heads share one key matrix: (kv_heads, groups * chunk, d) @ (kv_heads, d, L).
         context_t = keys[:, : self.n_context].transpose(1, 2).float()
+        offset = keys.shape[1] - t_len  # task token i sees keys j <= offset + i
         for start in range(0, t_len, chunk):
             q = query[:, start : start + chunk].float()
             c = q.shape[1]
             q = q.reshape(kv_heads, groups * c, dim)
             bias = -lse[:, start : start + chunk].float().reshape(kv_heads, groups * c, 1)
-            logw = torch.baddbmm(bias, q, context_t, alpha=scale)  # scale * q.k - lse, one kernel
-            self._fold(logw.view(heads, c, self.n_context))
+            if self.softcap:
+                logw = cap_logits(torch.bmm(q, context_t).mul_(scale), self.softcap).add_(bias)
+            else:
+                logw = torch.baddbmm(bias, q, context_t, alpha=scale)  # scale * q.k - lse, one kernel
+            logw = logw.view(heads, c, self.n_context)
+            if offset + start < self.n_context - 1:  # the context's own queries (one pass): causal
+                hidden = torch.arange(self.n_context, device=q.device) > offset + start + \
+                    torch.arange(c, device=q.device).unsqueeze(1)
+                logw.masked_fill_(hidden, float("-inf"))
+            self._fold(logw)
             del logw
 
     @staticmethod
-    def _lse(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    def _lse(query: torch.Tensor, keys: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
         """(heads, T) log-sum-exp of causal logits: the fused kernel on CPU, blockwise elsewhere."""
-        if query.device.type == "cpu":
+        if query.device.type == "cpu" and not softcap:
             return attention_with_lse(query[None], keys[None], keys[None], scale)[1][0]
         t_len, k_len = query.shape[1], keys.shape[1]
         out = []
         for start in range(0, t_len, 256):
             q = query[:, start : start + 256].float()
-            logits = torch.matmul(q, keys.transpose(1, 2).float()).mul_(scale)
+            logits = cap_logits(torch.matmul(q, keys.transpose(1, 2).float()).mul_(scale), softcap)
             allowed = causal_mask(t_len, k_len, q.device)[start : start + q.shape[1]]
             out.append(torch.logsumexp(logits.masked_fill_(~allowed, float("-inf")), dim=-1))
         return torch.cat(out, dim=1)
