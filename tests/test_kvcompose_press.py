@@ -86,3 +86,17 @@ def test_kvpress_composition_refuses_the_reference_but_accepts_ours():
     build({"compose": [{"press": "snapkv", "compression_ratio": 0.3}, {"press": "kvcompose"}]})
     with pytest.raises(PressSpecError, match="compose\\[0\\].press"):
         build({"compose": [{"press": "kvpress_kvcompose"}]})
+
+
+def test_task_softmax_over_context_gives_each_layer_the_same_attention_mass(model):
+    """'context' renormalises a task token's attention over the context: every head's weights sum to 1,
+    where the model's own softmax ('all') also spends some of it on the task's own tokens."""
+    ids, task = random_ids(256, seed=11), [random_ids(8, seed=2)]
+    sums = {}
+    for how in ("all", "context"):
+        press = KVComposePress(compression_ratio=0.5, task_ids=task, agg_task="mean", agg_group="mean",
+                               add_mean_across_heads=False, task_softmax=how)
+        prefill(model, ids, press, meta(256))
+        sums[how] = torch.stack([s.sum(dim=-1) for s in press.last_selection["scores"]])
+    assert torch.allclose(sums["context"], torch.ones_like(sums["context"]), atol=1e-5)
+    assert (sums["all"] < 1 - 1e-3).all()

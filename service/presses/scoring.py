@@ -27,6 +27,7 @@ class TaskAttention:
     how: str
     n_context: int
     softcap: float | None = None  # Gemma 2's logit soft-capping
+    over_context: bool = False  # softmax over the context keys only, instead of every key the query sees
     total: torch.Tensor | None = None
     count: int = 0
 
@@ -41,7 +42,9 @@ class TaskAttention:
         heads, t_len, dim = query.shape
         kv_heads = keys.shape[0]
         groups = heads // kv_heads
-        if lse is None:
+        if self.over_context:
+            lse = torch.zeros(heads, t_len, device=query.device)  # normalised per block below
+        elif lse is None:
             lse = self._lse(query, keys.repeat_interleave(groups, dim=0), scale, self.softcap)
         # A GQA group's query heads share one key matrix: (kv_heads, groups * chunk, d) @ (kv_heads, d, L).
         context_t = keys[:, : self.n_context].transpose(1, 2).float()
@@ -60,6 +63,8 @@ class TaskAttention:
                 hidden = torch.arange(self.n_context, device=q.device) > offset + start + \
                     torch.arange(c, device=q.device).unsqueeze(1)
                 logw.masked_fill_(hidden, float("-inf"))
+            if self.over_context:
+                logw -= logw.logsumexp(dim=-1, keepdim=True)
             self._fold(logw)
             del logw
 
