@@ -20,21 +20,31 @@ from service.engine import Engine
 from service.kvcache import CacheMeta
 from service.prefill import collect
 from service.presses import build
+from service.presses.kvcompose import KVComposePress
+from service.presses.scoring import TaskAttention
+
+
+class ContextSoftmaxKVCompose(KVComposePress):
+    """A task token's attention renormalised over the context keys only (its softmax no longer
+    covers the task's own tokens): measured here, not a served option (it did not help)."""
+
+    def aggregator(self, n_context: int, softcap: float | None) -> TaskAttention:
+        return TaskAttention(self.agg_task, n_context, softcap, over_context=True)
+
 
 TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue"]
 RATIOS = [0.5, 0.75, 0.9]
 
 
-def variants(question: list[int], question_with_prefix: list[int]) -> dict[str, tuple[dict, list | None]]:
-    """name -> (scoring spec, task ids or None for the context itself)."""
-    ctx = {"press": "kvcompose", "task_softmax": "context"}
+def variants(question: list[int], question_with_prefix: list[int]) -> dict[str, KVComposePress]:
+    """name -> scoring press (task ids None: the context itself)."""
     return {
-        "agnostic": ({"press": "kvcompose"}, None),
-        "onepass": ({"press": "kvcompose", "replay_context": False}, None),
-        "aware": ({"press": "kvcompose"}, [question]),
-        "aware-ctx": (ctx, [question]),
-        "aware-prefix": ({"press": "kvcompose"}, [question_with_prefix]),
-        "aware-prefix-ctx": (ctx, [question_with_prefix]),
+        "agnostic": KVComposePress(),
+        "onepass": KVComposePress(replay_context=False),
+        "aware": KVComposePress(task_ids=[question]),
+        "aware-ctx": ContextSoftmaxKVCompose(task_ids=[question]),
+        "aware-prefix": KVComposePress(task_ids=[question_with_prefix]),
+        "aware-prefix-ctx": ContextSoftmaxKVCompose(task_ids=[question_with_prefix]),
     }
 
 
@@ -58,9 +68,7 @@ def main() -> None:
                 asked = engine.prompt.question_ids(sample.question, sample.answer_prefix)
                 rec = record(model, ids)
                 scores = {}
-                for name, (spec, task_ids) in variants(engine.prompt.question_ids(sample.question), asked).items():
-                    scorer = build(spec)
-                    scorer.task_ids = task_ids
+                for name, scorer in variants(engine.prompt.question_ids(sample.question), asked).items():
                     run_press(model, scorer, rec, rec.cache())
                     scores[name] = scorer.last_selection["scores"]
                 for aware in ("aware-ctx", "aware-prefix"):  # each layer's scores as shares, summed

@@ -9,6 +9,7 @@ from service.decode import question_logits
 from service.prefill import prefill
 from service.presses import build
 from service.presses.kvcompose import KVComposePress
+from service.presses.scoring import TaskAttention
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +89,19 @@ def test_kvpress_composition_refuses_the_reference_but_accepts_ours():
         build({"compose": [{"press": "kvpress_kvcompose"}]})
 
 
-def test_task_softmax_over_context_gives_each_layer_the_same_attention_mass(model):
-    """'context' renormalises a task token's attention over the context: every head's weights sum to 1,
-    where the model's own softmax ('all') also spends some of it on the task's own tokens."""
+def test_attention_over_context_gives_each_layer_the_same_attention_mass(model):
+    """Renormalised over the context, a task token's attention sums to 1 for every head, where the
+    model's own softmax also spends some of it on the task's own tokens (the aggregator hook)."""
+
+    class OverContext(KVComposePress):
+        def aggregator(self, n_context, softcap):
+            return TaskAttention(self.agg_task, n_context, softcap, over_context=True)
+
     ids, task = random_ids(256, seed=11), [random_ids(8, seed=2)]
     sums = {}
-    for how in ("all", "context"):
-        press = KVComposePress(compression_ratio=0.5, task_ids=task, agg_task="mean", agg_group="mean",
-                               add_mean_across_heads=False, task_softmax=how)
+    for how, cls in (("all", KVComposePress), ("context", OverContext)):
+        press = cls(compression_ratio=0.5, task_ids=task, agg_task="mean", agg_group="mean",
+                    add_mean_across_heads=False)
         prefill(model, ids, press, meta(256))
         sums[how] = torch.stack([s.sum(dim=-1) for s in press.last_selection["scores"]])
     assert torch.allclose(sums["context"], torch.ones_like(sums["context"]), atol=1e-5)

@@ -73,9 +73,6 @@ class KVComposePress(BasePress):
     replay_context: task-agnostic scoring replays the context as the task (as kvpress does); False
         scores from the prefill's own causal attention, with no second pass.
     task_ids: token ids of task prompts (e.g. expected questions) for task-aware scoring.
-    task_softmax: "all" scores a task token's attention as the model computes it (its softmax also
-        covers the task's own tokens); "context" renormalises it over the context keys, so layers
-        whose task tokens mostly attend to themselves do not look uninformative to the allocator.
     """
 
     compression_ratio: float = 0.0
@@ -87,7 +84,6 @@ class KVComposePress(BasePress):
     keep_token_lower_bound: int = 0
     structured: bool = True
     replay_context: bool = True
-    task_softmax: str = "all"
     task_ids: list[list[int]] | None = None
     last_selection: dict[str, list] | None = field(default=None, init=False, repr=False, compare=False)
     _state: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -101,8 +97,6 @@ class KVComposePress(BasePress):
         for name in ("agg_task", "agg_group", "agg_head"):
             if getattr(self, name) not in ("max", "mean"):
                 raise ValueError(f"{name} must be 'max' or 'mean', got {getattr(self, name)!r}")
-        if self.task_softmax not in ("all", "context"):
-            raise ValueError(f"task_softmax must be 'all' or 'context', got {self.task_softmax!r}")
         if self.keep_token_lower_bound < 0:
             raise ValueError("keep_token_lower_bound must be >= 0")
         if self.task_ids is not None and not all(len(ids) > 0 for ids in self.task_ids):
@@ -198,12 +192,18 @@ class KVComposePress(BasePress):
         cos, sin = kwargs["position_embeddings"]
         rotate = sys.modules[type(module).__module__].apply_rotary_pos_emb  # the family's own (Phi-3: partial)
         query, _ = rotate(query, query, cos, sin)
-        softcap = getattr(module.config, "attn_logit_softcapping", None)
-        agg = self._state["scores"].setdefault(module.layer_idx, TaskAttention(self.agg_task, n_context, softcap,
-                                                                                self.task_softmax == "context"))
+        scores = self._state["scores"]
+        if module.layer_idx not in scores:
+            softcap = getattr(module.config, "attn_logit_softcapping", None)
+            scores[module.layer_idx] = self.aggregator(n_context, softcap)
+        agg = scores[module.layer_idx]
         heads, k_len = query.shape[1], keys.shape[2]
         chunk = max(1, SCORE_BLOCK_BYTES // (4 * heads * k_len))
         agg.add(query[0], keys[0], module.scaling, chunk, lse)
+
+    def aggregator(self, n_context: int, softcap: float | None) -> TaskAttention:
+        """How one layer's task attention is aggregated (override to score differently)."""
+        return TaskAttention(self.agg_task, n_context, softcap)
 
     def set_context(self, input_ids: torch.Tensor) -> None:
         """Give the context ids directly (when hooks are driven without a model forward)."""
