@@ -168,7 +168,8 @@ DEFAULT_BENCH_PRESSES = json.dumps([
 
 def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     from service.bench.ruler import TASKS
-    from service.bench.runner import AccuracyRun
+    from service.bench.runner import TASK_PROMPTS, AccuracyRun
+    from service.config import CODECS
 
     tasks = TASKS if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(","))
     unknown = set(tasks) - set(TASKS)
@@ -178,8 +179,15 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     if any(not 0 < r < 1 for r in ratios):
         raise ValueError("--ratios must be in (0, 1)")
     presses = args.presses
+    prompts = () if args.no_task_aware else tuple(k.strip() for k in args.task_prompts.split(",") if k.strip())
+    if set(prompts) - set(TASK_PROMPTS):
+        raise ValueError(f"--task-prompts: unknown {sorted(set(prompts) - set(TASK_PROMPTS))}; "
+                         f"known: {', '.join(TASK_PROMPTS)}")
+    codecs = tuple(c.strip() for c in args.codecs.split(",") if c.strip())
+    if set(codecs) - set(CODECS):
+        raise ValueError(f"--codecs: unknown {sorted(set(codecs) - set(CODECS))}; known: {', '.join(CODECS)}")
     AccuracyRun(_engine(args.model), args.out, args.length).run(list(tasks), args.samples, presses, ratios,
-                                                                task_aware=not args.no_task_aware)
+                                                                task_prompts=prompts, codecs=codecs)
     return cmd_bench_report(argparse.Namespace(csv=args.out, report_dir=args.report_dir))
 
 
@@ -309,7 +317,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--presses", type=press_list, default=DEFAULT_BENCH_PRESSES,
                    help="JSON list of press specs (ratios set per run)")
     b.add_argument("--ratios", default="0.25,0.5,0.75,0.9", help="comma-separated compression ratios, each in (0, 1)")
-    b.add_argument("--no-task-aware", action="store_true", help="skip KVCompose scored by the question")
+    b.add_argument("--task-prompts", default="question",
+                   help="rows of KVCompose scored by a task prompt: comma-separated question, paraphrase, unrelated")
+    b.add_argument("--no-task-aware", action="store_true", help="no task-aware rows (same as --task-prompts '')")
+    b.add_argument("--codecs", default="",
+                   help="also answer from each cache stored with these codecs (rows '<press>@<codec>'), e.g. int8")
     b.add_argument("--out", type=Path, default=Path("bench/results.csv"), help="results CSV (resumed if it exists)")
     b.add_argument("--report-dir", type=Path, help="where results.md and plots go (default: beside --out)")
     b.set_defaults(func=cmd_bench_accuracy)

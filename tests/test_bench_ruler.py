@@ -15,6 +15,13 @@ def test_samples_hit_the_length_contain_their_answers_and_reproduce(tokenizer, t
     assert ruler.generate(task, tokenizer, 2048, seed=2).context != a.context
 
 
+@pytest.mark.parametrize("task", ruler.TASKS)
+def test_every_task_has_a_paraphrase_that_rewords_its_question(tokenizer, task):
+    sample = ruler.generate(task, tokenizer, 512, seed=1)
+    assert sample.paraphrase and sample.paraphrase != sample.question
+    assert ruler.UNRELATED not in (sample.question, sample.paraphrase)
+
+
 def test_aggregation_answers_are_really_the_most_frequent(tokenizer):
     cwe = ruler.generate("cwe", tokenizer, 2048, seed=3)
     listed = [line.split(". ", 1)[1] for line in cwe.context.splitlines() if ". " in line and line[0].isdigit()]
@@ -61,11 +68,13 @@ def test_report_tables_and_plots(tmp_path):
     for sample in range(3):
         for press, ratio, score in [("none", 0.0, 100), ("snapkv", 0.5, 100 if sample else 0), ("snapkv", 0.9, 0)]:
             rows.append({"task": "niah_single_1", "press": press, "ratio": ratio, "score": float(score),
-                         "sample": sample, "bytes_int8": int(1e5 * (1 - ratio)), "length": 100})
+                         "sample": sample, "bytes_int8": int(1e5 * (1 - ratio)),
+                         "bytes_float16": int(2e5 * (1 - ratio)), "length": 100})
     text = report.table(rows)
     assert "| snapkv | 0.50 | 66.7 | 66.7 ± " in text and "(n=3)" in text
     assert "baseline solves" not in text  # every task is solved: no extra column
-    assert "| snapkv | 0.15 | 0.30 |" in text  # 90 and 80 crossed between ratio 0 (100) and 0.5 (66.7)
+    # 90 and 80 crossed between ratio 0 (100) and 0.5 (66.7); float16 bytes/token interpolated there
+    assert "| snapkv | 0.15 | 0.30 | 1,400 |" in text
     unsolved = [{**r, "task": "vt", "score": 0.0} for r in rows]
     text = report.table(rows + unsolved)
     assert "average over the 1 tasks the baseline solves |" in text

@@ -71,6 +71,29 @@ def test_rows_are_appended_and_a_rerun_resumes(tiny_engine, tmp_path):
     assert len(list(csv.DictReader(out.open()))) == len(rows) + 2 * 3  # only the new ratio
 
 
+def test_task_prompt_and_codec_rows(tiny_engine, tmp_path):
+    out = tmp_path / "results.csv"
+    AccuracyRun(tiny_engine, out, 256).run(["niah_single_1"], 1, [{"press": "streamingllm"}], [0.5],
+                                           task_prompts=("question", "paraphrase", "unrelated"), codecs=("int8",))
+    rows = {r["press"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"none", "streamingllm", "kvcompose-aware", "kvcompose-aware-paraphrase",
+                         "kvcompose-aware-unrelated", "none@int8", "streamingllm@int8"}
+    for name in ("none", "streamingllm"):  # same cache, stored as int8 and read back: same slots and bytes
+        assert rows[name + "@int8"]["kept_fraction"] == rows[name]["kept_fraction"]
+        assert rows[name + "@int8"]["bytes_int8"] == rows[name]["bytes_int8"]
+
+
+def test_a_codec_row_answers_from_the_decoded_bytes(tiny_engine):
+    from service import codec
+    from service.bench.runner import _through_codec
+
+    kv = prefill(tiny_engine.loaded.model, random_ids(64), None, meta(64))
+    back = _through_codec(kv, "int8")
+    assert back.keys[0].dtype == torch.float16
+    assert torch.equal(back.keys[0], codec.decode(codec.encode(kv.to(dtype=torch.float16), "int8")).keys[0])
+    assert not torch.equal(back.keys[0].float(), kv.keys[0])  # int8 is lossy: these are not the float32 keys
+
+
 @pytest.mark.parametrize("spec", [
     {"press": "kvcompose"},
     {"compose": [{"press": "think", "key_channel_compression_ratio": 0.5}, {"press": "kvcompose"}]},

@@ -19,7 +19,8 @@ from service.bench.ruler import AGGREGATION, TASKS
 def load(path: Path) -> list[dict]:
     with Path(path).open() as f:
         return [{**r, "ratio": float(r["ratio"]), "score": float(r["score"]), "sample": int(r["sample"]),
-                 "bytes_int8": int(r["bytes_int8"]), "length": int(r["length"])} for r in csv.DictReader(f)]
+                 "bytes_int8": int(r["bytes_int8"]), "bytes_float16": int(r["bytes_float16"]),
+                 "length": int(r["length"])} for r in csv.DictReader(f)]
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -52,7 +53,7 @@ def curves(rows: list[dict], tasks: set[str] | None = None) -> dict[str, list[tu
     base = acc.get(("none", 0.0), (float("nan"),))[0]
     out: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for (press, ratio), (m, _, _) in acc.items():
-        if press != "none":
+        if ratio > 0:  # every curve starts at the uncompressed, uncoded baseline
             out[press].append((ratio, m))
     return {p: [(0.0, base)] + sorted(pts) for p, pts in out.items()}
 
@@ -70,6 +71,28 @@ def max_compression(points: list[tuple[float, float]], eps: float) -> float:
         elif a0 >= threshold:  # crosses inside this segment
             best = max(best, r0 + (threshold - a0) * (r1 - r0) / (a1 - a0))
     return best
+
+
+def stored_bytes_per_token(rows: list[dict]) -> dict[tuple[str, float], float]:
+    """(press, ratio) -> mean stored bytes per context token, in the row's codec ("<press>@int8"),
+    else float16 (the default codec)."""
+    per: dict[tuple[str, float], list[float]] = defaultdict(list)
+    for r in rows:
+        codec = r["press"].partition("@")[2]
+        stored = r["bytes_int8"] if codec == "int8" else r["bytes_float16"] * (2 if codec == "float32" else 1)
+        per[(r["press"], r["ratio"])].append(stored / r["length"])
+    return {k: sum(v) / len(v) for k, v in per.items()}
+
+
+def bytes_at(press: str, ratio: float, per_token: dict[tuple[str, float], float]) -> float:
+    """Stored bytes per token of ``press`` at ``ratio``, linearly interpolated between measured ratios."""
+    base = "none@" + press.partition("@")[2] if "@" in press else "none"
+    pts = sorted([(0.0, per_token.get((base, 0.0), per_token[("none", 0.0)]))] +
+                 [(r, b) for (p, r), b in per_token.items() if p == press and r > 0])
+    for (r0, b0), (r1, b1) in zip(pts, pts[1:]):
+        if r0 <= ratio <= r1:
+            return b0 + (b1 - b0) * (ratio - r0) / (r1 - r0)
+    return pts[-1][1]
 
 
 def table(rows: list[dict]) -> str:
@@ -92,14 +115,18 @@ def table(rows: list[dict]) -> str:
             m, ci, _ = on_solved[key]
             line += f" {m:.1f} ± {ci:.1f} |"
         lines.append(line)
-    lines += ["", "| press | max compression, 10% loss | max compression, 20% loss |", "|---|---|---|"]
+    per_token = stored_bytes_per_token(rows)
+    lines += ["", "| press | max compression, 10% loss | max compression, 20% loss | stored bytes/token there |",
+              "|---|---|---|---|"]
     for press, pts in sorted(curves(rows).items()):
-        lines.append(f"| {press} | {max_compression(pts, 0.10):.2f} | {max_compression(pts, 0.20):.2f} |")
+        at20 = max_compression(pts, 0.20)
+        lines.append(f"| {press} | {max_compression(pts, 0.10):.2f} | {at20:.2f} | "
+                     f"{bytes_at(press, at20, per_token):,.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def plots(rows: list[dict], out_dir: Path) -> list[Path]:
-    """accuracy_vs_compression.png (all, retrieval, aggregation) and bytes_vs_accuracy.png (int8)."""
+    """accuracy_vs_compression.png (all, retrieval, aggregation) and bytes_vs_accuracy.png (stored bytes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,14 +150,12 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    per_token: dict[tuple[str, float], list[float]] = defaultdict(list)
-    for r in rows:
-        per_token[(r["press"], r["ratio"])].append(r["bytes_int8"] / r["length"])
+    per_token = stored_bytes_per_token(rows)
     acc = accuracy(rows)
     for press in sorted({k[0] for k in acc}):
-        pts = sorted((sum(per_token[k]) / len(per_token[k]), acc[k][0]) for k in acc if k[0] == press)
+        pts = sorted((per_token[k], acc[k][0]) for k in acc if k[0] == press)
         ax.plot([b for b, _ in pts], [a for _, a in pts], marker="o", label=press)
-    ax.set_xlabel("stored bytes per context token (int8 codec)")
+    ax.set_xlabel("stored bytes per context token (float16, or the row's @codec)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

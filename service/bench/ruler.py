@@ -61,6 +61,11 @@ class Sample:
     max_new_tokens: int
     context_tokens: int = 0
     meta: dict = field(default_factory=dict)
+    paraphrase: str = ""  # the question reworded (task-aware scoring with an imperfect expected question)
+
+
+# A task prompt about something the context does not contain (task-aware scoring with the wrong task).
+UNRELATED = "What is the boiling point of water at the top of a high mountain, and why is it lower?"
 
 
 def generate(task: str, tokenizer: PreTrainedTokenizerBase, length: int, seed: int) -> Sample:
@@ -162,7 +167,8 @@ def _niah(task: str, tokenizer, length: int, rng: random.Random) -> Sample:
                 f"What is the special magic {noun[:-1]} for {query} mentioned in the provided text?")
     prefix = (f"The special magic {noun} for {query} mentioned in the provided text are" if many else
               f"The special magic {noun[:-1]} for {query} mentioned in the provided text is")
-    return Sample(task, context, question, prefix, answers, MAX_NEW_TOKENS["niah"], count)
+    reworded = f"Which {noun if many else noun[:-1]} does the text above give for {query}?"
+    return Sample(task, context, question, prefix, answers, MAX_NEW_TOKENS["niah"], count, paraphrase=reworded)
 
 
 # -- variable tracking ---------------------------------------------------------------------------
@@ -186,7 +192,8 @@ def _vt(task: str, tokenizer, length: int, rng: random.Random) -> Sample:
     question = f"Question: Find all variables that are assigned the value {value} in the text above."
     prefix = (f"Answer: According to the chain(s) of variable assignment in the text above, 5 variables are "
               f"assigned the value {value}, they are: ")
-    return Sample(task, context, question, prefix, names, MAX_NEW_TOKENS["vt"], count)
+    return Sample(task, context, question, prefix, names, MAX_NEW_TOKENS["vt"], count,
+                  paraphrase=f"Question: Which variable names end up holding {value} in the text above?")
 
 
 # -- aggregation -----------------------------------------------------------------------------------
@@ -206,7 +213,8 @@ def _cwe(task: str, tokenizer, length: int, rng: random.Random) -> Sample:
     context, count = _fit(tokenizer, length, make, len(rare), rng)
     question = "Question: What are the 10 most common words in the above list?"
     return Sample(task, context, question, "Answer: The top 10 words that appear most often in the list are:",
-                  common, MAX_NEW_TOKENS["cwe"], count)
+                  common, MAX_NEW_TOKENS["cwe"], count,
+                  paraphrase="Question: Which ten words occur most often in the list above?")
 
 
 def _fwe(task: str, tokenizer, length: int, rng: random.Random) -> Sample:
@@ -225,7 +233,8 @@ def _fwe(task: str, tokenizer, length: int, rng: random.Random) -> Sample:
                 "frequently appeared words in the above coded text?")
     return Sample(task, context, question,
                   "Answer: According to the coded text above, the three most frequently appeared words are:",
-                  top, MAX_NEW_TOKENS["fwe"], count)
+                  top, MAX_NEW_TOKENS["fwe"], count,
+                  paraphrase="Question: Which three coded words occur most often in the text above?")
 
 
 # -- question answering over synthetic documents ----------------------------------------------------
@@ -256,10 +265,12 @@ def _qa(task: str, tokenizer, length: int, rng: random.Random) -> Sample:
     context, count = _fit(tokenizer, length, make, len(docs), rng)
     if task == "qa_1":
         question, answers = f"Question: In which year was the {river} river first mapped?", [year]
+        reworded = f"Question: When was the first map of the {river} river made?"
     else:
         question, answers = f"Question: Which region has as its capital the city the {river} river flows through?", [
             region]
-    return Sample(task, context, question, "Answer:", answers, MAX_NEW_TOKENS["qa"], count)
+        reworded = f"Question: The {river} river flows through a city; which region is that city the capital of?"
+    return Sample(task, context, question, "Answer:", answers, MAX_NEW_TOKENS["qa"], count, paraphrase=reworded)
 
 
 _BUILDERS: dict[str, Callable[..., Sample]] = {**{t: _niah for t in _NIAH}, "vt": _vt, "cwe": _cwe, "fwe": _fwe,

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
+from service import codec
 from service.bench import metrics, ruler
 from service.decode import generate_batch
 from service.engine import Engine
@@ -33,6 +34,11 @@ from service.presses import build, canonical, presses_in
 from service.presses.kvcompose import KVComposePress
 
 TASK_AWARE = "kvcompose-aware"  # KVCompose scored by the sample's question (its row label)
+TASK_PROMPTS = {  # --task-prompts value -> row label of KVCompose scored by that prompt
+    "question": TASK_AWARE,
+    "paraphrase": TASK_AWARE + "-paraphrase",  # the question reworded: an imperfect expected question
+    "unrelated": TASK_AWARE + "-unrelated",  # a prompt about something else: the wrong expected question
+}
 ANSWER_BATCH = 16  # caches decoded together; bounds the padded batch's memory at long contexts
 
 FIELDS = ["model", "length", "task", "sample", "press", "ratio", "kept_fraction", "bytes_float16", "bytes_int8",
@@ -138,14 +144,17 @@ class AccuracyRun:
             writer.writerow(row)
 
     def run(self, tasks: list[str], samples: int, presses: list[dict], ratios: list[float],
-            task_aware: bool = True) -> None:
+            task_prompts: tuple[str, ...] = ("question",), codecs: tuple[str, ...] = ()) -> None:
+        """task_prompts: rows of KVCompose scored by the question, its paraphrase or an unrelated prompt.
+        codecs: also answer from each cache after a round trip through these codecs ("<press>@<codec>")."""
         engine, model = self.engine, self.engine.loaded.model
         jobs = [(t, s) for s in range(samples) for t in tasks]  # sample-major: a stopped run stays balanced
         for task, seed in tqdm(jobs, desc=f"accuracy @ {self.length} tokens", unit="sample"):
             sample = ruler.generate(task, engine.loaded.tokenizer, self.length, seed)
-            plan = [("none", 0.0, {})] + [(label(p), r, with_ratio(p, r)) for p in presses for r in ratios]
-            if task_aware:  # KVCompose scored by the question itself
-                plan += [(TASK_AWARE, r, with_ratio({"press": "kvcompose"}, r)) for r in ratios]
+            stored = [("none", 0.0, {})] + [(label(p), r, with_ratio(p, r)) for p in presses for r in ratios]
+            plan = stored + [(TASK_PROMPTS[k], r, with_ratio({"press": "kvcompose"}, r))
+                             for k in task_prompts for r in ratios]
+            plan += [(f"{name}@{c}", r, spec) for c in codecs for name, r, spec in stored]
             plan = [job for job in plan if (task, seed, job[0], job[1]) not in self.done]
             if not plan:
                 continue
@@ -153,8 +162,15 @@ class AccuracyRun:
             question = engine.prompt.question_ids(sample.question, sample.answer_prefix)
             rec = record(model, ids)
             scored: dict[str, tuple] = {}
-            kvs = [self._compress(rec, name, spec, sample, scored) for name, _, spec in plan]
-            del rec, scored
+            made: dict[tuple[str, float], CompressedKV] = {}
+            kvs = []
+            for name, ratio, spec in plan:
+                press, _, codec_name = name.partition("@")
+                if (press, ratio) not in made:
+                    made[(press, ratio)] = self._compress(rec, press, spec, sample, scored)
+                kv = made[(press, ratio)]
+                kvs.append(_through_codec(kv, codec_name) if codec_name else kv)
+            del rec, scored, made
             predictions = self._answer(kvs, question, sample)
             for (name, ratio, spec), kv, prediction in zip(plan, kvs, predictions):
                 score = metrics.metric_for(task)([prediction], [sample.answers])
@@ -175,8 +191,10 @@ class AccuracyRun:
                 before = parts[0] if len(parts) == 2 else {"compose": parts[:-1]} if len(parts) > 2 else None
                 base = run_press(model, build(before), rec) if before else rec.cache()
                 scorer = build(parts[-1])
-                if name == TASK_AWARE:
-                    scorer.task_ids = [self.engine.prompt.question_ids(sample.question)]
+                prompt = {TASK_PROMPTS["question"]: sample.question, TASK_PROMPTS["paraphrase"]: sample.paraphrase,
+                          TASK_PROMPTS["unrelated"]: ruler.UNRELATED}.get(name)
+                if prompt:
+                    scorer.task_ids = [self.engine.prompt.question_ids(prompt)]
                 run_press(model, scorer, rec, _copy(base))
                 scored[name] = (base, scorer.last_selection["scores"])
             base, scores = scored[name]
@@ -205,6 +223,11 @@ class AccuracyRun:
         return [tokenizer.decode(answers[i], skip_special_tokens=True) for i in range(len(kvs))]
 
 
+def _through_codec(kv: CompressedKV, codec_name: str) -> CompressedKV:
+    """The cache as a decode worker gets it: stored with ``codec_name`` and read back."""
+    return codec.decode(codec.encode(kv.to(dtype=codec.memory_dtype(codec_name)), codec_name))
+
+
 def _copy(cache: DynamicCache) -> DynamicCache:
     return _cache_copy([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
 
@@ -214,6 +237,4 @@ def _cache_copy(keys: list[torch.Tensor], values: list[torch.Tensor]) -> Dynamic
 
 
 def _nbytes(kv: CompressedKV, codec_name: str) -> int:
-    from service import codec
-
     return len(codec.encode(kv, codec_name))
