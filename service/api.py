@@ -121,7 +121,8 @@ def compress_args(req: api.CompressRequest, served_model: str, limits: RequestLi
 
 def compress_response(r: CompressResult) -> api.CompressResponse:
     return api.CompressResponse(
-        cache_id=r.cache_id, original_tokens=r.original_tokens, kept_tokens_per_layer=r.layer_slots,
+        cache_id=r.cache_id, original_tokens=r.original_tokens, layer_slots=r.layer_slots,
+        kept_tokens_per_layer=r.kept_tokens_per_layer,
         kept_fraction=r.kept_fraction, stored_bytes=r.stored_bytes, uncompressed_bytes=r.uncompressed_bytes,
         reused=r.reused, seconds=r.seconds, model=r.model, press_json=json.dumps(r.press, sort_keys=True),
         codec=r.codec)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from service.config import CODECS
-from service.kvcache import CacheMeta, CompressedKV
+from service.kvcache import CacheMeta, CompressedKV, kept_tokens
 
 MAGIC = b"KVCPRS\r\n"
 FORMAT_VERSION = 1
@@ -210,6 +210,16 @@ def layer_shapes(header: dict) -> tuple[list[int], int]:
     slots = [int(shapes[f"v.{i}"][1]) for i in layers]
     per_token = sum(2 * 2 * int(shapes[f"v.{i}"][0]) * int(shapes[f"v.{i}"][2]) for i in layers)
     return slots, per_token
+
+
+def kept_tokens_per_layer(data: bytes | memoryview, header: dict) -> list[float]:
+    """``CompressedKV.kept_tokens_per_layer`` from checked bytes, reading only the eviction masks."""
+    data = memoryview(data)
+    payload = data[_PREFIX.size + _PREFIX.unpack_from(data)[2] : -_DIGEST]
+    entries = {e["name"]: e for e in header["tensors"]}
+    slots, _ = layer_shapes(header)
+    return [kept_tokens(n, _tensor(payload, entries[f"e.{i}"]) if f"e.{i}" in entries else None)
+            for i, n in enumerate(slots)]
 
 
 def decode(data: bytes | memoryview) -> CompressedKV:

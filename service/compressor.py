@@ -54,5 +54,6 @@ class CacheCompressor:
 
         manifest, created = await self.store.get_or_create(key, ids, compute, ttl_s)
         m = manifest
-        return CompressResult(m.cache_id, m.context_tokens, list(m.layer_slots), m.total_bytes, m.uncompressed_bytes,
+        return CompressResult(m.cache_id, m.context_tokens, list(m.layer_slots), m.kept_tokens(), m.total_bytes,
+                              m.uncompressed_bytes,
                               not created, time.perf_counter() - start, self.engine.model_id, spec, codec_name)

@@ -22,6 +22,7 @@ from service.models import LoadedModel, load_model, position_limit
 from service.prefill import prefill
 from service.presses import build, canonical, presses_in
 from service.prompt import PromptFormat
+from service.protocol import kept_fraction
 from service.text_stream import TextStream
 
 
@@ -35,7 +36,7 @@ class CompressStats:
 
     @property
     def kept_fraction(self) -> float:
-        return sum(self.kept_tokens_per_layer) / (len(self.kept_tokens_per_layer) * self.original_tokens)
+        return kept_fraction(self.kept_tokens_per_layer, self.original_tokens)
 
     def to_json(self) -> dict:
         return {

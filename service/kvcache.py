@@ -13,6 +13,11 @@ import torch
 from transformers import DynamicCache
 
 
+def kept_tokens(slots: int, evicted: torch.Tensor | None) -> float:
+    """A layer's kept tokens: its slots, minus each head's evicted ones, averaged over KV heads."""
+    return float(slots) if evicted is None else float((~evicted.bool()).sum(dim=1).float().mean())
+
+
 @dataclass(frozen=True)
 class CacheMeta:
     """What decode needs to know besides the tensors.
@@ -80,10 +85,7 @@ class CompressedKV:
 
     def kept_tokens_per_layer(self) -> list[float]:
         """Tokens a head actually attends to, averaged over KV heads (slots minus evicted)."""
-        out = []
-        for k, e in zip(self.keys, self.evicted):
-            out.append(float(k.shape[1]) if e is None else float((~e).sum(dim=1).float().mean()))
-        return out
+        return [kept_tokens(k.shape[1], e) for k, e in zip(self.keys, self.evicted)]
 
     def nbytes(self) -> int:
         """Bytes of the key and value tensors (masks excluded)."""

@@ -35,13 +35,20 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+def kept_fraction(kept_tokens_per_layer: list[float], original_tokens: int) -> float:
+    """The one definition used by the CLI, the API and the store: tokens each KV head still attends
+    to (stored slots minus head-wise evictions, averaged over heads), over every layer's context."""
+    return sum(kept_tokens_per_layer) / (len(kept_tokens_per_layer) * original_tokens)
+
+
 @dataclass
 class CompressResult:
     """A stored (or found) cache: what Compress returns."""
 
     cache_id: str
     original_tokens: int
-    layer_slots: list[int]
+    layer_slots: list[int]  # stored width of each layer (a head-wise press pads to its busiest head)
+    kept_tokens_per_layer: list[float]  # what attention sees: slots minus evictions, averaged over heads
     stored_bytes: int
     uncompressed_bytes: int
     reused: bool
@@ -52,7 +59,7 @@ class CompressResult:
 
     @property
     def kept_fraction(self) -> float:
-        return sum(self.layer_slots) / (len(self.layer_slots) * self.original_tokens)
+        return kept_fraction(self.kept_tokens_per_layer, self.original_tokens)
 
 
 @dataclass

@@ -30,18 +30,18 @@ def store_for(url: str = SHARED_REDIS, **overrides) -> RedisStore:
     return RedisStore(connect(config, url), config)
 
 
-def with_store(test, url: str = SHARED_REDIS, **overrides) -> None:
-    """Run ``await test(store)`` with a fresh namespaced store, wiping its keys afterwards."""
+def with_store(test, url: str = SHARED_REDIS, **overrides):
+    """``await test(store)`` with a fresh namespaced store, wiping its keys afterwards; its result."""
     import asyncio
 
-    async def main() -> None:
+    async def main():
         store = store_for(url, **overrides)
         try:
-            await test(store)
+            return await test(store)
         finally:
             await wipe(store)
 
-    asyncio.run(main())
+    return asyncio.run(main())
 
 
 async def wipe(store: RedisStore) -> None:

@@ -4,11 +4,14 @@ answered while a prefill runs, never behind it."""
 from __future__ import annotations
 
 import asyncio
+import json
 
+import pytest
 from conftest import random_ids
 from store_helpers import with_store
 
 from service.compressor import CacheCompressor
+from service.store.manifest import Manifest
 
 PRESS = {"press": "knorm", "compression_ratio": 0.5}
 
@@ -29,3 +32,38 @@ def test_a_stored_document_does_not_wait_behind_a_prefill(tiny_engine):
         assert compressor.prefills == 2
 
     with_store(go)
+
+
+def test_kept_tokens_mean_the_same_in_the_engine_the_api_and_the_store(tiny_engine):
+    """A head-wise press stores padded slots; every layer reports tokens net of evictions, also on a hit."""
+    headwise = {"press": "kvcompose", "compression_ratio": 0.6, "structured": False}
+    ids = random_ids(240, seed=83)
+    _, stats = tiny_engine.compress(ids, headwise)
+
+    async def go(store):
+        compressor = CacheCompressor(tiny_engine, store)
+        made = await compressor.compress("default", ids, headwise)
+        again = await compressor.compress("default", ids, headwise)
+        manifest = await store.stat("default", made.cache_id)
+        return made, again, manifest
+
+    made, again, manifest = with_store(go)
+    assert again.reused
+    for result in (made, again):
+        assert result.kept_tokens_per_layer == pytest.approx(stats.kept_tokens_per_layer)
+        assert result.kept_fraction == pytest.approx(stats.kept_fraction)
+    assert sum(made.layer_slots) > sum(made.kept_tokens_per_layer)  # padding to the busiest head is not "kept"
+    assert json.loads(manifest.to_json())["kept_tokens_per_layer"]
+
+
+def test_manifests_of_dense_presses_keep_their_old_form_and_newer_fields_are_skipped(tiny_engine):
+    async def go(store):
+        made = await CacheCompressor(tiny_engine, store).compress("default", random_ids(200, seed=84), PRESS)
+        return await store.stat("default", made.cache_id)
+
+    manifest = with_store(go)
+    data = json.loads(manifest.to_json())
+    assert "kept_tokens_per_layer" not in data  # what stores before this field wrote and read
+    assert manifest.kept_tokens() == [float(n) for n in manifest.layer_slots]
+    newer = json.dumps({**data, "a_later_field": 1}).encode()
+    assert Manifest.from_json(newer) == manifest

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from service.store.ids import CacheKey
 
@@ -24,17 +24,28 @@ class Manifest:
     layer_slots: list[int]
     uncompressed_bytes: int
     prefix_id: str = ""  # id of the context's block-aligned prefix: the longest-prefix index set it is in
+    # Net of head-wise evictions (``protocol.kept_fraction``); recorded only when it differs from the
+    # slots, so manifests of other presses stay as stores before this field wrote them.
+    kept_tokens_per_layer: tuple[float, ...] = ()
+
+    def kept_tokens(self) -> list[float]:
+        return list(self.kept_tokens_per_layer) or [float(n) for n in self.layer_slots]
 
     def to_json(self) -> bytes:
         data = asdict(self)
         data["sha256"] = self.sha256.hex()
+        if not self.kept_tokens_per_layer:
+            del data["kept_tokens_per_layer"]
         return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
         data = json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}  # a newer store's fields are skipped
         data["sha256"] = bytes.fromhex(data["sha256"])
         data["key"] = CacheKey(**data["key"])
+        data["kept_tokens_per_layer"] = tuple(data.get("kept_tokens_per_layer", ()))
         return cls(**data)
 
     def to_proto(self, pb):
@@ -44,7 +55,7 @@ class Manifest:
             chunk_count=self.chunk_count, chunk_bytes=self.chunk_bytes, sha256=self.sha256,
             context_tokens=self.context_tokens, key=key_to_proto(self.key, pb),
             created_unix_ms=self.created_unix_ms, ttl_s=self.ttl_s, layer_slots=self.layer_slots,
-            uncompressed_bytes=self.uncompressed_bytes,
+            uncompressed_bytes=self.uncompressed_bytes, kept_tokens_per_layer=self.kept_tokens(),
         )
 
 

@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from service.codec import FORMAT_VERSION, CorruptCacheError, check, layer_shapes
+from service.codec import FORMAT_VERSION, CorruptCacheError, check, kept_tokens_per_layer, layer_shapes
 from service.config import StoreConfig
 from service.store.errors import (
     DataLoss,
@@ -136,10 +136,11 @@ class RedisStore:
                 await self._release(tenant, cache_id, record)
                 raise
             slots, per_token = layer_shapes(header)
+            kept = kept_tokens_per_layer(data, header)
             aligned = len(context_ids) // self.config.block_tokens * self.config.block_tokens
             manifest = Manifest(cache_id, FORMAT_VERSION, len(data), n_chunks, size, digest, len(context_ids), key,
                                 created_ms, ttl_s, write_id, slots, per_token * len(context_ids),
-                                key.cache_id(context_ids[:aligned]))
+                                key.cache_id(context_ids[:aligned]), tuple(kept) if kept != slots else ())
             if not await self.redis.set(self.keys.manifest(tenant, cache_id), manifest.to_json(), nx=True, ex=ttl_s):
                 committed = await self._manifest(tenant, cache_id)
                 if committed is None or committed.write_id != write_id:  # another writer committed first
