@@ -2,7 +2,8 @@
 
 Per family: an uncompressed cache decodes exactly like transformers' eager attention (Gemma 2's
 soft-capping included), KVCompose's scores are the model's own attention (q/k norms, partial
-rotary, soft-capping), a compressed cache stays causal per layer, and it survives the codec.
+rotary, soft-capping) and one-pass scoring places queries where the replay does, a compressed
+cache stays causal per layer, and it survives the codec.
 """
 
 import pytest
@@ -17,6 +18,8 @@ from service.engine import Engine
 from service.models import LoadedModel, UnsupportedModelError, check_family, tokenizer_digest
 from service.prefill import prefill
 from service.presses import build
+from service.presses.kvcompose import KVComposePress
+from service.presses.scoring import TaskAttention
 from service.protocol import Sampling
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -74,17 +77,37 @@ def test_uncompressed_cache_decodes_like_eager_transformers(family):
 
 
 def test_kvcompose_scores_are_the_models_own_attention(family):
+    """Two-pass scores: the replayed context's attention onto the context, as eager transformers
+    computes it for the context given twice."""
     _, model = family
-    press = build({"press": "kvcompose", "compression_ratio": 0.5, "replay_context": False,
-                   "agg_task": "mean", "add_mean_across_heads": False})
+    press = build({"press": "kvcompose", "compression_ratio": 0.5, "agg_task": "mean", "add_mean_across_heads": False})
     context = random_ids(CONTEXT)
     prefill(model, context, press, meta(CONTEXT))
-    attentions = eager(model, context, output_attentions=True).attentions
+    attentions = eager(model, context + context, output_attentions=True).attentions
     kv_heads = model.config.num_key_value_heads
     for layer, weights in enumerate(attentions):
-        expected = weights[0].float().mean(dim=1)  # mean over queries: (heads, L)
+        expected = weights[0, :, CONTEXT:, :CONTEXT].float().mean(dim=1)  # (heads, L): replayed queries
         expected = expected.view(kv_heads, -1, CONTEXT).mean(dim=1)
         assert torch.allclose(press.last_selection["scores"][layer], expected, atol=1e-6), layer
+
+
+class OverContext(KVComposePress):
+    def aggregator(self, n_context, softcap):
+        return TaskAttention(self.agg_task, n_context, softcap, over_context=True)
+
+
+def test_one_pass_queries_are_placed_where_the_replay_puts_them(family):
+    """Layer 0's queries depend on the token alone, so one pass (prefill queries rotated to the
+    replay's positions, softmax over the context) equals the replay's layer 0 exactly."""
+    _, model = family
+    options = dict(compression_ratio=0.5, agg_task="mean", add_mean_across_heads=False)
+    one_pass, replay = KVComposePress(replay_context=False, **options), OverContext(**options)
+    context = random_ids(CONTEXT)
+    for press in (one_pass, replay):
+        prefill(model, context, press, meta(CONTEXT))
+    a, b = one_pass.last_selection["scores"], replay.last_selection["scores"]
+    assert torch.allclose(a[0], b[0], atol=1e-6)
+    assert not torch.allclose(a[-1], b[-1], atol=1e-7, rtol=0)  # deeper layers: the causal prefill's states
 
 
 @pytest.mark.parametrize("which", ["kvcompose", "other"])

@@ -5,7 +5,8 @@ Differences from kvpress 0.5.5's KVComposePress (same positions on the same scor
   a time (``scoring.TaskAttention``), O(L x T) memory instead of eager (heads, L, 2L) weights;
 - task-aware scoring works: ``task_ids`` are replayed (each prompt on its own, against the context
   only); with none, the context itself is replayed (task-agnostic), or, with
-  ``replay_context=False``, scored from the prefill's own attention in one pass;
+  ``replay_context=False``, scored in one pass: the prefill's own queries, rotated to the positions
+  the replay would give them (after the context), attend to every context key;
 - the replay reads the cache through a view that never stores the replayed tokens, so the cache
   is not doubled and nothing of the replay is left behind;
 - it is a plain forward hook (no patched ``model.forward``), so it composes (``presses.compose``):
@@ -18,6 +19,7 @@ Differences from kvpress 0.5.5's KVComposePress (same positions on the same scor
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,7 +73,9 @@ class KVComposePress(BasePress):
     keep_token_lower_bound: composite slots every layer keeps at least (at least 1 always).
     structured: aligned composite tokens (dense, default) or per-head counts (unstructured).
     replay_context: task-agnostic scoring replays the context as the task (as kvpress does); False
-        scores from the prefill's own causal attention, with no second pass.
+        scores in one pass: each prefill query, placed after the context as the replay would place
+        it, attends to every context key (no second forward pass; the queries keep their causal
+        hidden states, and the softmax covers the context keys only).
     task_ids: token ids of task prompts (e.g. expected questions) for task-aware scoring.
     """
 
@@ -152,7 +156,7 @@ class KVComposePress(BasePress):
                 raise ValueError("kvcompose with replay_context=false must come first in a composition "
                                  "(or after think only)")
             state["n_cached"][layer] = q_len
-            self._score(module, kwargs, keys, q_len)
+            self._score(module, kwargs, keys, q_len, after_context=True)
         if layer == state["num_layers"] - 1:
             try:
                 if self._needs_replay():
@@ -186,10 +190,10 @@ class KVComposePress(BasePress):
             state["replaying"] = False
 
     def _score(self, module: nn.Module, kwargs: dict, keys: torch.Tensor, n_context: int,
-               lse: torch.Tensor | None = None) -> None:
+               lse: torch.Tensor | None = None, after_context: bool = False) -> None:
         hidden = kwargs["hidden_states"]
         query = get_prerope_query_states(module, hidden)
-        cos, sin = kwargs["position_embeddings"]
+        cos, sin = self._rotary_after_context(module, hidden) if after_context else kwargs["position_embeddings"]
         rotate = sys.modules[type(module).__module__].apply_rotary_pos_emb  # the family's own (Phi-3: partial)
         query, _ = rotate(query, query, cos, sin)
         scores = self._state["scores"]
@@ -199,7 +203,19 @@ class KVComposePress(BasePress):
         agg = scores[module.layer_idx]
         heads, k_len = query.shape[1], keys.shape[2]
         chunk = max(1, SCORE_BLOCK_BYTES // (4 * heads * k_len))
-        agg.add(query[0], keys[0], module.scaling, chunk, lse)
+        if after_context:
+            agg.add_after_context(query[0], keys[0], module.scaling, chunk)
+        else:
+            agg.add(query[0], keys[0], module.scaling, chunk, lse)
+
+    def _rotary_after_context(self, module: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of positions L..2L-1, where the replay would put the context's queries."""
+        length = hidden.shape[1]
+        positions = torch.arange(length, 2 * length, device=hidden.device).unsqueeze(0)
+        rotary = self._state["model"].model.rotary_emb
+        if "layer_type" in inspect.signature(rotary.forward).parameters:  # Gemma 3: local and global RoPE
+            return rotary(hidden, positions, module.config.layer_types[module.layer_idx])
+        return rotary(hidden, positions)
 
     def aggregator(self, n_context: int, softcap: float | None) -> TaskAttention:
         """How one layer's task attention is aggregated (override to score differently)."""

@@ -48,7 +48,6 @@ class TaskAttention:
             lse = self._lse(query, keys.repeat_interleave(groups, dim=0), scale, self.softcap)
         # A GQA group's query heads share one key matrix: (kv_heads, groups * chunk, d) @ (kv_heads, d, L).
         context_t = keys[:, : self.n_context].transpose(1, 2).float()
-        offset = keys.shape[1] - t_len  # task token i sees keys j <= offset + i
         for start in range(0, t_len, chunk):
             q = query[:, start : start + chunk].float()
             c = q.shape[1]
@@ -59,28 +58,38 @@ class TaskAttention:
             else:
                 logw = torch.baddbmm(bias, q, context_t, alpha=scale)  # scale * q.k - lse, one kernel
             logw = logw.view(heads, c, self.n_context)
-            if offset + start < self.n_context - 1:  # the context's own queries (one pass): causal
-                hidden = torch.arange(self.n_context, device=q.device) > offset + start + \
-                    torch.arange(c, device=q.device).unsqueeze(1)
-                logw.masked_fill_(hidden, float("-inf"))
             if self.over_context:
                 logw -= logw.logsumexp(dim=-1, keepdim=True)
             self._fold(logw)
             del logw
 
     @staticmethod
-    def _lse(query: torch.Tensor, keys: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
-        """(heads, T) log-sum-exp of causal logits: the fused kernel on CPU, blockwise elsewhere."""
+    def _lse(query: torch.Tensor, keys: torch.Tensor, scale: float, softcap: float | None,
+             causal: bool = True) -> torch.Tensor:
+        """(heads, T) log-sum-exp of the queries' logits (causal: the T queries are the last T keys;
+        else every query sees every key): the fused kernel on CPU, blockwise elsewhere."""
         if query.device.type == "cpu" and not softcap:
-            return attention_with_lse(query[None], keys[None], keys[None], scale)[1][0]
+            if causal:
+                return attention_with_lse(query[None], keys[None], keys[None], scale)[1][0]
+            flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+            return flash(query[None], keys[None], keys[None], 0.0, False, scale=scale)[1][0]
         t_len, k_len = query.shape[1], keys.shape[1]
         out = []
         for start in range(0, t_len, 256):
             q = query[:, start : start + 256].float()
             logits = cap_logits(torch.matmul(q, keys.transpose(1, 2).float()).mul_(scale), softcap)
-            allowed = causal_mask(t_len, k_len, q.device)[start : start + q.shape[1]]
-            out.append(torch.logsumexp(logits.masked_fill_(~allowed, float("-inf")), dim=-1))
+            if causal:
+                allowed = causal_mask(t_len, k_len, q.device)[start : start + q.shape[1]]
+                logits = logits.masked_fill_(~allowed, float("-inf"))
+            out.append(torch.logsumexp(logits, dim=-1))
         return torch.cat(out, dim=1)
+
+    def add_after_context(self, query: torch.Tensor, keys: torch.Tensor, scale: float, chunk: int) -> None:
+        """Fold in the context's own queries as if placed after it: every query sees every context key
+        (the softmax over the context keys). query: (heads, L, d) rotated to positions L..2L-1."""
+        groups = query.shape[0] // keys.shape[0]
+        lse = self._lse(query, keys.repeat_interleave(groups, dim=0), scale, self.softcap, causal=False)
+        self.add(query, keys, scale, chunk, lse)
 
     def _fold(self, logw: torch.Tensor) -> None:
         if self.how == "max":
