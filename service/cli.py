@@ -106,8 +106,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _remote(args: argparse.Namespace):
     from service.api_client import KVComposeClient
+    from service.config import ClientConfig
 
-    token = args.token or os.environ.get("KVCOMPOSE_TOKEN")
+    token = ClientConfig.from_env(token=args.token).token
     if not token and args.addr.split(":")[0] in ("127.0.0.1", "localhost", "[::1]"):
         from service.serve.launch import local_api_token_file
 

@@ -203,3 +203,17 @@ class StoreConfig:
                 values[f.name] = type(default)(raw)
         values.update({k: v for k, v in overrides.items() if v not in (None, "")})
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """The CLI's ``remote`` client: ``token`` is the API bearer token (``KVCOMPOSE_TOKEN``)."""
+
+    token: str | None = None
+
+    @classmethod
+    def from_env(cls, **overrides) -> ClientConfig:
+        """``KVCOMPOSE_TOKEN``, then explicit overrides (None is ignored)."""
+        values = {"token": os.environ.get("KVCOMPOSE_TOKEN") or None}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

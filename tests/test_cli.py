@@ -47,3 +47,13 @@ def test_remote_ask_takes_top_p_and_repeated_stop_strings():
     args = cli.parser().parse_args(["remote", "ask", "Who?", "--cache-id", "c", "--top-p", "0.9",
                                     "--stop", "\n", "--stop", "END"])
     assert args.top_p == 0.9 and args.stop == ["\n", "END"]
+
+
+def test_remote_token_comes_from_the_flag_else_the_environment(monkeypatch):
+    from service.config import ClientConfig
+
+    monkeypatch.setenv("KVCOMPOSE_TOKEN", "from-env")
+    assert ClientConfig.from_env().token == "from-env"
+    assert ClientConfig.from_env(token="from-flag").token == "from-flag"
+    monkeypatch.delenv("KVCOMPOSE_TOKEN")
+    assert ClientConfig.from_env().token is None
