@@ -17,7 +17,8 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from service import codec
-from service.batching import BatchLimits, DecodeLoop
+from service.batching import DecodeLoop
+from service.config import BatchLimits
 from service.decode import Sampling
 from service.engine import Engine
 from service.kvcache import CompressedKV

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from service.config import BatchLimits
 from service.decode import Sampling, padded_cache, pick_token, ragged_cache
 from service.engine import Engine
 from service.kvcache import CompressedKV
@@ -44,21 +45,6 @@ from service.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 _DONE = object()
-
-
-@dataclass(frozen=True)
-class BatchLimits:
-    """max_batch: answers advanced together per step; max_waiting: requests queued beyond that;
-    memory_bytes: cache copies of the active answers (with room for their tokens)."""
-
-    max_batch: int = 16
-    max_waiting: int = 32
-    memory_bytes: int = 2 << 30
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "max_waiting", "memory_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"decode_batch.{name} must be >= 1")
 
 
 @dataclass(eq=False)

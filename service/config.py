@@ -118,6 +118,22 @@ def api_auth_tokens(configured: dict) -> dict:
 
 
 @dataclass(frozen=True)
+class BatchLimits:
+    """A Decoder replica's decode loop (``service.batching``). max_batch: answers advanced together
+    per step; max_waiting: requests queued beyond that; memory_bytes: cache copies of the active
+    answers (with room for their tokens)."""
+
+    max_batch: int = 16
+    max_waiting: int = 32
+    memory_bytes: int = 2 << 30
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_waiting", "memory_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"decode_batch.{name} must be >= 1")
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """Prefix-store settings (units in names).
 

@@ -24,8 +24,7 @@ from kvcompose.v1 import api_pb2_grpc as api_grpc
 
 from service import api as conv
 from service.answerer import Answerer
-from service.batching import BatchLimits
-from service.config import EngineConfig, RequestLimits, StoreConfig, api_auth_tokens
+from service.config import BatchLimits, EngineConfig, RequestLimits, StoreConfig, api_auth_tokens
 from service.engine import Engine
 from service.serve.frontend import Frontend
 from service.store.auth import Auth

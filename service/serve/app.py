@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from service import api as conv
-from service.config import EngineConfig, RequestLimits, StoreConfig, api_auth_tokens
+from service.config import BatchLimits, EngineConfig, RequestLimits, StoreConfig, api_auth_tokens
 from service.serve.frontend import Frontend
 from service.store.auth import Auth
 
@@ -54,14 +54,14 @@ class AppArgs:
 class Compressor:
     """Prefill + compress + store. Replicas are GPU actors in production (``num_gpus`` in the config)."""
 
-    def __init__(self, engine: dict, store: dict):
+    def __init__(self, engine: EngineConfig, store: dict):
         from service.compressor import CacheCompressor
         from service.engine import Engine
         from service.serve.metrics import ServiceMetrics
         from service.store.redis_store import RedisStore, connect
 
         store_config = StoreConfig.from_env(**store)
-        self.worker = CacheCompressor(Engine(EngineConfig(**engine)),
+        self.worker = CacheCompressor(Engine(engine),
                                       RedisStore(connect(store_config, store_config.redis_url), store_config))
         self.metrics = ServiceMetrics()
 
@@ -88,14 +88,13 @@ class Compressor:
 class Decoder:
     """Answers from caches fetched through the PrefixStore gRPC client (so it may run on any node)."""
 
-    def __init__(self, engine: dict, store: dict, store_address: str, lru_bytes: int, decode_batch: dict):
+    def __init__(self, engine: EngineConfig, store: dict, store_address: str, lru_bytes: int,
+                 decode_batch: BatchLimits):
         from service.answerer import Answerer
-        from service.batching import BatchLimits
         from service.engine import Engine
         from service.serve.metrics import ServiceMetrics
 
-        self.worker = Answerer(Engine(EngineConfig(**engine)), _store_client(store, store_address), lru_bytes,
-                               batch=BatchLimits(**decode_batch))
+        self.worker = Answerer(Engine(engine), _store_client(store, store_address), lru_bytes, batch=decode_batch)
         self.metrics = ServiceMetrics()
 
     async def generate(self, tenant: str, cache_id: str, question: str, sampling, stop: tuple) -> AsyncIterator:
@@ -126,12 +125,12 @@ class Ingress:
     """The KVCompose gRPC service; methods are named as in api.proto (Serve's gRPC proxy routes by name)."""
 
     def __init__(self, compressor: DeploymentHandle, decoder: DeploymentHandle, store: dict, store_address: str,
-                 auth_tokens: dict, limits: dict, allow_unauthenticated: bool):
+                 auth_tokens: dict, limits: RequestLimits, allow_unauthenticated: bool):
         from service.serve.metrics import ServiceMetrics
 
         self.compressor = compressor
         self.decoder = decoder
-        self.frontend = Frontend(Auth(api_auth_tokens(auth_tokens)), RequestLimits(**limits), ServiceMetrics(),
+        self.frontend = Frontend(Auth(api_auth_tokens(auth_tokens)), limits, ServiceMetrics(),
                                  allow_unauthenticated)
         self.store = _store_client(store, store_address)
         self._model: dict | None = None
@@ -206,14 +205,18 @@ def _store_client(store: dict, address: str):
 
 
 def build_app(args: dict) -> serve.Application:
-    """Application builder for the Serve config (``args`` -> AppArgs)."""
-    a = AppArgs(**(args or {}))
-    # fail fast on bad settings, with the field's name
-    from service.batching import BatchLimits
+    """Application builder for the Serve config: ``args`` (AppArgs) are typed and validated once,
+    here, and the typed settings are bound to the deployments.
 
-    EngineConfig(**a.engine), StoreConfig(**a.store), RequestLimits(**a.limits), BatchLimits(**a.decode_batch)
+    Store settings are checked here but bound as the config's dict: each replica completes them
+    with ``StoreConfig.from_env`` from its own environment, so secrets (``REDIS_URL`` with a
+    password, the service token, from Kubernetes Secrets) never enter Ray's deployment state.
+    """
+    a = AppArgs(**(args or {}))
+    engine, limits, batch = EngineConfig(**a.engine), RequestLimits(**a.limits), BatchLimits(**a.decode_batch)
+    StoreConfig(**a.store)  # fail fast, naming the field
     return Ingress.bind(
-        Compressor.bind(a.engine, a.store),
-        Decoder.bind(a.engine, a.store, a.store_address, a.decode_lru_bytes, a.decode_batch),
-        a.store, a.store_address, a.auth_tokens, a.limits, a.allow_unauthenticated,
+        Compressor.bind(engine, a.store),
+        Decoder.bind(engine, a.store, a.store_address, a.decode_lru_bytes, batch),
+        a.store, a.store_address, a.auth_tokens, limits, a.allow_unauthenticated,
     )
