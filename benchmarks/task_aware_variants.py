@@ -42,6 +42,7 @@ def variants(question: list[int], question_with_prefix: list[int]) -> dict[str, 
         "agnostic": KVComposePress(),
         "onepass": KVComposePress(replay_context=False),
         "aware": KVComposePress(task_ids=[question]),
+        "aware-mean": KVComposePress(task_ids=[question], agg_task="mean"),  # mean-pooled over task tokens
         "aware-ctx": ContextSoftmaxKVCompose(task_ids=[question]),
         "aware-prefix": KVComposePress(task_ids=[question_with_prefix]),
         "aware-prefix-ctx": ContextSoftmaxKVCompose(task_ids=[question_with_prefix]),
@@ -52,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/task-aware-2k/results.csv"))
+    parser.add_argument("--only", help="comma-separated variant names to run (default: all)")
     args = parser.parse_args()
     engine = Engine(EngineConfig())
     model, tokenizer = engine.loaded.model, engine.loaded.tokenizer
@@ -68,10 +70,15 @@ def main() -> None:
                 asked = engine.prompt.question_ids(sample.question, sample.answer_prefix)
                 rec = record(model, ids)
                 scores = {}
-                for name, scorer in variants(engine.prompt.question_ids(sample.question), asked).items():
+                chosen = variants(engine.prompt.question_ids(sample.question), asked)
+                if args.only:
+                    chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+                for name, scorer in chosen.items():
                     run_press(model, scorer, rec, rec.cache())
                     scores[name] = scorer.last_selection["scores"]
                 for aware in ("aware-ctx", "aware-prefix"):  # each layer's scores as shares, summed
+                    if "agnostic" not in scores or aware not in scores:
+                        continue
                     scores[f"mix-{aware}"] = [a / a.sum() + b / b.sum()
                                               for a, b in zip(scores["agnostic"], scores[aware])]
                 kvs, rows = [], []
