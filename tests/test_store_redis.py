@@ -211,6 +211,9 @@ def test_two_concurrent_compressions_of_one_document_run_the_model_once(tiny_eng
     ids = random_ids(400, seed=31)
     runs, lock = [], threading.Lock()
     prefix = store_for(**redis_target).config.key_prefix
+    # Only the key's fields are needed; derived here, once: the two threads share one model, and
+    # presses must not run on it from two threads at once (a real replica has its own model).
+    key, _ = make_cache(tiny_engine, ids[:10])
 
     def replica(results):
         async def go():
@@ -223,7 +226,6 @@ def test_two_concurrent_compressions_of_one_document_run_the_model_once(tiny_eng
                 await asyncio.sleep(0.3)  # hold the lock long enough for the other replica to wait
                 return data
 
-            key, _ = make_cache(tiny_engine, ids[:10])  # only the key fields are needed here
             results.append(await store.get_or_create(key, ids, compute))
             await store.close()
 
