@@ -69,6 +69,7 @@ class ComposedPress(BasePress):
 
     presses: list[BasePress]
     _num_layers: int = field(default=0, init=False, repr=False, compare=False)
+    _global_at: int | None = field(default=None, init=False, repr=False, compare=False)  # set on entry
     _deferred: list[tuple[nn.Module, Any, dict, Any]] = field(default_factory=list, init=False, repr=False,
                                                               compare=False)
 
@@ -79,25 +80,17 @@ class ComposedPress(BasePress):
             kept *= 1 - press.compression_ratio
         return 1 - kept
 
-    @compression_ratio.setter
-    def compression_ratio(self, value: float) -> None:  # kvpress's ComposedPress sets it; ours derives it
-        pass
-
     def post_init_from_model(self, model: nn.Module) -> None:
         self._num_layers = len(model.model.layers)
         self._deferred = []
+        # the part that compresses every layer at the last one (KVCompose), if any
+        self._global_at = next((i for i, p in enumerate(self.presses)
+                                if getattr(p, "compresses_at_last_layer", False)), None)
         for press in self.presses:
             press.post_init_from_model(model)
 
-    def _global_at(self) -> int | None:
-        """Index of the part that compresses every layer at the last one (KVCompose), if any."""
-        for i, press in enumerate(self.presses):
-            if getattr(press, "compresses_at_last_layer", False):
-                return i
-        return None
-
     def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
-        g = self._global_at()
+        g = self._global_at
         prefilling = is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1])
         if g is None or not prefilling:  # also KVCompose's replay: the other parts skip it themselves
             for press in self.presses:
