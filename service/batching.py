@@ -112,7 +112,10 @@ class DecodeLoop:
             self._check_locked()
 
     def _check_locked(self) -> None:
-        if len(self._waiting) >= self.limits.max_waiting:
+        # Free batch rows count as places too: while a step runs, the loop has not yet moved the
+        # waiting answers into them, and a burst arriving then must not be refused for that.
+        free_rows = max(0, self.limits.max_batch - len(self._active))
+        if len(self._waiting) >= self.limits.max_waiting + free_rows:
             raise Overloaded(f"the decoder is at capacity ({len(self._active)} answering, {len(self._waiting)} "
                              f"waiting; decode_batch.max_waiting={self.limits.max_waiting}): retry shortly")
 

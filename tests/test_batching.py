@@ -138,6 +138,36 @@ def test_admission_is_bounded_and_the_refusal_says_retry(tiny_engine, caches):
     assert len({"".join(a) for a in answers}) == 1  # the queued ones were answered, in order, alike
 
 
+def test_a_burst_while_the_loop_is_busy_gets_the_free_rows_and_the_queue(tiny_engine, caches):
+    """max_batch 3 + max_waiting 1: with one answer held mid-prefill (the loop cannot move anyone into
+    the batch), three more are admitted (two free rows, one waiting place) and only the fifth is refused."""
+    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=3, max_waiting=1))
+    sampling = Sampling(max_new_tokens=8)
+    gate, prefill = threading.Event(), loop._prefill
+    loop._prefill = lambda rows: (gate.wait(), prefill(rows))[1]
+
+    async def main():
+        tasks = [asyncio.create_task(collect(loop, caches[0], "Go on.", sampling))]
+        try:
+            while loop.load()["active"] != 1:
+                await asyncio.sleep(0.001)
+            for _ in range(3):
+                tasks.append(asyncio.create_task(collect(loop, caches[0], "Go on.", sampling)))
+            while loop.load()["waiting"] != 3:  # admitted while the loop was held
+                for task in tasks:
+                    if task.done():
+                        task.result()
+                await asyncio.sleep(0.001)
+            with pytest.raises(Overloaded, match="retry"):
+                await collect(loop, caches[0], "Go on.", sampling)
+        finally:
+            gate.set()
+        return await asyncio.wait_for(asyncio.gather(*tasks), 120)
+
+    answers = asyncio.run(main())
+    assert len(answers) == 4 and len({"".join(a) for a in answers}) == 1
+
+
 def test_memory_budget_admits_what_fits(tiny_engine, caches):
     loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=8, memory_bytes=loop_bytes(tiny_engine, caches[4])))
 
