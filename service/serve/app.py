@@ -205,8 +205,15 @@ def _store_client(store: dict, address: str):
 
 
 def build_app(args: dict) -> serve.Application:
-    """Application builder for the Serve config: ``args`` (AppArgs) are typed and validated once,
-    here, and the typed settings are bound to the deployments.
+    """Application builder for the Serve config (``serve deploy``, KubeRay's serveConfigV2): Serve
+    applies the config's deployment options itself."""
+    return application(args)
+
+
+def application(args: dict, options: dict[str, dict] | None = None) -> serve.Application:
+    """The application: ``args`` (AppArgs) typed and validated once, here, the typed settings bound
+    to the deployments; ``options`` ({deployment name: ``Deployment.options`` arguments}) are the
+    config's deployment options, for Ray's public ``serve.run``, which does not read the config.
 
     Store settings are checked here but bound as the config's dict: each replica completes them
     with ``StoreConfig.from_env`` from its own environment, so secrets (``REDIS_URL`` with a
@@ -215,8 +222,16 @@ def build_app(args: dict) -> serve.Application:
     a = AppArgs(**(args or {}))
     engine, limits, batch = EngineConfig(**a.engine), RequestLimits(**a.limits), BatchLimits(**a.decode_batch)
     StoreConfig(**a.store)  # fail fast, naming the field
-    return Ingress.bind(
-        Compressor.bind(engine, a.store),
-        Decoder.bind(engine, a.store, a.store_address, a.decode_lru_bytes, batch),
+    unknown = set(options or {}) - {"Ingress", "Compressor", "Decoder"}
+    if unknown:
+        raise ValueError(f"options for unknown deployments {sorted(unknown)}: the application has Ingress, "
+                         "Compressor and Decoder")
+
+    def configured(deployment: serve.Deployment) -> serve.Deployment:
+        return deployment.options(**(options or {}).get(deployment.name, {}))
+
+    return configured(Ingress).bind(
+        configured(Compressor).bind(engine, a.store),
+        configured(Decoder).bind(engine, a.store, a.store_address, a.decode_lru_bytes, batch),
         a.store, a.store_address, a.auth_tokens, limits, a.allow_unauthenticated,
     )

@@ -1,7 +1,7 @@
 """Deploy the Serve config, and the one-command local stack behind ``make serve``.
 
-``deploy`` makes the same calls as ``serve run config.yaml`` (start Serve with the file's proxy and
-gRPC options, then deploy its applications), after applying overrides, so the YAML stays the truth.
+``deploy`` takes Ray Serve's public path (``serve.start`` + ``serve.run``) with every setting read
+from the config file, after applying overrides, so the YAML stays the truth.
 """
 
 from __future__ import annotations
@@ -57,27 +57,40 @@ def _merge(base: dict, extra: dict) -> None:
             base[key] = value
 
 
-def deploy(config: dict, timeout_s: float = 900) -> None:
-    """Start Serve (proxies, gRPC options from the config) and deploy; wait until RUNNING."""
+def deploy(config: dict) -> None:
+    """Ray Serve's public path: ``serve.start`` with the config's proxy, gRPC and logging options,
+    then ``serve.run`` of the application built with the config's args and deployment options (the
+    app's ``runtime_env`` given to each deployment's actors). Returns when the app is RUNNING;
+    deploying again updates it in place."""
     from ray import serve
-    from ray.serve._private import api as serve_api
-    from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
+    from service.serve.app import application
+
     schema = ServeDeploySchema.model_validate(config)
-    client = serve_api.serve_start(
-        http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
-        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()))
-    client.deploy_apps(schema, _blocking=False)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(APP)
-        if status is not None and status.status == "RUNNING":
-            return
-        if status is not None and status.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"deploying {APP} failed: {status.message}")
-        time.sleep(1)
-    raise TimeoutError(f"{APP} not RUNNING after {timeout_s:.0f} s")
+    if [a.name for a in schema.applications] != [APP]:
+        raise ValueError(f"the config must hold the one application {APP!r}")
+    (app,) = schema.applications
+    serve.start(proxy_location=schema.proxy_location, http_options=schema.http_options.model_dump(),
+                grpc_options=schema.grpc_options.model_dump(), logging_config=schema.logging_config)
+    serve.run(application(app.args, deployment_options(app.model_dump(exclude_unset=True))), name=APP,
+              route_prefix=app.route_prefix, logging_config=app.logging_config or schema.logging_config)
+
+
+def deployment_options(app: dict) -> dict[str, dict]:
+    """{deployment name: ``Deployment.options`` arguments} of one application of a Serve config,
+    with the application's runtime_env (env_vars merged) in every deployment's actor options."""
+    env = app.get("runtime_env") or {}
+    options = {}
+    for d in app.get("deployments", []):
+        d = copy.deepcopy(d)
+        name = d.pop("name")
+        if env:
+            actor = d.setdefault("ray_actor_options", {})
+            own = actor.get("runtime_env") or {}
+            actor["runtime_env"] = {**env, **own, "env_vars": {**env.get("env_vars", {}), **own.get("env_vars", {})}}
+        options[name] = d
+    return options
 
 
 class StoreProcess:
