@@ -83,3 +83,28 @@ def test_serve_comes_up_answers_and_stops_cleanly(tiny_model_dir, tmp_path, how)
     shutil.rmtree(scratch, ignore_errors=True)
     assert not left, left  # no Redis or Ray temporary directory left
     assert not (cache / "kvcompose" / "local-api-token").exists()
+
+
+def test_every_deployment_option_of_the_config_reaches_serve_run():
+    """The public path (serve.run) does not read the config: ``deployment_options`` carries each
+    deployment's options from the file, with the app's runtime_env in every actor's options."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from service.serve.app import application
+    from service.serve.launch import deployment_options, load_config
+
+    config = load_config(CONFIG)
+    app = config["applications"][0]
+    app["runtime_env"] = {"env_vars": {"KVCOMPOSE_STORE_SERVICE_TOKEN": "t"}}
+    app["deployments"][0]["ray_actor_options"]["runtime_env"] = {"env_vars": {"OWN": "1"}}
+    dumped = ServeDeploySchema.model_validate(config).applications[0].model_dump(exclude_unset=True)
+    options = deployment_options(dumped)
+    decoder = next(d for d in app["deployments"] if d["name"] == "Decoder")
+    assert options["Decoder"]["max_queued_requests"] == decoder["max_queued_requests"]
+    assert options["Decoder"]["request_router_config"]["request_router_kwargs"] == {"overloaded_at": 16}
+    assert all(o["ray_actor_options"]["runtime_env"]["env_vars"]["KVCOMPOSE_STORE_SERVICE_TOKEN"] == "t"
+               for o in options.values())
+    assert options[app["deployments"][0]["name"]]["ray_actor_options"]["runtime_env"]["env_vars"]["OWN"] == "1"
+    application(app["args"], options)  # Deployment.options raises on any option it does not take
+    with pytest.raises(ValueError, match="unknown deployments"):
+        application(app["args"], {"Decodr": {}})
