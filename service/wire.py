@@ -1,4 +1,4 @@
-"""gRPC message-size limits and channel options of the project, in one place.
+"""gRPC message-size limits, channel options and hand-framed store messages, in one place.
 
 The store streams caches in messages of at most ``chunk_bytes`` (1 MiB by default) plus framing;
 64 MiB leaves room for larger configured chunks. The public API's request limit is
@@ -25,3 +25,15 @@ def api_client_options() -> list[tuple[str, int]]:
 def api_server_options(max_request_bytes: int) -> list[tuple[str, int]]:
     """The standalone worker's server: requests above the limit are refused by gRPC itself."""
     return [("grpc.max_receive_message_length", max_request_bytes)]
+
+
+def chunk_frame(chunk: bytes) -> bytes:
+    """``FetchResponse(chunk=chunk)`` serialized, framed by hand: building and serializing the
+    message costs about 1.5 ms per MiB (a fresh arena and two copies), this one copy about 0.03 ms.
+    The store server's Fetch replies are these bytes as they are (its serializer is the identity)."""
+    size, prefix = len(chunk), bytearray(b"\x12")  # field 2 (chunk), wire type 2 (length-delimited)
+    while size > 0x7F:
+        prefix.append(size & 0x7F | 0x80)
+        size >>= 7
+    prefix.append(size)
+    return b"".join((prefix, chunk))

@@ -7,6 +7,7 @@ import pytest
 from conftest import random_ids
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from kvcompose.v1 import store_pb2 as pb
 from store_helpers import SHARED_REDIS, ServerProcess, make_cache
 
 from service.config import StoreConfig
@@ -195,3 +196,13 @@ def test_the_store_exports_prometheus_metrics(tiny_engine):
     assert samples[("kvcompose_store_entries_total", (("outcome", "put"),))] == 1
     assert samples[("kvcompose_store_request_seconds_count", (("method", "Fetch"),))] == 1
     assert samples[("kvcompose_store_redis_up", ())] == 1
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 1 << 20, (1 << 21) + 5])
+def test_a_hand_framed_chunk_is_the_proto_message(size):
+    """Fetch replies are framed by hand (no message copy); clients parse them as FetchResponse."""
+    from service.wire import chunk_frame
+
+    chunk = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert chunk_frame(chunk) == pb.FetchResponse(chunk=chunk).SerializeToString()
+    assert pb.FetchResponse.FromString(chunk_frame(chunk)).chunk == chunk

@@ -1,9 +1,12 @@
 """The Redis store against real Redis: commit order, verification, TTLs, tenants, quotas, single flight."""
 
 import asyncio
+import hashlib
+import json
 import threading
 
 import pytest
+import xxhash
 from conftest import random_ids
 from store_helpers import make_cache, store_for, wipe, with_store
 
@@ -66,11 +69,19 @@ def test_a_write_killed_midway_leaves_nothing_readable(cache, redis_target):
     with_store(go, **redis_target, chunk_bytes=1024)
 
 
-def test_a_flipped_byte_is_data_loss_and_the_entry_is_gone(cache, redis_target):
+@pytest.mark.parametrize("older", [False, True], ids=["xxh3", "sha256-only entry"])
+def test_a_flipped_byte_is_data_loss_and_the_entry_is_gone(cache, redis_target, older):
+    """Reads verify the manifest's XXH3-128; entries stored before it was recorded, their SHA-256."""
     key, ids, data = cache
 
     async def go(store):
         m, _ = await store.put(key, ids, data)
+        assert m.xxh3_128 == xxhash.xxh3_128(data).digest() and m.sha256 == hashlib.sha256(data).digest()
+        if older:  # the manifest as a store before XXH3-128 wrote it: still verified, by SHA-256
+            raw = json.loads(await store.redis.get(store.keys.manifest("acme", m.cache_id)))
+            del raw["xxh3_128"]
+            await store.redis.set(store.keys.manifest("acme", m.cache_id), json.dumps(raw), keepttl=True)
+            assert (await store.get("acme", m.cache_id))[1] == data
         name = store.keys.chunk("acme", m.cache_id, m.write_id, 1)
         chunk = bytearray(await store.redis.get(name))
         chunk[100] ^= 0x10

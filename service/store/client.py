@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
@@ -18,6 +17,7 @@ from kvcompose.v1 import store_pb2 as pb
 from kvcompose.v1 import store_pb2_grpc as pb_grpc
 
 from service.config import StoreConfig
+from service.store.checksum import read_check
 from service.store.errors import BY_STATUS, DataLoss, StoreError, Unavailable
 from service.store.ids import CacheKey
 from service.store.manifest import key_to_proto
@@ -38,11 +38,9 @@ class PrefixStoreClient:
         self.tenant = tenant
         self.deadline_s = deadline_s
         self.retry = retry_policy(retries, (Unavailable,))
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="fetch-sha256")
 
     def close(self) -> None:
         self.channel.close()
-        self._hasher.shutdown()
 
     def __enter__(self) -> PrefixStoreClient:
         return self
@@ -89,24 +87,21 @@ class PrefixStoreClient:
         return reply.manifest, reply.existed
 
     def fetch(self, cache_id: str, tenant: str | None = None) -> tuple[pb.Manifest, bytes]:
-        """The verified cache bytes (SHA-256 against the manifest), or an exception; never partial bytes."""
+        """The cache bytes, verified against the manifest's read checksum (``checksum.py``) as they
+        arrive, or an exception; never partial bytes."""
 
         def attempt() -> tuple[pb.Manifest, bytes]:
             stream = self.stub.Fetch(pb.FetchRequest(cache_id=cache_id), **self._kw(tenant))
-            manifest, parts, digest, hashed = None, [], hashlib.sha256(), None
+            manifest, parts, digest, expected = None, [], None, b""
             for msg in stream:
                 if msg.HasField("manifest"):
                     manifest = msg.manifest
-                else:
+                    digest, expected = read_check(manifest.xxh3_128, manifest.sha256)
+                elif digest is not None:
                     parts.append(msg.chunk)
-                    # hash the previous chunk on a thread while gRPC receives this one (hashlib frees the GIL)
-                    if hashed is not None:
-                        hashed.result()
-                    hashed = self._hasher.submit(digest.update, msg.chunk)
-            if hashed is not None:
-                hashed.result()
+                    digest.update(msg.chunk)
             data = b"".join(parts)
-            if manifest is None or len(data) != manifest.total_bytes or digest.digest() != manifest.sha256:
+            if manifest is None or len(data) != manifest.total_bytes or digest.digest() != expected:
                 raise DataLoss(f"cache {cache_id} arrived damaged")
             return manifest, data
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
+from service.store.checksum import Hasher, read_check
 from service.store.ids import CacheKey
 
 
@@ -27,6 +28,7 @@ class Manifest:
     # Net of head-wise evictions (``protocol.kept_fraction``); recorded only when it differs from the
     # slots, so manifests of other presses stay as stores before this field wrote them.
     kept_tokens_per_layer: tuple[float, ...] = ()
+    xxh3_128: bytes = b""  # what reads verify (``checksum.py``); empty in entries stored before it
 
     def kept_tokens(self) -> list[float]:
         return list(self.kept_tokens_per_layer) or [float(n) for n in self.layer_slots]
@@ -34,6 +36,7 @@ class Manifest:
     def to_json(self) -> bytes:
         data = asdict(self)
         data["sha256"] = self.sha256.hex()
+        data["xxh3_128"] = self.xxh3_128.hex()
         if not self.kept_tokens_per_layer:
             del data["kept_tokens_per_layer"]
         return json.dumps(data, sort_keys=True).encode()
@@ -44,6 +47,7 @@ class Manifest:
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}  # a newer store's fields are skipped
         data["sha256"] = bytes.fromhex(data["sha256"])
+        data["xxh3_128"] = bytes.fromhex(data.get("xxh3_128", ""))
         data["key"] = CacheKey(**data["key"])
         data["kept_tokens_per_layer"] = tuple(data.get("kept_tokens_per_layer", ()))
         return cls(**data)
@@ -56,7 +60,11 @@ class Manifest:
             context_tokens=self.context_tokens, key=key_to_proto(self.key, pb),
             created_unix_ms=self.created_unix_ms, ttl_s=self.ttl_s, layer_slots=self.layer_slots,
             uncompressed_bytes=self.uncompressed_bytes, kept_tokens_per_layer=self.kept_tokens(),
+            xxh3_128=self.xxh3_128,
         )
+
+    def read_check(self) -> tuple[Hasher, bytes]:
+        return read_check(self.xxh3_128, self.sha256)
 
 
 def key_to_proto(key: CacheKey, pb):

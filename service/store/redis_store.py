@@ -3,12 +3,12 @@
 Layout of one entry (all keys share the hash tag ``{tenant/cache_id}``, see ``keys.py``):
 
 - ``...:chunk:<write_id>:<i>``: the cache bytes in ``chunk_bytes`` pieces, written first;
-- ``...:manifest``: JSON metadata with size, chunk count and SHA-256, written last with SET NX,
+- ``...:manifest``: JSON metadata with size, chunk count, SHA-256 and XXH3-128, written last with SET NX,
   so a reader sees a complete entry or nothing, and concurrent writers never mix chunks (each
   writer names its chunks with its own ``write_id``; the loser deletes its own).
 
 Every key carries the entry's TTL, refreshed on each hit. A read with a missing chunk is a miss
-(entry deleted, counted); a read whose bytes fail the SHA-256 raises DataLoss (entry deleted,
+(entry deleted, counted); a read whose bytes fail the read checksum (``checksum.py``) raises DataLoss (entry deleted,
 counted). Tenants are namespaces: a tenant's id never resolves in another tenant's keys.
 """
 
@@ -27,6 +27,7 @@ import redis.exceptions as rexc
 
 from service.codec import FORMAT_VERSION, CorruptCacheError, check, kept_tokens_per_layer, layer_shapes
 from service.config import StoreConfig
+from service.store.checksum import xxh3_128
 from service.store.errors import (
     DataLoss,
     InvalidArgument,
@@ -111,7 +112,7 @@ class RedisStore:
         ttl_s = self._ttl(ttl_s)
         if len(data) > self.config.max_entry_bytes:
             raise QuotaExceeded(f"cache is {len(data)} bytes; the store accepts at most {self.config.max_entry_bytes}")
-        digest = await asyncio.to_thread(lambda: hashlib.sha256(data).digest())  # once, off the event loop
+        digest, fast = await asyncio.to_thread(lambda: (hashlib.sha256(data).digest(), xxh3_128(data)))  # off the loop
         if expected_sha256 and digest != expected_sha256:
             raise InvalidArgument("uploaded bytes do not match the header's sha256")
         header = self._validate(key, context_ids, data)
@@ -140,7 +141,7 @@ class RedisStore:
             aligned = len(context_ids) // self.config.block_tokens * self.config.block_tokens
             manifest = Manifest(cache_id, FORMAT_VERSION, len(data), n_chunks, size, digest, len(context_ids), key,
                                 created_ms, ttl_s, write_id, slots, per_token * len(context_ids),
-                                key.cache_id(context_ids[:aligned]), tuple(kept) if kept != slots else ())
+                                key.cache_id(context_ids[:aligned]), tuple(kept) if kept != slots else (), fast)
             if not await self.redis.set(self.keys.manifest(tenant, cache_id), manifest.to_json(), nx=True, ex=ttl_s):
                 committed = await self._manifest(tenant, cache_id)
                 if committed is None or committed.write_id != write_id:  # another writer committed first
@@ -228,7 +229,7 @@ class RedisStore:
         return m, self._stream(m, names, first)
 
     async def _stream(self, m: Manifest, names: list[str], first: list[bytes]) -> AsyncIterator[bytes]:
-        digest, total = hashlib.sha256(), 0
+        (digest, expected), total = m.read_check(), 0
         batch, pending = first, None
         for start in range(0, len(names), _MGET_BATCH):
             if start:
@@ -241,14 +242,17 @@ class RedisStore:
                 for chunk in batch:
                     if chunk is None:
                         await self._missing(m)
-                    await asyncio.to_thread(digest.update, chunk)  # hashlib frees the GIL: hash beside the loop
+                    if m.xxh3_128:
+                        digest.update(chunk)  # about 20 us per MiB: inline
+                    else:
+                        await asyncio.to_thread(digest.update, chunk)  # SHA-256 frees the GIL: beside the loop
                     total += len(chunk)
                     yield chunk
             except BaseException:
                 if pending is not None:
                     pending.cancel()
                 raise
-        if total != m.total_bytes or digest.digest() != m.sha256:
+        if total != m.total_bytes or digest.digest() != expected:
             await self._drop(m, "corrupt_deleted")
             raise DataLoss(f"cache {m.cache_id} failed its checksum; it was deleted")
         self.counters["hits"] += 1

@@ -28,7 +28,7 @@ from service.store.errors import InvalidArgument, QuotaExceeded, StoreError, is_
 from service.store.manifest import key_from_proto
 from service.store.metrics import StoreMetrics
 from service.store.redis_store import RedisStore, connect
-from service.wire import store_options
+from service.wire import chunk_frame, store_options
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrefixStore"].full_name
@@ -119,11 +119,12 @@ class PrefixStoreServicer(pb_grpc.PrefixStoreServicer):
 
     @_streaming
     async def Fetch(self, request, context, tenant):
+        """Replies are serialized ``FetchResponse`` messages (see ``add_to_server``)."""
         manifest, chunks = await self.store.fetch(tenant, request.cache_id)
-        yield pb.FetchResponse(manifest=manifest.to_proto(pb))
+        yield pb.FetchResponse(manifest=manifest.to_proto(pb)).SerializeToString()
         async for chunk in chunks:
             self.metrics.bytes_out.inc(len(chunk))
-            yield pb.FetchResponse(chunk=chunk)
+            yield chunk_frame(chunk)
 
     @_unary
     async def Stat(self, request, context, tenant):
@@ -157,6 +158,26 @@ async def _watch_redis(store: RedisStore, health_servicer, metrics: StoreMetrics
         await asyncio.sleep(period_s)
 
 
+class _Handlers:
+    """Catches the generated registration's method handlers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.handlers = handlers
+
+
+def add_to_server(servicer: PrefixStoreServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, except that Fetch's replies leave as the servicer serialized
+    them (``wire.chunk_frame``): the wire format is the proto's, the per-MiB copies are gone."""
+    caught = _Handlers()
+    pb_grpc.add_PrefixStoreServicer_to_server(servicer, caught)
+    handlers = {**caught.handlers, "Fetch": caught.handlers["Fetch"]._replace(response_serializer=None)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 async def start_server(config: StoreConfig, address: str = "127.0.0.1:0", metrics_address: str = ""
                        ) -> tuple[grpc.aio.Server, int, RedisStore]:
     """Start serving on ``address`` (port 0 = any free port); returns (server, port, store).
@@ -172,7 +193,7 @@ async def start_server(config: StoreConfig, address: str = "127.0.0.1:0", metric
     metrics = StoreMetrics(store)
     if metrics_address:
         metrics.serve(metrics_address)
-    pb_grpc.add_PrefixStoreServicer_to_server(PrefixStoreServicer(store, auth, metrics), server)
+    add_to_server(PrefixStoreServicer(store, auth, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
