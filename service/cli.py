@@ -231,6 +231,37 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_perf(args: argparse.Namespace) -> int:
+    from service.bench import perf
+    from service.config import EngineConfig
+    from service.models import embedded_model_dir
+
+    def numbers(flag: str, text: str) -> list[int]:
+        try:
+            values = [int(x) for x in text.split(",") if x]
+        except ValueError:
+            raise ValueError(f"{flag}: comma-separated whole numbers, got {text!r}") from None
+        if not values or min(values) < 1:
+            raise ValueError(f"{flag}: comma-separated positive numbers, got {text!r}")
+        return values
+
+    parts = set(args.only.split(","))
+    if not parts or parts - {"compress", "ttft", "fetch"}:
+        raise ValueError(f"--only: a comma-separated subset of compress,ttft,fetch, got {args.only!r}")
+    if args.repeats < 1:
+        raise ValueError("--repeats must be at least 1")
+    model = args.model or str(embedded_model_dir(EngineConfig().cache_dir))
+    cases = perf.plan(numbers("--lengths", args.lengths), numbers("--fetch-mib", args.fetch_mib),
+                      args.kvpress_max_tokens, parts)
+    results = perf.run(cases, args.repeats, model, args.out_dir / "work", log=lambda *a, **k: print(*a, file=sys.stderr,
+                                                                                                    **k))
+    rows = perf.summarize(cases, results)
+    paths = perf.write(results, rows, args.out_dir, perf.machine())
+    print(perf.table(rows))
+    print("written:", *paths, file=sys.stderr)
+    return 0
+
+
 def cmd_bench_report(args: argparse.Namespace) -> int:
     from service.bench import report
 
@@ -337,6 +368,17 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--ramp-s", type=float, default=2.0, help="clients start spread over this many seconds")
     b.add_argument("--out-dir", type=Path, default=Path("bench/load-smollm2"), help="where results and plots go")
     b.set_defaults(func=cmd_bench_load)
+    b = bench.add_parser("perf", help="compress, reuse TTFT, decode and fetch speed and memory, each against "
+                         "its reference in the same run (fresh process per row, interleaved repeats)")
+    b.add_argument("--lengths", default="2048,4096,8000", help="context lengths in tokens (compress and ttft rows)")
+    b.add_argument("--fetch-mib", default="1,16,64", help="cache sizes of the Fetch vs raw GET rows")
+    b.add_argument("--repeats", type=int, default=3, help="runs of every row (median and spread)")
+    b.add_argument("--kvpress-max-tokens", type=int, default=4096,
+                   help="kvpress's KVComposePress row only up to this length (its attention matrices grow fast)")
+    b.add_argument("--only", default="compress,ttft,fetch", help="a subset of compress,ttft,fetch")
+    b.add_argument("--model", help="model directory or id (default: the embedded SmolLM2)")
+    b.add_argument("--out-dir", type=Path, default=Path("bench/perf-smollm2"), help="where results.csv and perf.md go")
+    b.set_defaults(func=cmd_bench_perf)
     b = bench.add_parser("report", help="tables and plots from a results CSV")
     b.add_argument("csv", type=Path, help="results CSV of 'bench accuracy'")
     b.add_argument("--report-dir", type=Path, help="where results.md and plots go (default: beside the CSV)")

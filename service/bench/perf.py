@@ -1,0 +1,361 @@
+"""``kvcompose bench perf``: every speed and memory figure of the project in one run, each against
+its physical reference measured in the same run.
+
+Rows (``Case``), each run in a fresh process (``python -m service.bench.perf --child``), all rows
+once per repeat, repeats interleaved, so a busy spell of a shared machine hits every row alike:
+
+- ``compress/<method>/<tokens>``: wall time of prefill + compression of a needle document, against
+  ``plain`` (a prefill that keeps everything: the limit); methods ``kvcompose`` (two-pass, the
+  default), ``kvcompose-1pass`` (``replay_context: false``) and ``kvpress`` (kvpress 0.5.5's
+  KVComposePress). Peak extra memory comes from one more process per row with a fixed glibc mmap
+  threshold (so the kernel's peak follows live tensors, which slows allocation: hence apart from
+  the timed runs), against the context's uncompressed float16 KV size. Stored bytes per context
+  token per codec, and whether the needle is still answered, come with each row.
+- ``ttft/<prefill|reuse>/<tokens>``: time to first token of a question about the document. prefill:
+  the whole context, then the question; reuse: Fetch of the stored KVCompose cache from the prefix
+  store over gRPC + codec load + question prefill, each part reported. Both then decode 64 tokens
+  (``decode_tok_s``: one cache, one answer).
+- ``fetch/<grpc|get>/<MiB>``: a synthetic SmolLM2-shaped cache read through the prefix store's
+  gRPC Fetch (verified on both ends) against redis-py's GET of the same bytes as one value.
+
+Every row prints and writes median and spread (min..max over repeats); ``results.csv`` keeps each
+process's figures, ``perf.md`` the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SMOLLM2_KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2  # layers x (K, V) x KV heads x head dim x fp16
+_FETCH_ITERATIONS = {1: 40, 16: 10, 64: 4}
+_DECODE_TOKENS = 64
+_RATIO = 0.5
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # compress | ttft | fetch
+    method: str
+    size: int  # tokens, or MiB for fetch
+    memory: bool = False  # the peak-memory run of a compress row
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}/{self.method}/{self.size}" + ("/memory" if self.memory else "")
+
+    @property
+    def reference(self) -> Case | None:
+        """The row this one is divided by."""
+        ref = {"compress": "plain", "ttft": "prefill", "fetch": "get"}[self.kind]
+        return None if self.method == ref else Case(self.kind, ref, self.size)
+
+
+def plan(lengths: list[int], fetch_mib: list[int], kvpress_max_tokens: int, parts: set[str]) -> list[Case]:
+    cases = []
+    for n in lengths if "compress" in parts else []:
+        methods = ["plain", "kvcompose", "kvcompose-1pass"] + (["kvpress"] if n <= kvpress_max_tokens else [])
+        cases += [Case("compress", m, n) for m in methods]
+    for n in lengths if "ttft" in parts else []:
+        cases += [Case("ttft", "prefill", n), Case("ttft", "reuse", n)]
+    for mib in fetch_mib if "fetch" in parts else []:
+        cases += [Case("fetch", "get", mib), Case("fetch", "grpc", mib)]
+    return cases
+
+
+# -- the parent: plan, run, summarize ---------------------------------------------------------
+
+
+def run(cases: list[Case], repeats: int, model: str, workdir: Path, log=print) -> list[dict]:
+    """Every case in a fresh process, ``repeats`` times interleaved, then each compress row's memory run."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    memory_runs = [Case(c.kind, c.method, c.size, memory=True) for c in cases if c.kind == "compress"]
+    schedule = [(r, c) for r in range(repeats) for c in cases] + [(0, c) for c in memory_runs]
+    results = []
+    for i, (repeat, case) in enumerate(schedule, 1):
+        env = {"MALLOC_MMAP_THRESHOLD_": "131072"} if case.memory else {}
+        out = subprocess.run([sys.executable, "-m", "service.bench.perf", "--child", json.dumps(asdict(case)),
+                              "--model", model, "--workdir", str(workdir)],
+                             capture_output=True, text=True, env={**os.environ, **env})
+        if out.returncode != 0:
+            raise RuntimeError(f"{case.name} failed:\n{out.stderr[-3000:]}")
+        figures = json.loads(out.stdout.strip().splitlines()[-1])
+        results.append({"case": case.name, "repeat": repeat, **figures})
+        log(f"[{i}/{len(schedule)}] {case.name} (repeat {repeat + 1}): {_brief(figures)}", flush=True)
+    return results
+
+
+def _brief(figures: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
+
+
+HEADLINE = {"compress": "seconds", "ttft": "ttft_s", "fetch": "mib_s"}
+
+
+def summarize(cases: list[Case], results: list[dict]) -> list[dict]:
+    """One row per case: median and spread of its headline figure, the ratio to its reference's
+    median, and the medians of its other figures."""
+    by_case: dict[str, list[dict]] = {}
+    for r in results:
+        by_case.setdefault(r["case"], []).append(r)
+    medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]
+                      if isinstance(runs[0][k], (int, float)) and not isinstance(runs[0][k], bool) and k != "repeat"}
+               for name, runs in by_case.items()}
+    rows = []
+    for case in cases:
+        runs, figure = by_case[case.name], HEADLINE[case.kind]
+        values = [r[figure] for r in runs]
+        row = {"case": case.name, "runs": len(runs), figure: statistics.median(values),
+               "spread": f"{min(values):.3g}..{max(values):.3g}", "ratio": None, **medians[case.name]}
+        if case.reference is not None and case.reference.name in medians:
+            row["ratio"] = row[figure] / medians[case.reference.name][figure]
+        memory = medians.get(Case(case.kind, case.method, case.size, memory=True).name)
+        if memory:
+            row["peak_extra_mib"] = memory["peak_extra_mib"]
+            row["peak_extra_vs_fp16_kv"] = memory["peak_extra_mib"] * 2**20 / (case.size * memory["kv_bytes_per_token"])
+        row["needle"] = all(r.get("needle", True) for r in runs)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = []
+    for kind, what, ratio_of in (("compress", "seconds", "/ plain prefill"), ("ttft", "ttft_s", "/ full prefill"),
+                                 ("fetch", "mib_s", "/ raw GET")):
+        chosen = [r for r in rows if r["case"].startswith(kind + "/")]
+        if not chosen:
+            continue
+        extra = {"compress": ["peak_extra_vs_fp16_kv", "bytes_per_token_float16", "bytes_per_token_int8", "needle"],
+                 "ttft": ["prefill_s", "fetch_s", "load_s", "question_s", "decode_tok_s", "needle"], "fetch": []}[kind]
+        header = ["row", "runs", f"{what} (median)", "spread", ratio_of, *extra]
+        lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        for r in chosen:
+            cells = [r["case"], str(r["runs"]), f"{r[what]:.3g}", r["spread"], _cell(r["ratio"]),
+                     *(_cell(r.get(k)) for k in extra)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return f"{v:,.0f}" if isinstance(v, float) and v >= 100 else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def write(results: list[dict], rows: list[dict], out_dir: Path, machine: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for r in results for k in r} - {"case", "repeat"})
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["case", "repeat", *keys])
+        w.writeheader()
+        w.writerows(results)
+    (out_dir / "perf.md").write_text(f"# kvcompose bench perf\n\n{machine}\n\n{table(rows)}")
+    return [out_dir / "results.csv", out_dir / "perf.md"]
+
+
+def machine() -> str:
+    import platform
+
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"{time.strftime('%Y-%m-%d')}")
+
+
+# -- the child: one measurement ---------------------------------------------------------------
+
+
+def measure(case: Case, model: str, workdir: Path) -> dict:
+    if case.kind == "fetch":
+        return _fetch(case)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from service.config import EngineConfig
+    from service.engine import Engine
+    from service.haystack import needle_document
+
+    engine = Engine(EngineConfig(model=model, max_context_tokens=1 << 20))
+    doc, question, needle = needle_document(engine.loaded.tokenizer, case.size)
+    return (_compress if case.kind == "compress" else _ttft)(case, engine, doc, question, needle, workdir)
+
+
+def _compress(case: Case, engine, doc: str, question: str, needle: str, workdir: Path) -> dict:
+    import kvpress
+    import torch
+
+    from service import codec
+    from service.kvcache import CacheMeta
+    from service.prefill import prefill
+    from service.presses.kvcompose import KVComposePress
+
+    ids = engine.context_ids(doc)
+    press = {"plain": lambda: None, "kvcompose": lambda: KVComposePress(compression_ratio=_RATIO),
+             "kvcompose-1pass": lambda: KVComposePress(compression_ratio=_RATIO, replay_context=False),
+             "kvpress": lambda: kvpress.KVComposePress(compression_ratio=_RATIO)}[case.method]()
+    meta = CacheMeta(engine.model_id, engine.loaded.revision, len(ids), {})
+    prefill(engine.loaded.model, ids[:64], None, meta)  # warm-up: kernels' first-use allocations
+    base = _proc_status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the kernel's peak (VmHWM) restarts from the current resident set
+    start = time.perf_counter()
+    kv = prefill(engine.loaded.model, ids, press, meta)
+    seconds = time.perf_counter() - start
+    figures = {"seconds": seconds, "tokens": len(ids),
+               "kv_bytes_per_token": kv.uncompressed_nbytes(torch.float16) / len(ids)}
+    if case.memory:
+        return {**figures, "peak_extra_mib": (_proc_status("VmHWM") - base) / 2**20}
+    for name in ("float16", "int8"):
+        figures[f"bytes_per_token_{name}"] = len(codec.encode(kv, name)) / len(ids)
+    figures["needle"] = needle in engine.answer(kv.to(dtype=torch.float16), question)
+    return figures
+
+
+def _ttft(case: Case, engine, doc: str, question: str, needle: str, workdir: Path) -> dict:
+    from service import codec
+    from service.decode import generate
+    from service.kvcache import CacheMeta
+    from service.prefill import prefill
+    from service.protocol import Sampling
+
+    sampling = Sampling(max_new_tokens=_DECODE_TOKENS)  # no stop tokens: every answer is as long
+    question_ids = engine.prompt.question_ids(question)
+    figures: dict = {}
+    if case.method == "prefill":
+        ids = engine.context_ids(doc)
+        prefill(engine.loaded.model, ids[:64], None, CacheMeta(engine.model_id, engine.loaded.revision, 64, {}))
+        start = time.perf_counter()
+        kv = prefill(engine.loaded.model, ids, None, CacheMeta(engine.model_id, engine.loaded.revision, len(ids), {}))
+        figures["prefill_s"] = time.perf_counter() - start
+    else:
+        data, ids, key = _stored_cache(engine, doc, workdir)
+        with _store_stack() as client:
+            manifest, _ = client.put(key, ids, data)
+            client.fetch(manifest.cache_id)  # warm: channel and connections, as a running decoder has them
+            start = time.perf_counter()
+            _, fetched = client.fetch(manifest.cache_id)
+            figures["fetch_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        kv = codec.decode(fetched)
+        figures["load_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    tokens = generate(engine.loaded.model, kv, question_ids, sampling)
+    answer = [next(tokens)]
+    figures["question_s"] = time.perf_counter() - start
+    first = time.perf_counter()
+    answer += list(tokens)
+    figures["decode_tok_s"] = (len(answer) - 1) / (time.perf_counter() - first)
+    figures["ttft_s"] = figures.get("prefill_s", 0) + figures.get("fetch_s", 0) + figures.get("load_s", 0) \
+        + figures["question_s"]
+    figures["needle"] = needle in engine.loaded.tokenizer.decode(answer)
+    return figures
+
+
+def _stored_cache(engine, doc: str, workdir: Path):
+    """The document's default-press cache bytes, compressed once per run (kept in ``workdir``)."""
+    from service import codec
+    from service.store.ids import CacheKey
+
+    ids = engine.context_ids(doc)
+    path = workdir / f"{engine.model_id.replace('/', '_')}-{len(ids)}.kvc"
+    if not path.exists():
+        kv, _ = engine.compress(doc)
+        path.write_bytes(codec.encode(kv, engine.config.codec))
+    data = path.read_bytes()
+    meta = codec.decode(data).meta  # the codec checks the file (format, digest) before anything is used
+    loaded = engine.loaded
+    return data, ids, CacheKey(loaded.model_id, loaded.revision, loaded.tokenizer_digest, meta.press,
+                               engine.config.codec, "default")
+
+
+def _fetch(case: Case) -> dict:
+    import redis
+
+    data = synthetic_cache(case.size)
+    n = _FETCH_ITERATIONS.get(case.size, 4)
+    with _store_stack() as client:
+        if case.method == "get":
+            raw = redis.Redis.from_url(client.redis_url)
+            raw.set("bench:raw", data)
+            read = lambda: raw.get("bench:raw")  # noqa: E731
+        else:
+            from service.store.ids import CacheKey
+
+            manifest, _ = client.put(CacheKey("bench", "r", "t", {}, "float16", "default"),
+                                     list(range(_tokens_of(case.size))), data)
+            read = lambda: client.fetch(manifest.cache_id)[1]  # noqa: E731
+        assert read() == data  # and warm
+        runs = []
+        for _ in range(n):
+            start = time.perf_counter()
+            read()
+            runs.append(time.perf_counter() - start)
+    return {"mib_s": len(data) / 2**20 / statistics.median(runs), "bytes": len(data), "iterations": n}
+
+
+def _tokens_of(mib: int) -> int:
+    return max(1, mib * 2**20 // SMOLLM2_KV_BYTES_PER_TOKEN)
+
+
+def synthetic_cache(mib: int) -> bytes:
+    """Codec bytes of a random SmolLM2-shaped float16 cache of about ``mib`` MiB."""
+    import torch
+
+    from service import codec
+    from service.kvcache import CacheMeta, CompressedKV
+
+    tokens, g = _tokens_of(mib), torch.Generator().manual_seed(mib)
+    layers = [torch.randn(3, tokens, 64, generator=g).half() for _ in range(60)]
+    return codec.encode(CompressedKV(layers[:30], layers[30:], [None] * 30, CacheMeta("bench", "r", tokens, {})),
+                        "float16")
+
+
+class _store_stack:
+    """A throwaway redis-server and prefix store process; yields a connected store client with
+    ``redis_url`` set."""
+
+    def __enter__(self):
+        import secrets
+
+        from service.serve.launch import StoreProcess
+        from service.store.client import PrefixStoreClient
+        from service.store.embedded import EmbeddedRedis, free_port
+
+        token = secrets.token_urlsafe(24)
+        self.redis = EmbeddedRedis(maxmemory="1gb").start()
+        self.store = StoreProcess(self.redis.url, free_port(), {"KVCOMPOSE_STORE_SERVICE_TOKEN": token}).start()
+        self.client = PrefixStoreClient(self.store.address, token=token)
+        self.client.redis_url = self.redis.url
+        return self.client
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()
+        self.store.stop()
+        self.redis.stop()
+
+
+def _proc_status(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="one measurement of kvcompose bench perf (a child process)")
+    parser.add_argument("--child", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--workdir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    print(json.dumps(measure(Case(**json.loads(args.child)), args.model, args.workdir)))
+
+
+if __name__ == "__main__":
+    main()
