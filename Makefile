@@ -42,7 +42,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
-	$(PY) benchmarks/kvcompose_vs_reference.py
+	$(PY) -m service.cli bench perf
 
 clean:
 	rm -rf $(VENV) .pytest_cache gen

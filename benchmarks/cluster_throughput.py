@@ -20,8 +20,7 @@ import statistics
 import time
 import uuid
 
-from store_throughput import synthetic_cache
-
+from service.bench.perf import synthetic_cache
 from service.config import StoreConfig
 from service.store.embedded import EmbeddedRedis
 from service.store.embedded_cluster import EmbeddedRedisCluster

@@ -3,7 +3,7 @@
 Starts a throwaway redis-server and one store server per chunk size, stores real cache bytes
 (a synthetic SmolLM2-shaped cache of 1, 16 and 64 MiB), then times, in the same run:
 - raw: ``redis.Redis().get(key)`` of the whole value (no chunking, no verification);
-- gRPC: ``PrefixStoreClient.fetch`` (manifest + chunks over gRPC, SHA-256 verified on both ends).
+- gRPC: ``PrefixStoreClient.fetch`` (manifest + chunks over gRPC, verified on both ends).
 Prints MiB/s (median of --repeats) and the ratio gRPC / raw. Target (issue #3): >= 0.7.
 
     python benchmarks/store_throughput.py [--sizes-mib 1,16,64] [--chunk-kib 256,1024,4096]
@@ -20,25 +20,11 @@ import sys
 import time
 
 import redis
-import torch
 
-from service import codec
-from service.kvcache import CacheMeta, CompressedKV
+from service.bench.perf import synthetic_cache
 from service.store.client import PrefixStoreClient
 from service.store.embedded import EmbeddedRedis, free_port
 from service.store.ids import CacheKey
-
-LAYERS, HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
-
-
-def synthetic_cache(mib: int) -> tuple[list[int], bytes]:
-    tokens = max(1, mib * 2**20 // (LAYERS * 2 * HEADS * HEAD_DIM * 2))
-    g = torch.Generator().manual_seed(mib)
-    kv = CompressedKV([torch.randn(HEADS, tokens, HEAD_DIM, generator=g).half() for _ in range(LAYERS)],
-                      [torch.randn(HEADS, tokens, HEAD_DIM, generator=g).half() for _ in range(LAYERS)],
-                      [None] * LAYERS, CacheMeta("bench", "r", tokens, {}))
-    return list(range(tokens)), codec.encode(kv, "float16")
-
 
 TOKEN = secrets.token_urlsafe(24)
 

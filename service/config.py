@@ -141,7 +141,8 @@ class StoreConfig:
         ``rediss://`` for TLS, credentials in the URL (``rediss://user:password@host:6380/0``).
     redis_cluster: ``redis_url`` names one node of a Redis Cluster (any node: the client discovers the
         rest and follows failovers), as redis-py's ``RedisCluster.from_url`` takes it.
-    chunk_bytes: Redis value size of one chunk (1 MiB: measured in benchmarks/store_throughput.py).
+    chunk_bytes: Redis value size of one chunk (1 MiB: the best of 256 KiB, 1 and 4 MiB measured in
+        benchmarks/store_throughput.py).
     default_ttl_s: lifetime of an entry, refreshed on every hit.
     max_entry_bytes: larger caches are refused (RESOURCE_EXHAUSTED).
     tenant_quota_bytes: live bytes one tenant may hold (0 = unlimited).

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import meta, random_ids, tiny_llama
 
-from service.bench.runner import AccuracyRun, record, run_press, with_ratio
+from service.bench.runner import AccuracyRun, label, record, run_press, with_ratio
 from service.prefill import collect, prefill
 from service.presses import build
 from service.presses.kvcompose import KVComposePress
@@ -24,7 +24,8 @@ def model():
                  {"press": "tova", "compression_ratio": 0.5}]},
     {"press": "adakv", "inner": {"press": "expectedattention", "compression_ratio": 0.5}},
     {"press": "kvcompose", "compression_ratio": 0.5},
-], ids=lambda s: str(s.get("press", "compose")))
+    {"press": "kvcompose", "compression_ratio": 0.5, "replay_context": False},
+], ids=lambda s: label(s))
 def test_a_press_on_recorded_inputs_equals_the_press_alone(model, spec):
     ids = random_ids(300, seed=12)
     alone = prefill(model, ids, build(spec), meta(300))
@@ -112,3 +113,10 @@ def test_runner_scores_kvcompose_once_per_sample_and_equals_each_ratio_alone(tin
         assert fast.layer_lengths == alone.layer_lengths
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast.keys + fast.values, alone.keys + alone.values))
     assert list(scored) == ["x"]  # one scoring served both ratios
+
+
+def test_one_pass_kvcompose_has_rows_of_its_own():
+    assert label({"press": "kvcompose"}) == "kvcompose"
+    assert label({"press": "kvcompose", "replay_context": False}) == "kvcompose-1pass"
+    assert label({"compose": [{"press": "think"}, {"press": "kvcompose", "replay_context": False}]}) == \
+        "think+kvcompose-1pass"

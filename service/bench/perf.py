@@ -278,7 +278,7 @@ def _stored_cache(engine, doc: str, workdir: Path):
 def _fetch(case: Case) -> dict:
     import redis
 
-    data = synthetic_cache(case.size)
+    ids, data = synthetic_cache(case.size)
     n = _FETCH_ITERATIONS.get(case.size, 4)
     with _store_stack() as client:
         if case.method == "get":
@@ -288,8 +288,7 @@ def _fetch(case: Case) -> dict:
         else:
             from service.store.ids import CacheKey
 
-            manifest, _ = client.put(CacheKey("bench", "r", "t", {}, "float16", "default"),
-                                     list(range(_tokens_of(case.size))), data)
+            manifest, _ = client.put(CacheKey("bench", "r", "t", {}, "float16", "default"), ids, data)
             read = lambda: client.fetch(manifest.cache_id)[1]  # noqa: E731
         assert read() == data  # and warm
         runs = []
@@ -304,8 +303,8 @@ def _tokens_of(mib: int) -> int:
     return max(1, mib * 2**20 // SMOLLM2_KV_BYTES_PER_TOKEN)
 
 
-def synthetic_cache(mib: int) -> bytes:
-    """Codec bytes of a random SmolLM2-shaped float16 cache of about ``mib`` MiB."""
+def synthetic_cache(mib: int) -> tuple[list[int], bytes]:
+    """(context ids, codec bytes) of a random SmolLM2-shaped float16 cache of about ``mib`` MiB."""
     import torch
 
     from service import codec
@@ -313,8 +312,8 @@ def synthetic_cache(mib: int) -> bytes:
 
     tokens, g = _tokens_of(mib), torch.Generator().manual_seed(mib)
     layers = [torch.randn(3, tokens, 64, generator=g).half() for _ in range(60)]
-    return codec.encode(CompressedKV(layers[:30], layers[30:], [None] * 30, CacheMeta("bench", "r", tokens, {})),
-                        "float16")
+    kv = CompressedKV(layers[:30], layers[30:], [None] * 30, CacheMeta("bench", "r", tokens, {}))
+    return list(range(tokens)), codec.encode(kv, "float16")
 
 
 class _store_stack:

@@ -119,6 +119,8 @@ def label(spec: dict) -> str:
     spec = canonical(spec)
     if "compose" in spec:
         return "+".join(label(p) for p in spec["compose"])
+    if spec["press"] == "kvcompose" and not spec["replay_context"]:
+        return "kvcompose-1pass"  # its own rows: the same press name, another scoring
     return spec["press"]
 
 
