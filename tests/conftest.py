@@ -20,12 +20,12 @@ from service.models import LoadedModel, embedded_model_dir, tokenizer_digest  # 
 TINY_VOCAB = 49152  # SmolLM2's tokenizer, so text round-trips through the tiny model too
 
 
-def tiny_llama(layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(layers: int = 4, seed: int = 0, window: int = 4096) -> LlamaForCausalLM:
     """A random Llama small enough for unit tests: 4 query heads sharing 2 KV heads (GQA)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=window, rope_theta=10000.0,
     )
     model = LlamaForCausalLM(config).eval()
     use_per_layer_attention(model)

@@ -6,7 +6,9 @@ Differences from kvpress 0.5.5's KVComposePress (same positions on the same scor
 - task-aware scoring works: ``task_ids`` are replayed (each prompt on its own, against the context
   only); with none, the context itself is replayed (task-agnostic), or, with
   ``replay_context=False``, scored in one pass: the prefill's own queries, rotated to the positions
-  the replay would give them (after the context), attend to every context key;
+  the replay would give them (after the context), attend to every context key; a context longer
+  than half the model's window is scored in one pass (its replay would run past the window), and
+  task queries never get positions past the window;
 - the replay reads the cache through a view that never stores the replayed tokens, so the cache
   is not doubled and nothing of the replay is left behind;
 - it is a plain forward hook (no patched ``model.forward``), so it composes (``presses.compose``):
@@ -34,6 +36,7 @@ from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
 from service import selection
+from service.models import position_limit
 from service.presses.scoring import TaskAttention
 
 SCORE_BLOCK_BYTES = 8 * 2**20  # memory for one block of attention weights while scoring
@@ -72,10 +75,12 @@ class KVComposePress(BasePress):
     add_v_norm: weight scores by value norms. add_mean_across_heads: add the KV-head mean (stabiliser).
     keep_token_lower_bound: composite slots every layer keeps at least (at least 1 always).
     structured: aligned composite tokens (dense, default) or per-head counts (unstructured).
-    replay_context: task-agnostic scoring replays the context as the task (as kvpress does); False
-        scores in one pass: each prefill query, placed after the context as the replay would place
-        it, attends to every context key (no second forward pass; the queries keep their causal
-        hidden states, and the softmax covers the context keys only).
+    replay_context: task-agnostic scoring replays the context as the task (as kvpress does) while
+        the replay fits in the model's window (contexts up to half of it); False, or a longer
+        context, scores in one pass: each prefill query, placed after the context as the replay
+        would place it (squeezed into the window), attends to every context key (no second forward
+        pass; the queries keep their causal hidden states, and the softmax covers the context keys
+        only).
     task_ids: token ids of task prompts (e.g. expected questions) for task-aware scoring.
     """
 
@@ -149,7 +154,8 @@ class KVComposePress(BasePress):
         if not is_prefilling(kwargs["cache_position"], q_len):
             return output
         if layer == 0:
-            state.update(scores={}, n_cached={}, context_length=q_len)
+            state.update(scores={}, n_cached={}, context_length=q_len,
+                         replay=self._replays(q_len, cache.layers[layer].keys.shape[2]))
         if not self._needs_replay():
             keys = cache.layers[layer].keys
             if keys.shape[2] != q_len:
@@ -167,7 +173,19 @@ class KVComposePress(BasePress):
         return output
 
     def _needs_replay(self) -> bool:
-        return bool(self.task_ids) or self.replay_context
+        return self._state["replay"]
+
+    def _replays(self, context_length: int, cached: int) -> bool:
+        """Whether this document is scored by a second forward pass. Task prompts always are. The
+        context is replayed as the task only while a copy of it fits in the window after it: past
+        half the window, even squeezed positions lost the needle of an 8k document at 0.75 (SmolLM2),
+        and the prefill's own queries (one pass) kept it at 0.5-0.9. A composition that evicted
+        before us has no queries for every key, so it replays, squeezed."""
+        if self.task_ids:
+            return True
+        if not self.replay_context:
+            return False
+        return 2 * context_length <= self._window() or cached != context_length
 
     def _replay(self, cache: Cache) -> None:
         """Run each task prompt (or the context) after the cached context; hooks collect scores."""
@@ -177,11 +195,10 @@ class KVComposePress(BasePress):
         prompts = [torch.tensor([ids], device=device) for ids in self.task_ids] if self.task_ids \
             else [state["context_ids"]]
         state["n_cached"] = {i: layer.keys.shape[2] for i, layer in enumerate(cache.layers)}
-        start = state["context_length"]
         state["replaying"] = True
         try:
             for ids in prompts:
-                positions = torch.arange(start, start + ids.shape[1], device=device).unsqueeze(0)
+                positions = self._task_positions(ids.shape[1], device)
                 # kvc_lse: the per-layer attention fills in each query's softmax normaliser
                 state["lse"] = {}
                 model.model(input_ids=ids, past_key_values=_read_only(cache), position_ids=positions,
@@ -208,10 +225,24 @@ class KVComposePress(BasePress):
         else:
             agg.add(query[0], keys[0], module.scaling, chunk, lse)
 
+    def _task_positions(self, n: int, device: torch.device) -> torch.Tensor:
+        """(1, n) positions of task queries: right after the context, as a prompt would be placed,
+        but squeezed (fractional steps, order kept) so that the last is the window's last position.
+        Past the window, query-key distances are ones the model never saw and its attention (hence
+        the scores) is noise. Where the tasks fit, they are placed exactly as before."""
+        start = self._state["context_length"]
+        room = self._window() - 1 - start
+        if n <= room + 1:
+            return torch.arange(start, start + n, device=device).unsqueeze(0)
+        step = max(room, 0) / max(n - 1, 1)
+        return (start + step * torch.arange(n, device=device, dtype=torch.float32)).unsqueeze(0)
+
+    def _window(self) -> int:
+        return position_limit(self._state["model"].config)[0]
+
     def _rotary_after_context(self, module: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of positions L..2L-1, where the replay would put the context's queries."""
-        length = hidden.shape[1]
-        positions = torch.arange(length, 2 * length, device=hidden.device).unsqueeze(0)
+        """cos, sin of the positions the replay would give the context's queries (``_task_positions``)."""
+        positions = self._task_positions(hidden.shape[1], hidden.device)
         rotary = self._state["model"].model.rotary_emb
         if "layer_type" in inspect.signature(rotary.forward).parameters:  # Gemma 3: local and global RoPE
             return rotary(hidden, positions, module.config.layer_types[module.layer_idx])
@@ -234,6 +265,7 @@ class KVComposePress(BasePress):
             values = layer.values[0, :, : s.shape[1]] if self.add_v_norm else None
             scores.append(selection.enhance(s, values, self.add_mean_across_heads))
         self.compress_with_scores(scores, cache, state["model"].model.layers)
+        self.last_selection["replayed"] = state["replay"]
 
     def compress_with_scores(self, scores: list[torch.Tensor], cache: Cache, layers: nn.ModuleList) -> None:
         """Select and gather with given per-layer (kv_heads, len) scores: one scoring, many ratios."""
