@@ -251,8 +251,14 @@ def cmd_bench_perf(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise ValueError("--repeats must be at least 1")
     model = args.model or str(embedded_model_dir(EngineConfig().cache_dir))
+    try:
+        ratios = tuple(float(x) for x in args.ratios.split(",") if x)
+    except ValueError:
+        raise ValueError(f"--ratios: comma-separated compression ratios, got {args.ratios!r}") from None
+    if not ratios or not all(0 < r < 1 for r in ratios):
+        raise ValueError(f"--ratios: compression ratios in (0, 1), got {args.ratios!r}")
     cases = perf.plan(numbers("--lengths", args.lengths), numbers("--fetch-mib", args.fetch_mib),
-                      args.kvpress_max_tokens, parts)
+                      args.kvpress_max_tokens, parts, ratios)
     results = perf.run(cases, args.repeats, model, args.out_dir / "work", log=lambda *a, **k: print(*a, file=sys.stderr,
                                                                                                     **k))
     rows = perf.summarize(cases, results)
@@ -372,6 +378,7 @@ def parser() -> argparse.ArgumentParser:
                          "its reference in the same run (fresh process per row, interleaved repeats)")
     b.add_argument("--lengths", default="2048,4096,8000", help="context lengths in tokens (compress and ttft rows)")
     b.add_argument("--fetch-mib", default="1,16,64", help="cache sizes of the Fetch vs raw GET rows")
+    b.add_argument("--ratios", default="0.5", help="compression ratios of the compress rows")
     b.add_argument("--repeats", type=int, default=3, help="runs of every row (median and spread)")
     b.add_argument("--kvpress-max-tokens", type=int, default=4096,
                    help="kvpress's KVComposePress row only up to this length (its attention matrices grow fast)")

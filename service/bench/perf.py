@@ -9,7 +9,8 @@ once per repeat, repeats interleaved, so a busy spell of a shared machine hits e
   default), ``kvcompose-1pass`` (``replay_context: false``) and ``kvpress`` (kvpress 0.5.5's
   KVComposePress). Peak extra memory comes from one more process per row with a fixed glibc mmap
   threshold (so the kernel's peak follows live tensors, which slows allocation: hence apart from
-  the timed runs), against the context's uncompressed float16 KV size. Stored bytes per context
+  the timed runs), against the context's uncompressed float16 KV size. ``--ratios`` adds rows at
+  other compression ratios (named ``<method>@<ratio>``; the default 0.5 is unnamed). Stored bytes per context
   token per codec, and whether the needle is still answered, come with each row.
 - ``ttft/<prefill|reuse>/<tokens>``: time to first token of a question about the document. prefill:
   the whole context, then the question; reuse: Fetch of the stored KVCompose cache from the prefix
@@ -32,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 SMOLLM2_KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2  # layers x (K, V) x KV heads x head dim x fp16
@@ -47,10 +48,12 @@ class Case:
     method: str
     size: int  # tokens, or MiB for fetch
     memory: bool = False  # the peak-memory run of a compress row
+    ratio: float = _RATIO  # compression ratio of a compress row (named when not the default)
 
     @property
     def name(self) -> str:
-        return f"{self.kind}/{self.method}/{self.size}" + ("/memory" if self.memory else "")
+        ratio = f"@{self.ratio:g}" if self.ratio != _RATIO else ""
+        return f"{self.kind}/{self.method}{ratio}/{self.size}" + ("/memory" if self.memory else "")
 
     @property
     def reference(self) -> Case | None:
@@ -59,11 +62,12 @@ class Case:
         return None if self.method == ref else Case(self.kind, ref, self.size)
 
 
-def plan(lengths: list[int], fetch_mib: list[int], kvpress_max_tokens: int, parts: set[str]) -> list[Case]:
+def plan(lengths: list[int], fetch_mib: list[int], kvpress_max_tokens: int, parts: set[str],
+         ratios: tuple[float, ...] = (_RATIO,)) -> list[Case]:
     cases = []
     for n in lengths if "compress" in parts else []:
-        methods = ["plain", "kvcompose", "kvcompose-1pass"] + (["kvpress"] if n <= kvpress_max_tokens else [])
-        cases += [Case("compress", m, n) for m in methods]
+        methods = ["kvcompose", "kvcompose-1pass"] + (["kvpress"] if n <= kvpress_max_tokens else [])
+        cases += [Case("compress", "plain", n)] + [Case("compress", m, n, ratio=r) for r in ratios for m in methods]
     for n in lengths if "ttft" in parts else []:
         cases += [Case("ttft", "prefill", n), Case("ttft", "reuse", n)]
     for mib in fetch_mib if "fetch" in parts else []:
@@ -77,7 +81,7 @@ def plan(lengths: list[int], fetch_mib: list[int], kvpress_max_tokens: int, part
 def run(cases: list[Case], repeats: int, model: str, workdir: Path, log=print) -> list[dict]:
     """Every case in a fresh process, ``repeats`` times interleaved, then each compress row's memory run."""
     workdir.mkdir(parents=True, exist_ok=True)
-    memory_runs = [Case(c.kind, c.method, c.size, memory=True) for c in cases if c.kind == "compress"]
+    memory_runs = [replace(c, memory=True) for c in cases if c.kind == "compress"]
     schedule = [(r, c) for r in range(repeats) for c in cases] + [(0, c) for c in memory_runs]
     results = []
     for i, (repeat, case) in enumerate(schedule, 1):
@@ -117,7 +121,7 @@ def summarize(cases: list[Case], results: list[dict]) -> list[dict]:
                "spread": f"{min(values):.3g}..{max(values):.3g}", "ratio": None, **medians[case.name]}
         if case.reference is not None and case.reference.name in medians:
             row["ratio"] = row[figure] / medians[case.reference.name][figure]
-        memory = medians.get(Case(case.kind, case.method, case.size, memory=True).name)
+        memory = medians.get(replace(case, memory=True).name)
         if memory:
             row["peak_extra_mib"] = memory["peak_extra_mib"]
             row["peak_extra_vs_fp16_kv"] = memory["peak_extra_mib"] * 2**20 / (case.size * memory["kv_bytes_per_token"])
@@ -197,9 +201,10 @@ def _compress(case: Case, engine, doc: str, question: str, needle: str, workdir:
     from service.presses.kvcompose import KVComposePress
 
     ids = engine.context_ids(doc)
-    press = {"plain": lambda: None, "kvcompose": lambda: KVComposePress(compression_ratio=_RATIO),
-             "kvcompose-1pass": lambda: KVComposePress(compression_ratio=_RATIO, replay_context=False),
-             "kvpress": lambda: kvpress.KVComposePress(compression_ratio=_RATIO)}[case.method]()
+    ratio = case.ratio
+    press = {"plain": lambda: None, "kvcompose": lambda: KVComposePress(compression_ratio=ratio),
+             "kvcompose-1pass": lambda: KVComposePress(compression_ratio=ratio, replay_context=False),
+             "kvpress": lambda: kvpress.KVComposePress(compression_ratio=ratio)}[case.method]()
     meta = CacheMeta(engine.model_id, engine.loaded.revision, len(ids), {})
     prefill(engine.loaded.model, ids[:64], None, meta)  # warm-up: kernels' first-use allocations
     base = _proc_status("VmRSS")
