@@ -27,10 +27,11 @@ def api_server_options(max_request_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", max_request_bytes)]
 
 
-def chunk_frame(chunk: bytes) -> bytes:
-    """``FetchResponse(chunk=chunk)`` serialized, framed by hand: building and serializing the
-    message costs about 1.5 ms per MiB (a fresh arena and two copies), this one copy about 0.03 ms.
-    The store server's Fetch replies are these bytes as they are (its serializer is the identity)."""
+def chunk_frame(chunk: bytes | memoryview) -> bytes:
+    """``FetchResponse(chunk=chunk)`` (or ``PutRequest(chunk=chunk)``: same field) serialized, framed
+    by hand: building and serializing the message costs about 1.5 ms per MiB (a fresh arena and two
+    copies), this one copy about 0.03 ms. The store server's Fetch replies and the client's Put
+    chunks are these bytes as they are (their serializer is the identity)."""
     size, prefix = len(chunk), bytearray(b"\x12")  # field 2 (chunk), wire type 2 (length-delimited)
     while size > 0x7F:
         prefix.append(size & 0x7F | 0x80)

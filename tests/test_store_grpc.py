@@ -200,9 +200,10 @@ def test_the_store_exports_prometheus_metrics(tiny_engine):
 
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 1 << 20, (1 << 21) + 5])
 def test_a_hand_framed_chunk_is_the_proto_message(size):
-    """Fetch replies are framed by hand (no message copy); clients parse them as FetchResponse."""
+    """Fetch replies and Put chunks are framed by hand (no message copy); both ends parse them as the proto."""
     from service.wire import chunk_frame
 
     chunk = bytes(range(256)) * (size // 256) + bytes(size % 256)
     assert chunk_frame(chunk) == pb.FetchResponse(chunk=chunk).SerializeToString()
+    assert chunk_frame(memoryview(chunk)) == pb.PutRequest(chunk=chunk).SerializeToString()
     assert pb.FetchResponse.FromString(chunk_frame(chunk)).chunk == chunk

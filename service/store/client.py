@@ -22,7 +22,7 @@ from service.store.errors import BY_STATUS, DataLoss, StoreError, Unavailable
 from service.store.ids import CacheKey
 from service.store.manifest import key_to_proto
 from service.store.retry import retry_policy
-from service.wire import store_options
+from service.wire import chunk_frame, store_options
 
 T = TypeVar("T")
 UPLOAD_CHUNK_BYTES = 1 << 20
@@ -34,6 +34,9 @@ class PrefixStoreClient:
         self.target = target
         self.channel = grpc.insecure_channel(target, options=store_options())
         self.stub = pb_grpc.PrefixStoreStub(self.channel)
+        # Put with requests serialized here: chunks are framed by hand (``wire.chunk_frame``)
+        self._put = self.channel.stream_unary("/kvcompose.v1.PrefixStore/Put", request_serializer=None,
+                                              response_deserializer=pb.PutResponse.FromString)
         self.token = token
         self.tenant = tenant
         self.deadline_s = deadline_s
@@ -77,13 +80,13 @@ class PrefixStoreClient:
         header = pb.PutHeader(key=key_to_proto(key, pb), context_ids=list(context_ids), total_bytes=len(data),
                               sha256=hashlib.sha256(data).digest(), ttl_s=ttl_s)
 
-        def requests() -> Iterator[pb.PutRequest]:
-            yield pb.PutRequest(header=header)
+        def requests() -> Iterator[bytes]:
+            yield pb.PutRequest(header=header).SerializeToString()
             view = memoryview(data)
             for start in range(0, len(data), UPLOAD_CHUNK_BYTES):
-                yield pb.PutRequest(chunk=bytes(view[start : start + UPLOAD_CHUNK_BYTES]))
+                yield chunk_frame(view[start : start + UPLOAD_CHUNK_BYTES])
 
-        reply = self._call(lambda: self.stub.Put(requests(), **self._kw(tenant)))
+        reply = self._call(lambda: self._put(requests(), **self._kw(tenant)))
         return reply.manifest, reply.existed
 
     def fetch(self, cache_id: str, tenant: str | None = None) -> tuple[pb.Manifest, bytes]:
