@@ -103,31 +103,38 @@ def test_a_failing_answer_ends_alone_not_its_batch(tiny_engine, caches):
     assert "".join(ok) == "".join(good) and isinstance(failed, RuntimeError)
 
 
-def test_admission_is_bounded_and_the_refusal_says_retry(tiny_engine, caches):
-    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=1, max_waiting=2))
-    sampling = Sampling(max_new_tokens=40)
-    # Hold the first answer before its question is prefilled, so it cannot finish (and free a place)
-    # while the fourth request is being refused: the test is about admission, not about timing.
+def held_loop(engine, limits: BatchLimits) -> tuple[DecodeLoop, threading.Event]:
+    """A decode loop whose question prefill waits for the returned event: an answer held there
+    cannot finish (and free a place) while a test checks admission, so the test is about
+    admission, not about timing."""
+    loop = DecodeLoop(engine, limits)
     gate, prefill = threading.Event(), loop._prefill
     loop._prefill = lambda rows: (gate.wait(), prefill(rows))[1]
+    return loop, gate
 
-    async def until(state: tuple[int, int], tasks: list[asyncio.Task]) -> None:
-        """Wait (bounded) for (active, waiting) == state; a request that failed instead raises here."""
-        for _ in range(30_000):
-            if (loop.load()["active"], loop.load()["waiting"]) == state:
-                return
-            for task in tasks:
-                if task.done():
-                    task.result()
-            await asyncio.sleep(0.001)
-        raise AssertionError(f"decode loop never reached {state}: {loop.load()}")
+
+async def until_load(loop: DecodeLoop, active: int, waiting: int, tasks: list[asyncio.Task]) -> None:
+    """Wait (bounded) for the loop's (active, waiting); a request that failed instead raises here."""
+    for _ in range(30_000):
+        if (loop.load()["active"], loop.load()["waiting"]) == (active, waiting):
+            return
+        for task in tasks:
+            if task.done():
+                task.result()
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"decode loop never reached {(active, waiting)}: {loop.load()}")
+
+
+def test_admission_is_bounded_and_the_refusal_says_retry(tiny_engine, caches):
+    loop, gate = held_loop(tiny_engine, BatchLimits(max_batch=1, max_waiting=2))
+    sampling = Sampling(max_new_tokens=40)
 
     async def main():
         first: list[asyncio.Task] = []
         try:
-            for state in ((1, 0), (1, 1), (1, 2)):  # one answering (held), then two queued, one at a time
+            for waiting in (0, 1, 2):  # one answering (held), then two queued, one at a time
                 first.append(asyncio.create_task(collect(loop, caches[0], "Go on.", sampling)))
-                await until(state, first)
+                await until_load(loop, 1, waiting, first)
             with pytest.raises(Overloaded, match="retry"):
                 await collect(loop, caches[0], "Go on.", sampling)
         finally:
@@ -141,23 +148,15 @@ def test_admission_is_bounded_and_the_refusal_says_retry(tiny_engine, caches):
 def test_a_burst_while_the_loop_is_busy_gets_the_free_rows_and_the_queue(tiny_engine, caches):
     """max_batch 3 + max_waiting 1: with one answer held mid-prefill (the loop cannot move anyone into
     the batch), three more are admitted (two free rows, one waiting place) and only the fifth is refused."""
-    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=3, max_waiting=1))
+    loop, gate = held_loop(tiny_engine, BatchLimits(max_batch=3, max_waiting=1))
     sampling = Sampling(max_new_tokens=8)
-    gate, prefill = threading.Event(), loop._prefill
-    loop._prefill = lambda rows: (gate.wait(), prefill(rows))[1]
 
     async def main():
         tasks = [asyncio.create_task(collect(loop, caches[0], "Go on.", sampling))]
         try:
-            while loop.load()["active"] != 1:
-                await asyncio.sleep(0.001)
-            for _ in range(3):
-                tasks.append(asyncio.create_task(collect(loop, caches[0], "Go on.", sampling)))
-            while loop.load()["waiting"] != 3:  # admitted while the loop was held
-                for task in tasks:
-                    if task.done():
-                        task.result()
-                await asyncio.sleep(0.001)
+            await until_load(loop, 1, 0, tasks)
+            tasks += [asyncio.create_task(collect(loop, caches[0], "Go on.", sampling)) for _ in range(3)]
+            await until_load(loop, 1, 3, tasks)  # admitted while the loop was held
             with pytest.raises(Overloaded, match="retry"):
                 await collect(loop, caches[0], "Go on.", sampling)
         finally:
