@@ -28,6 +28,15 @@ def test_every_field_changes_the_id(field, value):
     assert dataclasses.replace(KEY, **{field: value}).cache_id(TOKENS) != KEY.cache_id(TOKENS)
 
 
+def test_a_new_selection_revision_changes_every_id(monkeypatch):
+    """Caches a press selected differently before (same spec) are not served as today's."""
+    from service.store import ids
+
+    before = KEY.cache_id(TOKENS)
+    monkeypatch.setattr(ids, "SELECTION_REVISION", ids.SELECTION_REVISION + 1)
+    assert KEY.cache_id(TOKENS) != before
+
+
 def test_tokens_change_the_id_and_press_key_order_does_not():
     assert KEY.cache_id(TOKENS) != KEY.cache_id(TOKENS[:-1])
     reordered = CacheKey(KEY.model_id, KEY.model_revision, KEY.tokenizer_digest,

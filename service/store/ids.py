@@ -3,7 +3,7 @@ the same id on any replica, in any process (no ``hash()``, no pickling).
 
 id = SHA-256 over::
 
-    b"kvcompose/cache-id" | u32 FORMAT_VERSION
+    b"kvcompose/cache-id" | u32 FORMAT_VERSION | u32 SELECTION_REVISION
     | field* (each: u32 byte length, UTF-8 bytes): model id, model revision, tokenizer digest,
       canonical press spec (JSON, sorted keys, no spaces), storage codec, tenant
     | u32 token count | token ids as little-endian uint32
@@ -22,6 +22,10 @@ import numpy as np
 from service.codec import FORMAT_VERSION
 
 _DOMAIN = b"kvcompose/cache-id"
+# Bumped when a press keeps other tokens for the same spec, so that caches stored by the old
+# selection are never served as the new one's (they expire unused). 2: KVCompose scores inside the
+# model's window (contexts longer than half of it lost needles with revision 1).
+SELECTION_REVISION = 2
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class CacheKey:
     tenant: str = ""
 
     def cache_id(self, token_ids: Sequence[int]) -> str:
-        h = hashlib.sha256(_DOMAIN + struct.pack("<I", FORMAT_VERSION))
+        h = hashlib.sha256(_DOMAIN + struct.pack("<II", FORMAT_VERSION, SELECTION_REVISION))
         press = json.dumps(self.press, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         for text in (self.model_id, self.model_revision, self.tokenizer_digest, press, self.codec, self.tenant):
             raw = text.encode()
