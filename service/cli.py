@@ -252,7 +252,7 @@ def cmd_bench_perf(args: argparse.Namespace) -> int:
         raise ValueError("--repeats must be at least 1")
     model = args.model or str(embedded_model_dir(EngineConfig().cache_dir))
     try:
-        ratios = tuple(float(x) for x in args.ratios.split(",") if x)
+        ratios = tuple(dict.fromkeys(float(x) for x in args.ratios.split(",") if x))  # 0.9,0.90: one row
     except ValueError:
         raise ValueError(f"--ratios: comma-separated compression ratios, got {args.ratios!r}") from None
     if not ratios or not all(0 < r < 1 for r in ratios):

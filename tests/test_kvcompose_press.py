@@ -63,42 +63,58 @@ def test_one_pass_mode_scores_without_replay(model):
     assert sum(kv.layer_lengths) <= 0.5 * 200 * 4 + 4
 
 
-def test_scoring_never_places_queries_past_the_window():
+def kvcompose_of(press) -> KVComposePress:
+    return next(p for p in getattr(press, "presses", [press]) if isinstance(p, KVComposePress))
+
+
+KVC = {"press": "kvcompose", "compression_ratio": 0.5}
+EVICTS_DEEPER_LAYERS = {"press": "perlayercompression", "inner": {"press": "knorm"}, "compression_ratios": [0, 0.5]}
+
+
+@pytest.mark.parametrize("length, spec, replayed", [
+    (24, {"press": "kvcompose"}, True),  # the replay fits: placed right after the context, as before
+    (40, {"press": "kvcompose"}, False),  # past half the window: one pass
+    (40, {"press": "kvcompose", "replay_context": False}, False),
+    (40, {"press": "kvcompose", "task_ids": [random_ids(30, seed=4)]}, True),  # squeezed task
+    (40, {"compose": [{"press": "think", "key_channel_compression_ratio": 0.5}, KVC]}, False),
+    (40, {"compose": [{"press": "knorm", "compression_ratio": 0.25}, KVC]}, True),
+    (40, {"compose": [EVICTS_DEEPER_LAYERS, KVC]}, True),  # layer 0 whole, layer 1 not
+])
+def test_scoring_never_places_queries_past_the_window(length, spec, replayed):
     """SmolLM2 lost an 8k needle when the replay of a 7.7k context ran to position 15.4k."""
     model = tiny_llama(layers=2, seed=5, window=64)
     seen: list[torch.Tensor] = []
     hook = model.model.rotary_emb.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(args[1] if len(args) > 1 else kwargs["position_ids"]), with_kwargs=True)
+    if "task_ids" in spec:  # not a spec field: the engine passes task prompts to the press itself
+        press = KVComposePress(compression_ratio=0.5, task_ids=spec["task_ids"])
+    else:
+        press = build({**spec, "compression_ratio": 0.5} if "press" in spec else spec)
     try:
-        for length, spec in [(24, {}), (40, {}), (40, {"replay_context": False}),
-                             (40, {"task_ids": [random_ids(30, seed=4)]})]:
-            seen.clear()
-            press = KVComposePress(compression_ratio=0.5, **spec)
-            prefill(model, random_ids(length, seed=6), press, meta(length))
-            assert max(p.max().item() for p in seen) <= 63, spec
-            tasks = seen[1:]  # after the prefill's own positions
-            assert all((p.diff() > 0).all() for p in tasks), "task queries keep their order"
-            if length == 24:  # a replay that fits is placed right after the context, as before
-                assert torch.equal(tasks[0], torch.arange(24, 48).unsqueeze(0))
-                assert press.last_selection["replayed"]
+        kv = prefill(model, random_ids(length, seed=6), press, meta(length))
     finally:
         hook.remove()
+    assert kvcompose_of(press).last_selection["replayed"] == replayed
+    assert max(p.max().item() for p in seen) <= 63
+    tasks = seen[1:]  # after the prefill's own positions
+    assert tasks and all((p.diff() > 0).all() for p in tasks), "task queries keep their order"
+    if length == 24:
+        assert torch.equal(tasks[0], torch.arange(24, 48).unsqueeze(0))
+    assert sum(kv.layer_lengths) < 2 * length
 
 
-def test_a_context_past_half_the_window_is_scored_in_one_pass():
+def test_a_context_past_half_the_window_is_scored_as_in_one_pass_mode():
     model = tiny_llama(layers=2, seed=5, window=64)
     ids = random_ids(40, seed=6)
     default, one_pass = KVComposePress(compression_ratio=0.5), KVComposePress(compression_ratio=0.5,
                                                                                 replay_context=False)
     prefill(model, ids, default, meta(40))
     prefill(model, ids, one_pass, meta(40))
-    assert not default.last_selection["replayed"]
     for a, b in zip(default.last_selection["positions"], one_pass.last_selection["positions"]):
         assert torch.equal(a, b)
-    composed = build({"compose": [{"press": "knorm", "compression_ratio": 0.25},
-                                  {"press": "kvcompose", "compression_ratio": 0.5}]})
-    prefill(model, ids, composed, meta(40))  # knorm evicted first: no query for every key, so a squeezed replay
-    assert composed.presses[1].last_selection["replayed"]
+    with pytest.raises(ValueError, match="cannot follow"):  # one pass asked for after an eviction
+        prefill(model, ids, build({"compose": [EVICTS_DEEPER_LAYERS, {"press": "kvcompose", "replay_context": False}]}),
+                meta(40))
 
 
 def test_replay_leaves_nothing_behind_and_model_stateless(model):

@@ -5,8 +5,9 @@ Rows (``Case``), each run in a fresh process (``python -m service.bench.perf --c
 once per repeat, repeats interleaved, so a busy spell of a shared machine hits every row alike:
 
 - ``compress/<method>/<tokens>``: wall time of prefill + compression of a needle document, against
-  ``plain`` (a prefill that keeps everything: the limit); methods ``kvcompose`` (two-pass, the
-  default), ``kvcompose-1pass`` (``replay_context: false``) and ``kvpress`` (kvpress 0.5.5's
+  ``plain`` (a prefill that keeps everything: the limit); methods ``kvcompose`` (the default:
+  two-pass up to half the model's window, one pass beyond), ``kvcompose-1pass``
+  (``replay_context: false``) and ``kvpress`` (kvpress 0.5.5's
   KVComposePress). Peak extra memory comes from one more process per row with a fixed glibc mmap
   threshold (so the kernel's peak follows live tensors, which slows allocation: hence apart from
   the timed runs), against the context's uncompressed float16 KV size. ``--ratios`` adds rows at

@@ -7,8 +7,9 @@ Differences from kvpress 0.5.5's KVComposePress (same positions on the same scor
   only); with none, the context itself is replayed (task-agnostic), or, with
   ``replay_context=False``, scored in one pass: the prefill's own queries, rotated to the positions
   the replay would give them (after the context), attend to every context key; a context longer
-  than half the model's window is scored in one pass (its replay would run past the window), and
-  task queries never get positions past the window;
+  than half the model's window is scored in one pass (its replay would run past the window; after
+  a press that evicted, it is replayed with squeezed positions), and task queries never get
+  positions past the window;
 - the replay reads the cache through a view that never stores the replayed tokens, so the cache
   is not doubled and nothing of the replay is left behind;
 - it is a plain forward hook (no patched ``model.forward``), so it composes (``presses.compose``):
@@ -77,10 +78,10 @@ class KVComposePress(BasePress):
     structured: aligned composite tokens (dense, default) or per-head counts (unstructured).
     replay_context: task-agnostic scoring replays the context as the task (as kvpress does) while
         the replay fits in the model's window (contexts up to half of it); False, or a longer
-        context, scores in one pass: each prefill query, placed after the context as the replay
-        would place it (squeezed into the window), attends to every context key (no second forward
-        pass; the queries keep their causal hidden states, and the softmax covers the context keys
-        only).
+        context (unless a press before this one evicted), scores in one pass: each prefill query,
+        placed after the context as the replay would place it (squeezed into the window), attends
+        to every context key (no second forward pass; the queries keep their causal hidden states,
+        and the softmax covers the context keys only).
     task_ids: token ids of task prompts (e.g. expected questions) for task-aware scoring.
     """
 
@@ -154,13 +155,14 @@ class KVComposePress(BasePress):
         if not is_prefilling(kwargs["cache_position"], q_len):
             return output
         if layer == 0:
-            state.update(scores={}, n_cached={}, context_length=q_len,
-                         replay=self._replays(q_len, cache.layers[layer].keys.shape[2]))
-        if not self._needs_replay():
-            keys = cache.layers[layer].keys
-            if keys.shape[2] != q_len:
+            state.update(scores={}, n_cached={}, context_length=q_len, replay=self._replays(q_len))
+        keys = cache.layers[layer].keys
+        if not self._needs_replay() and keys.shape[2] != q_len:  # a press before us evicted here
+            if not self.replay_context:
                 raise ValueError("kvcompose with replay_context=false must come first in a composition "
                                  "(or after think only)")
+            state.update(replay=True, scores={}, n_cached={})  # no query for every key: replay, squeezed
+        if not self._needs_replay():
             state["n_cached"][layer] = q_len
             self._score(module, kwargs, keys, q_len, after_context=True)
         if layer == state["num_layers"] - 1:
@@ -175,17 +177,15 @@ class KVComposePress(BasePress):
     def _needs_replay(self) -> bool:
         return self._state["replay"]
 
-    def _replays(self, context_length: int, cached: int) -> bool:
+    def _replays(self, context_length: int) -> bool:
         """Whether this document is scored by a second forward pass. Task prompts always are. The
         context is replayed as the task only while a copy of it fits in the window after it: past
         half the window, even squeezed positions lost the needle of an 8k document at 0.75 (SmolLM2),
-        and the prefill's own queries (one pass) kept it at 0.5-0.9. A composition that evicted
-        before us has no queries for every key, so it replays, squeezed."""
+        and the prefill's own queries (one pass) kept it at 0.5-0.9. (If a press before us turns
+        out to have evicted, the hook replays after all, squeezed: one pass needs every key.)"""
         if self.task_ids:
             return True
-        if not self.replay_context:
-            return False
-        return 2 * context_length <= self._window() or cached != context_length
+        return self.replay_context and 2 * context_length <= self._window()
 
     def _replay(self, cache: Cache) -> None:
         """Run each task prompt (or the context) after the cached context; hooks collect scores."""
@@ -230,12 +230,12 @@ class KVComposePress(BasePress):
         but squeezed (fractional steps, order kept) so that the last is the window's last position.
         Past the window, query-key distances are ones the model never saw and its attention (hence
         the scores) is noise. Where the tasks fit, they are placed exactly as before."""
-        start = self._state["context_length"]
-        room = self._window() - 1 - start
-        if n <= room + 1:
+        last = self._window() - 1
+        start = min(self._state["context_length"], last)  # a context that fills the window: all at its end
+        if start + n - 1 <= last:
             return torch.arange(start, start + n, device=device).unsqueeze(0)
-        step = max(room, 0) / max(n - 1, 1)
-        return (start + step * torch.arange(n, device=device, dtype=torch.float32)).unsqueeze(0)
+        step = (last - start) / max(n - 1, 1)  # order kept while the steps are > 0 and representable
+        return (start + step * torch.arange(n, dtype=torch.float64)).float().to(device).unsqueeze(0)
 
     def _window(self) -> int:
         return position_limit(self._state["model"].config)[0]
