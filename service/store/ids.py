@@ -24,7 +24,8 @@ from service.codec import FORMAT_VERSION
 _DOMAIN = b"kvcompose/cache-id"
 # Bumped when a press keeps other tokens for the same spec, so that caches stored by the old
 # selection are never served as the new one's (they expire unused). 2: KVCompose scores inside the
-# model's window (contexts longer than half of it lost needles with revision 1).
+# model's window (contexts longer than half of it lost needles with revision 1). The store hashes
+# it, the engines select: they ship in one image and are upgraded together.
 SELECTION_REVISION = 2
 
 
