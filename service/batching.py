@@ -77,13 +77,14 @@ class _Answer:
         self.last = token
 
     def finish(self, error: BaseException | None = None) -> None:
-        if not self.done:
-            piece = "" if error else self.text.finish()
-            if piece:
-                self.emit((len(self.text.tokens), piece))
-            self.emit(error or _DONE)
-            self.done = True
-            self.cache = None  # free the copy now
+        if self.done:
+            return
+        self.done = True  # before the end is emitted: a client told "done" may send the next request at once
+        piece = "" if error else self.text.finish()
+        if piece:
+            self.emit((len(self.text.tokens), piece))
+        self.emit(error or _DONE)
+        self.cache = None  # free the copy now
 
 
 class DecodeLoop:
@@ -114,9 +115,12 @@ class DecodeLoop:
     def _check_locked(self) -> None:
         # Free batch rows count as places too: while a step runs, the loop has not yet moved the
         # waiting answers into them, and a burst arriving then must not be refused for that.
-        free_rows = max(0, self.limits.max_batch - len(self._active))
+        # A finished answer's row is free although the loop retires it only after the step: its
+        # client may already have been told, and sent the next request.
+        answering = sum(not a.done for a in self._active)
+        free_rows = max(0, self.limits.max_batch - answering)
         if len(self._waiting) >= self.limits.max_waiting + free_rows:
-            raise Overloaded(f"the decoder is at capacity ({len(self._active)} answering, {len(self._waiting)} "
+            raise Overloaded(f"the decoder is at capacity ({answering} answering, {len(self._waiting)} "
                              f"waiting; decode_batch.max_waiting={self.limits.max_waiting}): retry shortly")
 
     async def stream(self, kv: CompressedKV, question: str, sampling: Sampling,

@@ -167,6 +167,29 @@ def test_a_burst_while_the_loop_is_busy_gets_the_free_rows_and_the_queue(tiny_en
     assert len(answers) == 4 and len({"".join(a) for a in answers}) == 1
 
 
+def test_a_finished_answer_frees_its_place_before_its_client_hears_the_end(tiny_engine, caches):
+    """The loop retires finished rows after the step; a client told "done" that asks again at once
+    (as Serve does with its next queued request) must not be refused for a row that is already free."""
+    loop, gate = held_loop(tiny_engine, BatchLimits(max_batch=1, max_waiting=1))
+    gate.set()  # question prefills run; what is held is the retiring of finished rows
+    retire_gate, retire = threading.Event(), loop._retire
+    loop._retire = lambda: (retire_gate.wait(), retire())[1]
+    sampling = Sampling(max_new_tokens=1)  # each answer ends at its question's prefill
+
+    async def main():
+        try:
+            first = await collect(loop, caches[0], "Go on.", sampling)
+            waiting = [asyncio.create_task(collect(loop, caches[0], "Go on.", sampling))]
+            await until_load(loop, 1, 1, waiting)  # the finished row is not retired; one answer waits
+            loop.check_capacity()  # the first client's next request: its row is free
+        finally:
+            retire_gate.set()
+        return [first, *await asyncio.wait_for(asyncio.gather(*waiting), 120)]
+
+    answers = asyncio.run(main())
+    assert len(answers) == 2 and answers[0] == answers[1]
+
+
 def test_memory_budget_admits_what_fits(tiny_engine, caches):
     loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=8, memory_bytes=loop_bytes(tiny_engine, caches[4])))
 
