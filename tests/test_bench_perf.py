@@ -11,13 +11,14 @@ from service.bench import perf
 def test_perf_runs_every_row_against_its_reference(tiny_model_dir, tmp_path):
     cases = perf.plan([96], [1], kvpress_max_tokens=0, parts={"compress", "ttft", "fetch"})
     assert [c.name for c in cases] == ["compress/plain/96", "compress/kvcompose/96", "compress/kvcompose-1pass/96",
-                                       "ttft/prefill/96", "ttft/reuse/96", "fetch/get/1", "fetch/grpc/1"]
+                                       "ttft/prefill/96", "ttft/reuse/96", "fetch/get/1", "fetch/grpc/1",
+                                       "fetch/direct-floor/1"]
     other = perf.plan([96], [1], kvpress_max_tokens=96, parts={"compress"}, ratios=(0.5, 0.9))
     assert [c.name for c in other] == ["compress/plain/96", "compress/kvcompose/96", "compress/kvcompose-1pass/96",
                                        "compress/kvpress/96", "compress/kvcompose@0.9/96",
                                        "compress/kvcompose-1pass@0.9/96", "compress/kvpress@0.9/96"]
     results = perf.run(cases, 2, str(tiny_model_dir), tmp_path / "work", log=lambda *a, **k: None)
-    assert [r["case"] for r in results[:7]] == [c.name for c in cases]  # interleaved: all rows, then again
+    assert [r["case"] for r in results[:8]] == [c.name for c in cases]  # interleaved: all rows, then again
     assert len(results) == 2 * len(cases) + 3  # + one memory run per compress row
     rows = {r["case"]: r for r in perf.summarize(cases, results)}
     plain, kvc = rows["compress/plain/96"], rows["compress/kvcompose/96"]
@@ -27,6 +28,7 @@ def test_perf_runs_every_row_against_its_reference(tiny_model_dir, tmp_path):
     reuse = rows["ttft/reuse/96"]
     assert reuse["ttft_s"] >= reuse["fetch_s"] + reuse["load_s"] and reuse["decode_tok_s"] > 0
     assert rows["fetch/grpc/1"]["ratio"] > 0 and rows["fetch/get/1"]["ratio"] is None
+    assert rows["fetch/direct-floor/1"]["ratio"] > 0  # read and verified (a bad read raises)
     csv_path, md = perf.write(results, list(rows.values()), tmp_path / "out", perf.machine())
     assert len(list(csv.DictReader(open(csv_path)))) == len(results)
     assert "| fetch/grpc/1 | 2 |" in md.read_text() and "/ raw GET" in md.read_text()

@@ -25,7 +25,3 @@ def test_cluster_throughput_compares_one_redis_with_a_cluster():
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and "x" not in line]
     assert [r[0] for r in rows] == ["1", "3"] and all(float(r[3]) > 0 for r in rows)
 
-
-def test_fetch_direct_bound_reads_verified_bytes_and_prints_every_path():
-    out = run("fetch_direct_bound.py", "--sizes-mib", "1", "--repeats", "2")
-    assert out.startswith("1 MiB: get ") and "stat + mget" in out and "GET / fetch" in out

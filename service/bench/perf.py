@@ -17,8 +17,10 @@ once per repeat, repeats interleaved, so a busy spell of a shared machine hits e
   the whole context, then the question; reuse: Fetch of the stored KVCompose cache from the prefix
   store over gRPC + codec load + question prefill, each part reported. Both then decode 64 tokens
   (``decode_tok_s``: one cache, one answer).
-- ``fetch/<grpc|get>/<MiB>``: a synthetic SmolLM2-shaped cache read through the prefix store's
-  gRPC Fetch (verified on both ends) against redis-py's GET of the same bytes as one value.
+- ``fetch/<grpc|get|direct-floor>/<MiB>``: a synthetic SmolLM2-shaped cache read through the
+  prefix store's gRPC Fetch (verified on both ends) against redis-py's GET of the same bytes as one
+  value; ``direct-floor``: the floor of decoders reading chunk keys from Redis themselves after a
+  ``Stat`` (``_direct_read``; a design not built).
 
 Every row prints and writes median and spread (min..max over repeats); ``results.csv`` keeps each
 process's figures, ``perf.md`` the table.
@@ -72,7 +74,7 @@ def plan(lengths: list[int], fetch_mib: list[int], kvpress_max_tokens: int, part
     for n in lengths if "ttft" in parts else []:
         cases += [Case("ttft", "prefill", n), Case("ttft", "reuse", n)]
     for mib in fetch_mib if "fetch" in parts else []:
-        cases += [Case("fetch", "get", mib), Case("fetch", "grpc", mib)]
+        cases += [Case("fetch", m, mib) for m in ("get", "grpc", "direct-floor")]
     return cases
 
 
@@ -202,10 +204,10 @@ def _compress(case: Case, engine, doc: str, question: str, needle: str, workdir:
     from service.presses.kvcompose import KVComposePress
 
     ids = engine.context_ids(doc)
-    ratio = case.ratio
-    press = {"plain": lambda: None, "kvcompose": lambda: KVComposePress(compression_ratio=ratio),
-             "kvcompose-1pass": lambda: KVComposePress(compression_ratio=ratio, replay_context=False),
-             "kvpress": lambda: kvpress.KVComposePress(compression_ratio=ratio)}[case.method]()
+    r = case.ratio
+    press = {"plain": lambda: None, "kvcompose": lambda: KVComposePress(compression_ratio=r),
+             "kvcompose-1pass": lambda: KVComposePress(compression_ratio=r, replay_context=False),
+             "kvpress": lambda: kvpress.KVComposePress(compression_ratio=r)}[case.method]()
     meta = CacheMeta(engine.model_id, engine.loaded.revision, len(ids), {})
     prefill(engine.loaded.model, ids[:64], None, meta)  # warm-up: kernels' first-use allocations
     base = _proc_status("VmRSS")
@@ -243,7 +245,7 @@ def _ttft(case: Case, engine, doc: str, question: str, needle: str, workdir: Pat
         figures["prefill_s"] = time.perf_counter() - start
     else:
         data, ids, key = _stored_cache(engine, doc, workdir)
-        with _StoreStack() as client:
+        with StoreStack() as client:
             manifest, _ = client.put(key, ids, data)
             client.fetch(manifest.cache_id)  # warm: channel and connections, as a running decoder has them
             start = time.perf_counter()
@@ -287,16 +289,18 @@ def _fetch(case: Case) -> dict:
 
     ids, data = synthetic_cache(case.size)
     n = _FETCH_ITERATIONS.get(case.size, 4)
-    with _StoreStack() as client:
+    with StoreStack() as client:
+        raw = redis.Redis.from_url(client.redis_url)
         if case.method == "get":
-            raw = redis.Redis.from_url(client.redis_url)
             raw.set("bench:raw", data)
             read = lambda: raw.get("bench:raw")  # noqa: E731
         else:
             from service.store.ids import CacheKey
 
-            manifest, _ = client.put(CacheKey("bench", "r", "t", {}, "float16", "default"), ids, data)
-            read = lambda: client.fetch(manifest.cache_id)[1]  # noqa: E731
+            key = CacheKey("bench", "r", "t", {}, "float16", "default")
+            manifest, _ = client.put(key, ids, data)
+            read = (lambda: client.fetch(manifest.cache_id)[1]) if case.method == "grpc" \
+                else _direct_read(client, raw, key.tenant, manifest.cache_id)
         assert read() == data  # and warm
         runs = []
         for _ in range(n):
@@ -304,6 +308,31 @@ def _fetch(case: Case) -> dict:
             read()
             runs.append(time.perf_counter() - start)
     return {"mib_s": len(data) / 2**20 / statistics.median(runs), "bytes": len(data), "iterations": n}
+
+
+def _direct_read(client, raw, tenant: str, cache_id: str):
+    """The floor of a design not built: a decoder asks the store for the manifest (``Stat`` over
+    gRPC), then reads the chunk keys from Redis itself (one MGET) and verifies them. The chunk keys'
+    write id is read with one more small GET (a real design would return it in the authenticated
+    reply: about 0.1 ms it would not pay)."""
+    import json
+
+    from service.store.checksum import read_check
+    from service.store.keys import Keys
+
+    keys = Keys()
+
+    def read() -> bytes:
+        m = client.stat(cache_id)
+        write_id = json.loads(raw.get(keys.manifest(tenant, cache_id)))["write_id"]
+        data = b"".join(raw.mget([keys.chunk(tenant, cache_id, write_id, i) for i in range(m.chunk_count)]))
+        digest, expected = read_check(m.xxh3_128, m.sha256)
+        digest.update(data)
+        if digest.digest() != expected:
+            raise RuntimeError("direct read failed verification")
+        return data
+
+    return read
 
 
 def _tokens_of(mib: int) -> int:
@@ -323,7 +352,7 @@ def synthetic_cache(mib: int) -> tuple[list[int], bytes]:
     return list(range(tokens)), codec.encode(kv, "float16")
 
 
-class _StoreStack:
+class StoreStack:
     """A throwaway redis-server and prefix store process; yields a connected store client with
     ``redis_url`` set."""
 
