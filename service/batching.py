@@ -156,7 +156,7 @@ class DecodeLoop:
                     self._waiting.remove(answer)
 
     def _row_bytes(self, kv: CompressedKV, room: int) -> int:
-        size = torch.empty((), dtype=self.engine.loaded.model.dtype).element_size()
+        size = self.engine.loaded.model.dtype.itemsize
         return sum(2 * k.shape[0] * (k.shape[1] + room) * k.shape[2] * size for k in kv.keys)
 
     def _start_thread(self) -> None:

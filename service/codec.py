@@ -222,14 +222,18 @@ def kept_tokens_per_layer(data: bytes | memoryview, header: dict) -> list[float]
             for i, n in enumerate(slots)]
 
 
-def decode(data: bytes | memoryview) -> CompressedKV:
-    """Parse and verify bytes written by ``encode``; int8 caches come back as float16."""
+def decode(data: bytes | memoryview, device: torch.device | str = "cpu") -> CompressedKV:
+    """Parse and verify bytes written by ``encode``; int8 caches come back as float16.
+
+    device: where the cache will be used; the stored tensors are moved there once, as stored (int8
+    is half the bytes of float16 to move), and dequantised there.
+    """
     data = memoryview(data)
     header = check(data)
     try:
         hlen = _PREFIX.unpack_from(data)[2]
         payload = data[_PREFIX.size + hlen : -_DIGEST]
-        t = {e["name"]: _tensor(payload, e) for e in header["tensors"]}
+        t = {e["name"]: _tensor(payload, e).to(device) for e in header["tensors"]}
         keys, values, evicted = [], [], []
         for i in range(int(header["layers"])):
             k, v = _restore_layer(t, i)
@@ -247,7 +251,7 @@ def _restore_layer(t: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, to
         v = (v.float() * t[f"vs.{i}"].float().unsqueeze(-1)).to(torch.float16)
     heads, n, d = v.shape
     if f"kc.{i}" in t:
-        full = torch.zeros(n, heads * d, dtype=cols.dtype)
+        full = torch.zeros(n, heads * d, dtype=cols.dtype, device=cols.device)
         full[:, t[f"kc.{i}"].bool().reshape(-1)] = cols
         cols = full
     return cols.reshape(n, heads, d).transpose(0, 1).contiguous(), v
@@ -257,7 +261,7 @@ def _tensor(payload: memoryview, entry: dict) -> torch.Tensor:
     dtype = _DTYPES[entry["dtype"]]
     start, n = int(entry["offset"]), int(entry["nbytes"])
     shape = [int(s) for s in entry["shape"]]
-    if start < 0 or start + n > len(payload) or n != int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size():
+    if start < 0 or start + n > len(payload) or n != int(np.prod(shape)) * dtype.itemsize:
         raise ValueError(f"tensor {entry['name']} does not fit the payload")
     raw = np.frombuffer(payload[start : start + n], dtype=np.uint8).copy()
     return torch.from_numpy(raw).view(dtype).reshape(shape)

@@ -93,7 +93,7 @@ class CompressedKV:
 
     def uncompressed_nbytes(self, dtype: torch.dtype | None = None) -> int:
         """Bytes the same context would take uncompressed, in ``dtype`` (default: this cache's)."""
-        item = torch.empty((), dtype=dtype or self.dtype).element_size()
+        item = (dtype or self.dtype).itemsize
         per_token = sum(k.shape[0] * k.shape[2] * 2 for k in self.keys)
         return per_token * self.meta.original_length * item
 
@@ -137,11 +137,11 @@ def compact(kv: CompressedKV) -> CompressedKV:
         if e is None:
             keys.append(k), values.append(v), evicted.append(None)
             continue
-        kept = ~e.cpu()
+        kept = ~e.to(k.device)
         positions, padding = select(kept.float(), kept.sum(dim=1).clamp(min=1))
-        index = positions.to(k.device).unsqueeze(-1).expand(-1, -1, k.shape[-1])
+        index = positions.unsqueeze(-1).expand(-1, -1, k.shape[-1])
         keys.append(k.gather(1, index)), values.append(v.gather(1, index))
         still = kept.gather(1, positions) == 0  # a head that kept nothing keeps one evicted slot
         mask = still if padding is None else (padding | still)
-        evicted.append(mask.to(k.device) if bool(mask.any()) else None)
+        evicted.append(mask if bool(mask.any()) else None)
     return CompressedKV(keys=keys, values=values, evicted=evicted, meta=kv.meta)

@@ -62,11 +62,13 @@ def composite_scores(scores: list[torch.Tensor], agg_head: str, lower_bound: int
 def allocate(composite: list[torch.Tensor], compression_ratio: float, floor: int) -> list[int]:
     """Global top-k over every layer's composite scores -> slots per layer (at least ``floor``)."""
     flat = torch.cat(composite)
-    owner = torch.cat([torch.full((c.shape[0],), i) for i, c in enumerate(composite)])
+    lengths = [c.shape[0] for c in composite]
+    # k-th largest score = the threshold; a layer's count is how many of its scores reach it. Ties at
+    # the threshold are broken by position in ``flat`` (lower layer first), as topk's order would.
     top = flat.topk(n_kept(flat.numel(), compression_ratio)).indices
-    counts = torch.bincount(owner[top], minlength=len(composite))
-    lengths = torch.tensor([c.shape[0] for c in composite])
-    return torch.minimum(counts.clamp(min=floor), lengths).tolist()
+    chosen = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top, True)
+    counts = torch.stack([part.sum() for part in chosen.split(lengths)]).tolist()  # one host sync
+    return [min(max(c, floor), n) for c, n in zip(counts, lengths)]
 
 
 def allocate_per_head(scores: list[torch.Tensor], compression_ratio: float, lower_bound: int) -> list[torch.Tensor]:
@@ -80,13 +82,12 @@ def allocate_per_head(scores: list[torch.Tensor], compression_ratio: float, lowe
         c[:, :lower_bound] += BOOST
         sorted_scores.append(c)
     flat = torch.cat([c.reshape(-1) for c in sorted_scores])
-    owner = torch.cat(
-        [torch.arange(c.shape[0]).repeat_interleave(c.shape[1]) + sum(x.shape[0] for x in sorted_scores[:i])
-         for i, c in enumerate(sorted_scores)]
-    )
     top = flat.topk(n_kept(flat.numel(), compression_ratio)).indices
-    counts = torch.bincount(owner[top], minlength=owner.max().item() + 1).clamp(min=1)
-    return list(counts.split([c.shape[0] for c in sorted_scores]))
+    chosen = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top, True)
+    # per (layer, head): how many of its slots were chosen
+    counts = [part.view(c.shape).sum(dim=1).clamp(min=1)
+              for part, c in zip(chosen.split([c.numel() for c in sorted_scores]), sorted_scores)]
+    return counts
 
 
 def select(scores: torch.Tensor, counts: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -96,11 +97,13 @@ def select(scores: torch.Tensor, counts: torch.Tensor | int) -> tuple[torch.Tens
     counts, a head's unused slots repeat its last kept position and are marked evicted.
     """
     heads, length = scores.shape
-    counts = torch.as_tensor(counts).expand(heads) if not torch.is_tensor(counts) or counts.ndim == 0 \
-        else counts
+    device = scores.device
+    if not torch.is_tensor(counts) or counts.ndim == 0:
+        counts = torch.full((heads,), int(counts), device=device)
+    counts = counts.to(device)
     width = int(counts.max())
     order = torch.argsort(scores, dim=-1, descending=True)[:, :width]
-    slot = torch.arange(width).unsqueeze(0)
+    slot = torch.arange(width, device=device).unsqueeze(0)
     unused = slot >= counts.unsqueeze(1)
     order = torch.where(unused, torch.full_like(order, length), order)  # push unused to the end
     positions = order.sort(dim=-1).values

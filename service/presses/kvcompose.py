@@ -235,7 +235,7 @@ class KVComposePress(BasePress):
         if start + n - 1 <= last:
             return torch.arange(start, start + n, device=device).unsqueeze(0)
         step = (last - start) / max(n - 1, 1)  # order kept while the steps are > 0 and representable
-        return (start + step * torch.arange(n, dtype=torch.float64)).float().to(device).unsqueeze(0)
+        return (start + step * torch.arange(n, dtype=torch.float64, device=device)).float().unsqueeze(0)
 
     def _window(self) -> int:
         return position_limit(self._state["model"].config)[0]

@@ -9,6 +9,7 @@ max_i exp(l_ij - lse_i) = exp(max_i (l_ij - lse_i)), so only (heads, L) values a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -28,24 +29,33 @@ class TaskAttention:
     n_context: int
     softcap: float | None = None  # Gemma 2's logit soft-capping
     over_context: bool = False  # softmax over the context keys only, instead of every key the query sees
+    fused: bool | None = None  # the Triton kernels (``fused_scoring``); None = where they run natively (CUDA)
     total: torch.Tensor | None = None
     count: int = 0
 
     def add(self, query: torch.Tensor, keys: torch.Tensor, scale: float, chunk: int,
-            lse: torch.Tensor | None = None) -> None:
+            lse: torch.Tensor | None = None, causal: bool = True) -> None:
         """Fold in one pass of task queries.
 
-        query: (heads, T, d), post-RoPE; keys: (kv_heads, K, d) with the T task keys last, so task
-        token i sees keys j <= K - T + i. lse: (heads, T) log-sum-exp of each query's logits, or
-        None to compute it here.
+        query: (heads, T, d), post-RoPE; keys: (kv_heads, K, d). Causal: the T task keys are last,
+        so task token i sees keys j <= K - T + i; else every query sees every key. lse: (heads, T)
+        log-sum-exp of each query's logits, or None to compute it here.
         """
         heads, t_len, dim = query.shape
+        if self.fused if self.fused is not None else _fused_runs_on(query.device):
+            from service.presses import fused_scoring
+
+            part = fused_scoring.task_attention(
+                query, keys, self.n_context, scale, self.how, lse=None if self.over_context else lse,
+                causal=causal and not self.over_context,
+                lse_keys=self.n_context if self.over_context else keys.shape[1], softcap=self.softcap)
+            return self._fold_part(part, t_len)
         kv_heads = keys.shape[0]
         groups = heads // kv_heads
         if self.over_context:
             lse = torch.zeros(heads, t_len, device=query.device)  # normalised per block below
         elif lse is None:
-            lse = self._lse(query, keys.repeat_interleave(groups, dim=0), scale, self.softcap)
+            lse = self._lse(query, keys.repeat_interleave(groups, dim=0), scale, self.softcap, causal)
         # A GQA group's query heads share one key matrix: (kv_heads, groups * chunk, d) @ (kv_heads, d, L).
         context_t = keys[:, : self.n_context].transpose(1, 2).float()
         for start in range(0, t_len, chunk):
@@ -87,21 +97,36 @@ class TaskAttention:
     def add_after_context(self, query: torch.Tensor, keys: torch.Tensor, scale: float, chunk: int) -> None:
         """Fold in the context's own queries as if placed after it: every query sees every context key
         (the softmax over the context keys). query: (heads, L, d) rotated to positions L..2L-1."""
-        groups = query.shape[0] // keys.shape[0]
-        lse = self._lse(query, keys.repeat_interleave(groups, dim=0), scale, self.softcap, causal=False)
-        self.add(query, keys, scale, chunk, lse)
+        self.add(query, keys, scale, chunk, causal=False)
 
     def _fold(self, logw: torch.Tensor) -> None:
-        if self.how == "max":
-            part = logw.amax(dim=1)
-            self.total = part if self.total is None else torch.maximum(self.total, part)
+        """logw: (heads, queries, n_context) log-weights of one block of queries."""
+        self._fold_part(logw.amax(dim=1) if self.how == "max" else logw.exp_().sum(dim=1), logw.shape[1])
+
+    def _fold_part(self, part: torch.Tensor, count: int) -> None:
+        """part: (heads, n_context), the max of log-weights or the sum of weights over ``count`` queries."""
+        if self.total is None:
+            self.total = part
+        elif self.how == "max":
+            self.total = torch.maximum(self.total, part)
         else:
-            part = logw.exp_().sum(dim=1)
-            self.total = part if self.total is None else self.total + part
-        self.count += logw.shape[1]
+            self.total = self.total + part
+        self.count += count
 
     def result(self) -> torch.Tensor:
         """(query_heads, n_context) aggregated attention weights."""
         if self.total is None:
             raise RuntimeError("no task tokens were scored")
         return self.total.exp() if self.how == "max" else self.total / self.count
+
+
+@functools.cache
+def _fused_runs_on(device: torch.device) -> bool:
+    """The fused kernels run natively on CUDA where Triton is installed (CUDA builds of torch ship it)."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
