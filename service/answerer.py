@@ -105,7 +105,8 @@ class Answerer:
         key = (tenant, cache_id)
         checked_at = time.monotonic()  # the entry was live when the fetch began: the staleness clock starts here
         manifest, data = await asyncio.to_thread(self.client.fetch, cache_id, tenant)
-        kv = await asyncio.to_thread(codec.decode, data)
+        # onto the model's device once (as stored: int8 moves half the bytes), not on every answer
+        kv = await asyncio.to_thread(codec.decode, data, self.engine.device)
         self.engine.check_compatible(kv)
         self.fetches += 1
         self.lru.put(key, kv)

@@ -161,12 +161,17 @@ class DecodeLoop:
 
     def _start_thread(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+            # A thread does not inherit torch's default device: the loop takes its starter's, so a
+            # tensor it makes without device= fails in tests run under the meta device, as on a GPU.
+            self._thread = threading.Thread(target=self._run, args=(torch.get_default_device(),),
+                                            name="decode-loop", daemon=True)
             self._thread.start()
 
     # -- the loop thread ------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, default_device: torch.device) -> None:
+        if default_device.type != "cpu":  # a default device is a function mode: every op pays for it
+            torch.set_default_device(default_device)
         while True:
             with self._cond:
                 while not self._waiting and not self._active:
@@ -229,8 +234,8 @@ class DecodeLoop:
         last = sorted({len(a.question_ids) - 1 for a in answers})  # where each row's logits are
         with torch.inference_mode():
             out = model(input_ids=torch.tensor(ids, device=device),
-                        position_ids=torch.stack([torch.arange(a.position, a.position + width) for a in answers]
-                                                 ).to(device),
+                        position_ids=torch.stack([torch.arange(a.position, a.position + width, device=device)
+                                                  for a in answers]),
                         past_key_values=ragged_cache([a.cache for a in answers]),
                         kvc_evicted=[[a.evicted[i] for a in answers] for i in range(len(answers[0].evicted))],
                         logits_to_keep=torch.tensor(last, device=device))

@@ -64,6 +64,11 @@ class Engine:
         self._stop_token_ids = self._model_stop_token_ids()
 
     @property
+    def device(self) -> torch.device:
+        """Where the model runs; caches it answers from are moved here."""
+        return self.loaded.model.device
+
+    @property
     def model_id(self) -> str:
         return self.loaded.model_id
 
