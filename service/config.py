@@ -58,6 +58,13 @@ class EngineConfig:
     @classmethod
     def from_env(cls, **overrides) -> EngineConfig:
         """Defaults, then ``KVCOMPOSE_<FIELD>`` environment variables, then explicit overrides."""
+        values = cls.env_values()
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def env_values(cls) -> dict:
+        """The fields set by ``KVCOMPOSE_<FIELD>`` environment variables (e.g. KVCOMPOSE_DEVICE=cuda), typed."""
         values: dict = {}
         for f in dataclasses.fields(cls):
             raw = os.environ.get(f"KVCOMPOSE_{f.name.upper()}")
@@ -71,8 +78,7 @@ class EngineConfig:
                 values[f.name] = json.loads(raw)
             else:
                 values[f.name] = raw
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        return values
 
 
 @dataclass(frozen=True)

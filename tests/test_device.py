@@ -104,9 +104,9 @@ def headwise_kv(model):
 
 
 def test_generate(model, headwise_kv):
+    question = random_ids(4, seed=5)
     for sampling in (Sampling(max_new_tokens=6), Sampling(max_new_tokens=6, temperature=0.9, top_p=0.8, seed=3)):
-        question = random_ids(4, seed=5)
-        assert on_meta(lambda: list(generate(model, headwise_kv, question, sampling))) == \
+        assert on_meta(lambda s=sampling: list(generate(model, headwise_kv, question, s))) == \
             list(generate(model, headwise_kv, question, sampling))
 
 

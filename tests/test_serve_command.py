@@ -108,3 +108,26 @@ def test_every_deployment_option_of_the_config_reaches_serve_run():
     application(app["args"], options)  # Deployment.options raises on any option it does not take
     with pytest.raises(ValueError, match="unknown deployments"):
         application(app["args"], {"Decodr": {}})
+
+
+def test_make_serve_takes_the_device_and_dtype_from_the_environment(monkeypatch):
+    """``KVCOMPOSE_DEVICE=cuda KVCOMPOSE_COMPUTE_DTYPE=bfloat16 make serve``: the engine args and a share of
+    the GPU for each engine deployment, over the config file's values; nothing set leaves the file as it is."""
+    from service.config import EngineConfig
+    from service.serve.launch import app_args, load_config, local_engine_overrides
+
+    for name in ("KVCOMPOSE_DEVICE", "KVCOMPOSE_COMPUTE_DTYPE", "KVCOMPOSE_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    assert local_engine_overrides() == ({}, {})
+    monkeypatch.setenv("KVCOMPOSE_DEVICE", "cuda")
+    monkeypatch.setenv("KVCOMPOSE_COMPUTE_DTYPE", "bfloat16")
+    engine, deployments = local_engine_overrides()
+    config = load_config(CONFIG, args={"engine": engine}, deployments=deployments)
+    typed = EngineConfig(**app_args(config).engine)
+    assert (typed.device, typed.compute_dtype, typed.model) == ("cuda", "bfloat16", "smollm2-135m-instruct")
+    options = {d["name"]: d["ray_actor_options"] for d in config["applications"][0]["deployments"]}
+    assert options["Compressor"]["num_gpus"] == options["Decoder"]["num_gpus"] == 0.5
+    assert options["Compressor"]["num_cpus"] == 0.5  # the file's other options stay
+    monkeypatch.setenv("KVCOMPOSE_COMPUTE_DTYPE", "float8")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        EngineConfig(**local_engine_overrides()[0])

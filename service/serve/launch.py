@@ -259,10 +259,12 @@ def run_local(config_path: Path = CONFIG, store_port: int = 50051, store_metrics
     leaves nothing behind (Ray's session files live in a temporary directory removed at the end).
     REDIS_URL names an external Redis."""
     redis_url = StoreConfig.from_env().redis_url or None
+    engine, deployments = local_engine_overrides()
     print("Deploying KVCompose Serve (first start converts the embedded model, ~1 min)...", flush=True)
     ray_dir = tempfile.mkdtemp(prefix="kvc-ray-")
     try:
-        with LocalStack(config_path, redis_url=redis_url, store_port=store_port, store_metrics_port=store_metrics_port,
+        with LocalStack(config_path, redis_url=redis_url, args={"engine": engine} if engine else {},
+                        deployments=deployments, store_port=store_port, store_metrics_port=store_metrics_port,
                         ray_init={"_metrics_export_port": ray_metrics_port, "_temp_dir": ray_dir},
                         api_token_file=local_api_token_file()) as stack:
             # after ray.init: Ray's core worker installs its own SIGTERM handler, which aborts
@@ -279,6 +281,19 @@ def run_local(config_path: Path = CONFIG, store_port: int = 50051, store_metrics
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
     print("Stopped.", flush=True)
+
+
+def local_engine_overrides() -> tuple[dict, dict]:
+    """(engine args, deployment options) from ``KVCOMPOSE_<FIELD>`` variables, over the config file's:
+    ``KVCOMPOSE_DEVICE=cuda KVCOMPOSE_COMPUTE_DTYPE=bfloat16 make serve`` runs on this machine's GPU,
+    the Compressor and the Decoder sharing it (half a GPU each in Ray's accounting)."""
+    engine = EngineConfig.env_values()
+    if "cache_dir" in engine:
+        engine["cache_dir"] = str(engine["cache_dir"])  # Serve's args are plain data
+    deployments = {}
+    if engine.get("device", "cpu").startswith("cuda"):
+        deployments = {name: {"ray_actor_options": {"num_gpus": 0.5}} for name in ("Compressor", "Decoder")}
+    return engine, deployments
 
 
 def _interrupt(signum: int, frame: object) -> None:
