@@ -67,6 +67,7 @@ def per_layer_sdpa(
     scaling: float | None = None,
     kvc_evicted: list[torch.Tensor | None] | None = None,
     kvc_lse: dict[int, torch.Tensor] | None = None,
+    kvc_static: bool = False,
     softcap: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
@@ -77,6 +78,10 @@ def per_layer_sdpa(
     row attends to its own cache exactly as it would alone (the same call on the same tensors).
     """
     evicted = kvc_evicted[module.layer_idx] if kvc_evicted is not None else None
+    if kvc_static:  # a static decode step (``service.step_graph``): whole buffers, slots hidden by ``evicted``
+        rows = [decode_attention(query[r : r + 1], k, v, evicted[r], scaling, softcap)
+                for r, (k, v) in enumerate(zip(key, value))]
+        return torch.cat(rows).transpose(1, 2).contiguous(), None
     if isinstance(key, list):
         rows = [_sdpa(query[r : r + 1], k, v, evicted[r] if evicted is not None else None, dropout, scaling, softcap)
                 for r, (k, v) in enumerate(zip(key, value))]
@@ -116,6 +121,25 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, evicted: 
         is_causal=mask is None and q_len == k_len and q_len > 1,
         enable_gqa=groups > 1,  # no repeated copy of the cache: ~10x faster decode steps on CPU
     )
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, hidden: torch.Tensor,
+                     scaling: float | None, softcap: float | None = None) -> torch.Tensor:
+    """One row's new queries (1, heads, q, d) over a whole fixed cache buffer (1, kv_heads, C, d), with
+    ``hidden`` (1, kv_heads, C) True where a slot is not attended (not yet written, or evicted).
+
+    Fixed shapes and no host sync, so a CUDA graph can hold it (``service.step_graph``). A GQA group's
+    query heads share one key matrix, so the cache is read once, never repeated per query head. As
+    transformers' eager attention: logits in the model's dtype, softmax in float32.
+    """
+    _, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query[0].reshape(kv_heads, heads // kv_heads * q_len, dim)
+    scale = scaling if scaling is not None else dim**-0.5
+    logits = cap_logits(torch.bmm(q, key[0].transpose(1, 2)) * scale, softcap)
+    logits = logits.masked_fill(hidden[0][:, None, :], float("-inf"))
+    weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(value.dtype)
+    return torch.bmm(weights, value[0]).view(1, heads, q_len, dim)
 
 
 def cap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:

@@ -41,6 +41,7 @@ from service.decode import Sampling, padded_cache, pick_token, ragged_cache
 from service.engine import Engine
 from service.kvcache import CompressedKV
 from service.protocol import Overloaded
+from service.step_graph import StepGraph
 from service.text_stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -91,9 +92,15 @@ class DecodeLoop:
     """The replica's decode loop; ``stream`` is its only entry. ``steps``, ``peak_batch`` and
     ``peak_joining`` (most questions prefilled in one forward) are for metrics and tests."""
 
-    def __init__(self, engine: Engine, limits: BatchLimits | None = None):
+    def __init__(self, engine: Engine, limits: BatchLimits | None = None, static_steps: bool | None = None):
+        """static_steps: decode steps over fixed buffers (``service.step_graph``), replayed as CUDA
+        graphs on CUDA (unless ``decode_batch.cuda_graphs`` is false); None = on CUDA only."""
         self.engine = engine
         self.limits = limits or BatchLimits()
+        device = engine.loaded.model.device
+        self._graph = None
+        if static_steps if static_steps is not None else device.type == "cuda":
+            self._graph = StepGraph(engine.loaded.model, capture=device.type == "cuda" and self.limits.cuda_graphs)
         self.steps = 0
         self.peak_batch = 0
         self.peak_joining = 0
@@ -210,6 +217,8 @@ class DecodeLoop:
             kept = [a for a in self._active if not a.done]
             self._memory -= sum(a.nbytes for a in self._active if a.done)
             self._active = kept
+            if not kept and self._graph is not None:
+                self._graph.forget()  # nothing may keep a finished answer's buffers alive
 
     def _guarded(self, answers: list[_Answer], work: Callable[[list[_Answer]], None]) -> None:
         try:
@@ -239,28 +248,36 @@ class DecodeLoop:
                         past_key_values=ragged_cache([a.cache for a in answers]),
                         kvc_evicted=[[a.evicted[i] for a in answers] for i in range(len(answers[0].evicted))],
                         logits_to_keep=torch.tensor(last, device=device))
-        for row, a in enumerate(answers):
+        logits = torch.stack([out.logits[row, last.index(len(a.question_ids) - 1)] for row, a in enumerate(answers)])
+        for a in answers:
             padding = width - len(a.question_ids)
             for layer in a.cache.layers:
                 layer.truncate(padding)
             a.position += len(a.question_ids)
-            column = last.index(len(a.question_ids) - 1)
-            _take(a, out.logits[row, column])
+        _take_all(answers, logits)
 
     def _step(self, answers: list[_Answer]) -> None:
-        """One token for every active answer, in one forward."""
+        """One token for every active answer, in one forward (a static one, or a CUDA graph's replay)."""
+        with torch.inference_mode():
+            if self._graph is not None:
+                logits = self._graph.step([a.cache for a in answers], [a.evicted for a in answers],
+                                          [a.last for a in answers], [a.position for a in answers])
+            else:
+                logits = self._ragged_step(answers)
+        self.steps += 1
+        for a in answers:
+            a.position += 1
+        _take_all(answers, logits)
+
+    def _ragged_step(self, answers: list[_Answer]) -> torch.Tensor:
         model = self.engine.loaded.model
         device = model.device
         layers = len(answers[0].evicted)
-        with torch.inference_mode():
-            out = model(input_ids=torch.tensor([[a.last] for a in answers], device=device),
-                        position_ids=torch.tensor([[a.position] for a in answers], device=device),
-                        past_key_values=ragged_cache([a.cache for a in answers]),
-                        kvc_evicted=[[a.evicted[i] for a in answers] for i in range(layers)], logits_to_keep=1)
-        self.steps += 1
-        for row, a in enumerate(answers):
-            a.position += 1
-            _take(a, out.logits[row, -1])
+        out = model(input_ids=torch.tensor([[a.last] for a in answers], device=device),
+                    position_ids=torch.tensor([[a.position] for a in answers], device=device),
+                    past_key_values=ragged_cache([a.cache for a in answers]),
+                    kvc_evicted=[[a.evicted[i] for a in answers] for i in range(layers)], logits_to_keep=1)
+        return out.logits[:, -1]
 
 
 def _padded_width(question_tokens: int) -> int:
@@ -280,13 +297,18 @@ def _by_length(answers: list[_Answer]) -> list[list[_Answer]]:
     return groups
 
 
-def _take(answer: _Answer, logits: torch.Tensor) -> None:
-    """Pick and take one row's token from its (vocab,) logits; a failure ends that answer only."""
-    try:
-        answer.take(pick_token(logits.float(), answer.sampling, answer.generator))
-    except Exception as e:  # noqa: BLE001
-        log.exception("picking a token failed")
-        answer.finish(e)
+def _take_all(answers: list[_Answer], logits: torch.Tensor) -> None:
+    """Pick and take each answer's token from its row of (B, vocab) logits: greedy rows with one host
+    sync for all; a failure ends that answer only."""
+    greedy = logits.argmax(dim=-1).tolist()
+    for row, answer in enumerate(answers):
+        try:
+            sampled = answer.sampling.temperature != 0
+            token = pick_token(logits[row].float(), answer.sampling, answer.generator) if sampled else greedy[row]
+            answer.take(token)
+        except Exception as e:  # noqa: BLE001
+            log.exception("picking a token failed")
+            answer.finish(e)
 
 
 def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[object], None]:

@@ -127,11 +127,13 @@ def api_auth_tokens(configured: dict) -> dict:
 class BatchLimits:
     """A Decoder replica's decode loop (``service.batching``). max_batch: answers advanced together
     per step; max_waiting: requests queued beyond that; memory_bytes: cache copies of the active
-    answers (with room for their tokens)."""
+    answers (with room for their tokens); cuda_graphs: on CUDA, replay each decode step as one CUDA
+    graph (``service.step_graph``; false: the same static steps, launched op by op)."""
 
     max_batch: int = 16
     max_waiting: int = 32
     memory_bytes: int = 2 << 30
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_waiting", "memory_bytes"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 from conftest import random_ids
@@ -32,14 +33,16 @@ async def collect(loop: DecodeLoop, kv, question, sampling, stop=()):
     return [piece async for _, piece in loop.stream(kv, question, sampling, stop)]
 
 
-def test_batched_answers_equal_answers_alone(tiny_engine, caches):
+@pytest.mark.parametrize("static", [False, True], ids=["ragged", "static-steps"])
+def test_batched_answers_equal_answers_alone(tiny_engine, caches, static):
+    """Static steps are the CUDA-graph path (``service.step_graph``), run eagerly here."""
     questions = ["What is it?", "Say more about the second part, please.", "Why?", "List three things.", "Hm"]
     settings = [Sampling(max_new_tokens=n) for n in (12, 5, 9, 16, 7)]
     settings[2] = Sampling(max_new_tokens=9, temperature=0.8, top_p=0.9, seed=11)  # sampled, seeded
     stops = [(), (), (), ("e",), ()]
     expected = [alone(tiny_engine, kv, q, s, st) for kv, q, s, st in zip(caches, questions, settings, stops)]
     assert len({"".join(e) for e in expected}) > 1
-    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=8))
+    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=8), static_steps=static)
 
     async def main():
         # Hold admission (the loop's lock is reentrant for this thread) until all five wait, so
@@ -54,11 +57,15 @@ def test_batched_answers_equal_answers_alone(tiny_engine, caches):
     got = asyncio.run(main())
     assert ["".join(g) for g in got] == ["".join(e) for e in expected]
     assert loop.peak_joining == 5 and loop.peak_batch == 5  # questions of 2..9 tokens padded together
+    deadline = time.monotonic() + 5  # a client hears "done" just before the loop retires its row
+    while loop.load()["active"] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert loop.load() == {"active": 0, "waiting": 0, "memory_bytes": 0}
 
 
-def test_a_cancelled_answer_leaves_the_batch_and_the_others_go_on(tiny_engine, caches):
-    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=4))
+@pytest.mark.parametrize("static", [False, True], ids=["ragged", "static-steps"])
+def test_a_cancelled_answer_leaves_the_batch_and_the_others_go_on(tiny_engine, caches, static):
+    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=4), static_steps=static)
     short, long = Sampling(max_new_tokens=20), Sampling(max_new_tokens=1000)
     expected = alone(tiny_engine, caches[1], "Go on.", short)
 
@@ -204,3 +211,24 @@ def test_memory_budget_admits_what_fits(tiny_engine, caches):
 
 def loop_bytes(engine, kv) -> int:
     return DecodeLoop(engine)._row_bytes(kv, 64)
+
+
+def test_static_steps_follow_answers_that_join_and_leave(tiny_engine, caches):
+    """Answers of different lengths start at different times: the set of rows changes between steps,
+    and every answer is still what it is alone; an idle loop keeps no answer's buffers."""
+    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=8), static_steps=True)
+    lengths = [3, 11, 7, 15, 5]
+    expected = [alone(tiny_engine, kv, "Tell me.", Sampling(max_new_tokens=n)) for kv, n in zip(caches, lengths)]
+
+    async def main():
+        tasks = []
+        for kv, n in zip(caches, lengths):
+            tasks.append(asyncio.ensure_future(collect(loop, kv, "Tell me.", Sampling(max_new_tokens=n))))
+            await asyncio.sleep(0.005)  # joins while the others decode
+        return await asyncio.gather(*tasks)
+
+    assert ["".join(g) for g in asyncio.run(main())] == ["".join(e) for e in expected]
+    deadline = time.monotonic() + 5
+    while loop._graph._rows is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loop._graph._rows is None and loop._graph._cache is None

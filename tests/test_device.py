@@ -117,7 +117,8 @@ def test_generate_batch(model, headwise_kv):
         generate_batch(*args, finished=lambda row, tokens: row == 1 and len(tokens) == 2)
 
 
-def test_decode_loop_thread(tiny_engine):
+@pytest.mark.parametrize("static", [False, True], ids=["ragged", "static-steps"])
+def test_decode_loop_thread(tiny_engine, static):
     """The loop runs in its own thread, which takes its starter's default device."""
     caches = [tiny_engine.compress(random_ids(120, seed=s), spec)[0]
               for s, spec in ((1, KVCOMPOSE), (2, OWN["kvcompose-headwise"]))]
@@ -128,7 +129,7 @@ def test_decode_loop_thread(tiny_engine):
             return "".join([piece async for _, piece in loop.stream(kv, "What is it?", sampling)])
         return await asyncio.gather(*(one(kv) for kv in caches))
 
-    got = on_meta(asyncio.run, answer_all(DecodeLoop(tiny_engine, BatchLimits(max_batch=4))))
+    got = on_meta(asyncio.run, answer_all(DecodeLoop(tiny_engine, BatchLimits(max_batch=4), static_steps=static)))
     assert got == asyncio.run(answer_all(DecodeLoop(tiny_engine, BatchLimits(max_batch=4))))
 
 

@@ -11,7 +11,7 @@ Rows are named ``kind/.../<shape>/<tokens>``; ``vs_reference`` is each row's fig
   ``kvpress`` (kvpress 0.5.5's KVComposePress, 8k only).
 - ``decode/b<batch>/<cache>/<shape>/<tokens>``: tokens/s of answers decoded by one Decoder's loop
   (``service.batching.DecodeLoop``, the service's own path) from a full or a KVCompose-0.5 cache;
-  batch 16 against batch 1 from the same cache.
+  batch 16 against batch 1 from the same cache; ``+eager``: the same steps without CUDA graphs.
 - ``needle/<ratio>``: when the embedded SmolLM2 is installed, its needle document compressed with
   the default KVCompose and answered on the device.
 
@@ -74,13 +74,15 @@ class Row:
     tokens: int
     batch: int = 1
     compression_ratio: float = RATIO
+    cuda_graphs: bool = True  # decode: each step replayed as a CUDA graph (false: launched op by op)
 
     @property
     def name(self) -> str:
         if self.kind == "compress":
             return f"compress/{self.method}/{self.shape}/{self.tokens}"
         if self.kind == "decode":
-            return f"decode/b{self.batch}/{self.method}/{self.shape}/{self.tokens}"
+            eager = "" if self.cuda_graphs else "+eager"
+            return f"decode/b{self.batch}/{self.method}{eager}/{self.shape}/{self.tokens}"
         return f"needle/{self.compression_ratio:g}/{self.shape}/{self.tokens}"
 
 
@@ -93,7 +95,8 @@ def plan(tiny: bool, needle: bool = True, shapes: tuple[str, ...] = tuple(SHAPES
             methods = ["plain", "kvcompose"] + (["kvcompose-1pass"] if n <= mid else []) + \
                 (["kvpress"] if n == short else [])
             rows += [Row("compress", shape, m, n) for m in methods]
-        rows += [Row("decode", shape, "full", mid), Row("decode", shape, "kvcompose", mid),
+        rows += [Row("decode", shape, "full", mid), Row("decode", shape, "full", mid, cuda_graphs=False),
+                 Row("decode", shape, "kvcompose", mid),
                  Row("decode", shape, "full", short), Row("decode", shape, "full", short, batch=BATCH)]
     if needle:
         rows += [Row("needle", "smollm2-135m", "kvcompose", TINY_NEEDLE_TOKENS if tiny else NEEDLE_TOKENS,
@@ -274,7 +277,8 @@ def _decode(row: Row, state: dict, guard: Guard) -> dict:
         state.update(cache=_prefill(model, row.tokens, "plain" if row.method == "full" else row.method, guard),
                      cache_key=key)
     kv = state["cache"].to(device=model.device)
-    loop = DecodeLoop(_RandomEngine(model), BatchLimits(max_batch=BATCH, memory_bytes=1 << 40))
+    loop = DecodeLoop(_RandomEngine(model), BatchLimits(max_batch=BATCH, memory_bytes=1 << 40,
+                                                        cuda_graphs=row.cuda_graphs))
     sampling = Sampling(max_new_tokens=DECODE_TOKENS)
 
     async def answer() -> tuple[int, float]:
