@@ -110,6 +110,9 @@ class ReservedLayer(DynamicLayer):
         self._k = keys.new_empty(b, h, n + room, d)
         self._v = values.new_empty(b, h, n + room, d)
         self._k[:, :, :n], self._v[:, :, :n] = keys, values
+        # The room is zeroed: static steps attend over the whole buffer with unwritten slots masked,
+        # and a masked slot's weight (0) times uninitialised memory (maybe inf or nan) would be nan.
+        self._k[:, :, n:], self._v[:, :, n:] = 0, 0
         self._n = n
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         self._views()

@@ -84,10 +84,9 @@ class StepGraph:
 
     def step(self, caches: list[Cache], evicted: list[list[torch.Tensor | None]], tokens: list[int],
              positions: list[int]) -> torch.Tensor:
-        key = tuple(id(c) for c in caches)
-        if key != self._key:
+        if not self._same_rows(caches):
             self._build(caches, evicted)
-            self._key, self._eager_steps = key, 0
+            self._eager_steps = 0
         self._inputs(tokens, positions)
         if self._graph is not None:
             if not self.checked:
@@ -102,8 +101,13 @@ class StepGraph:
 
     def forget(self) -> None:
         """Drop every reference to the answers' buffers (the loop is idle, or its answers changed)."""
-        self._key, self._graph, self._out = None, None, None
+        self._graph, self._out = None, None
         self._cache, self._hidden, self._rows = None, None, None
+
+    def _same_rows(self, caches: list[Cache]) -> bool:
+        # by identity of the layers this object holds (so they are alive): a finished answer's id() may be reused
+        return self._rows is not None and len(caches) == len(self._rows[0]) and \
+            all(c.layers[0] is row for c, row in zip(caches, self._rows[0]))
 
     # -- the static step ----------------------------------------------------------------------
 
@@ -154,7 +158,8 @@ class StepGraph:
         try:
             self._pool = self._pool or torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):  # recorded, not run
+            # thread_local: the replica's other threads (fetched caches moving to the GPU) go on meanwhile
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):  # recorded, not run
                 self._out = self._forward()
             self._graph = graph
         except Exception:  # noqa: BLE001 - a step that cannot be captured still runs eagerly

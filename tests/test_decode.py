@@ -83,3 +83,22 @@ def test_batched_answers_need_one_context(tiny_engine):
     b, _ = tiny_engine.compress(random_ids(120), {})
     with pytest.raises(ValueError, match="same original length"):
         generate_batch(tiny_engine.loaded.model, [a, b], [1, 2], 4)
+
+
+def test_static_attention_over_a_reserved_buffer_equals_attention_over_its_filled_part():
+    """Static decode steps attend over a whole buffer with unwritten and evicted slots masked. A masked
+    slot's weight (0) times uninitialised memory would be nan, so the room must start as zeros."""
+    from service.attention import decode_attention
+    from service.decode import ReservedLayer
+    from service.step_graph import hidden_slots
+
+    keys, values = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    layer = ReservedLayer(keys, values, room=7)
+    assert torch.equal(layer._k[:, :, :5], keys) and not layer._k[:, :, 5:].any() and not layer._v[:, :, 5:].any()
+    query = torch.randn(1, 4, 1, 8)
+    evicted = torch.tensor([[False, True, False, False, True], [False] * 5])
+    out = decode_attention(query, layer._k, layer._v, hidden_slots(layer, evicted), None)
+    keep = ~evicted.repeat_interleave(2, dim=0)[None, :, None, :]  # kv heads -> query heads
+    expected = torch.nn.functional.scaled_dot_product_attention(query, keys.repeat_interleave(2, dim=1),
+                                                                values.repeat_interleave(2, dim=1), attn_mask=keep)
+    torch.testing.assert_close(out, expected)

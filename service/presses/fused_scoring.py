@@ -72,10 +72,12 @@ def _logits(q, k, scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr
         x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
     return x
 
+
 @triton.jit
 def _load_block(ptr, base, rows, n_rows, stride, dims, HEAD_DIM: tl.constexpr):
     return tl.load(ptr + base + rows[:, None] * stride + dims[None, :],
                    mask=(rows[:, None] < n_rows) & (dims[None, :] < HEAD_DIM), other=0.0)
+
 
 @triton.jit
 def _lse_kernel(q_ptr, k_ptr, lse_ptr, t_len, n_keys, offset, groups, scale, softcap,
@@ -103,6 +105,7 @@ def _lse_kernel(q_ptr, k_ptr, lse_ptr, t_len, n_keys, offset, groups, scale, sof
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
         m = m_new
     tl.store(lse_ptr + head * t_len + rows, m + tl.log(s), mask=rows < t_len)
+
 
 @triton.jit
 def _score_kernel(q_ptr, k_ptr, lse_ptr, out_ptr, t_len, n_context, groups, scale, softcap,
