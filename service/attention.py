@@ -20,6 +20,8 @@ from the fused kernel at no extra cost, per layer, with (heads, q_len) log-sum-e
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import AttentionInterface
 
@@ -94,12 +96,17 @@ def per_layer_sdpa(
         if kvc_lse is not None:
             kvc_lse[module.layer_idx] = lse[0]
         return out.transpose(1, 2).contiguous(), None
-    if kvc_lse is not None and evicted is None and query.device.type == "cpu" and k_len >= q_len:
-        if groups > 1:  # the fused kernel that returns the lse has no GQA flag
-            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        out, lse = attention_with_lse(query, key, value, scaling)
-        kvc_lse[module.layer_idx] = lse[0]
-        return out.transpose(1, 2).contiguous(), None
+    if kvc_lse is not None and evicted is None and k_len >= q_len and query.shape[0] == 1:
+        if query.device.type == "cpu":
+            if groups > 1:  # the fused kernel that returns the lse has no GQA flag
+                key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+            out, lse = attention_with_lse(query, key, value, scaling)
+            kvc_lse[module.layer_idx] = lse[0]
+            return out.transpose(1, 2).contiguous(), None
+        if triton_runs_on(query.device):
+            out, lse = split_attention_with_lse(query, key, value, scaling)
+            kvc_lse[module.layer_idx] = lse
+            return out.transpose(1, 2).contiguous(), None
     return _sdpa(query, key, value, evicted, dropout, scaling).transpose(1, 2).contiguous(), None
 
 
@@ -184,6 +191,47 @@ def attention_with_lse(
     lse = torch.logaddexp(lse_a, lse_b)
     out = out_a * (lse_a - lse).exp().unsqueeze(-1) + out_b * (lse_b - lse).exp().unsqueeze(-1)
     return out.to(query.dtype), lse
+
+
+def split_attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPU attention of the last q_len keys' queries (batch 1), with each query's log-sum-exp (heads, q).
+
+    The replay of KVCompose's scoring: q_len new queries after k_len - q_len cached keys. One SDPA
+    call would need a bottom-right causal mask, (q_len, k_len) materialised, and no fused kernel takes
+    it with GQA. Instead, the cached keys (all visible) and the new keys (causal, square) are each
+    attended by the flash kernel, and merged by their log-sum-exps, which the fused scorer's Triton
+    kernel computes (``fused_scoring.log_sum_exp``; GQA without copies); the scorer then reuses them.
+    """
+    from service.presses.fused_scoring import log_sum_exp
+
+    split = key.shape[2] - query.shape[2]
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    gqa = query.shape[1] != key.shape[1]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    out_b = sdpa(query, key[:, :, split:], value[:, :, split:], is_causal=True, scale=scale, enable_gqa=gqa)
+    lse_b = log_sum_exp(query[0], key[0, :, split:], scale, causal=True)
+    if split == 0:
+        return out_b, lse_b
+    out_a = sdpa(query, key[:, :, :split], value[:, :, :split], scale=scale, enable_gqa=gqa)
+    lse_a = log_sum_exp(query[0], key[0, :, :split], scale, causal=False)
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = out_a * (lse_a - lse).exp()[None, :, :, None].to(out_a.dtype) + \
+        out_b * (lse_b - lse).exp()[None, :, :, None].to(out_b.dtype)
+    return out, lse
+
+
+@functools.cache
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether Triton kernels (``fused_scoring``) run natively here: CUDA with Triton installed (CUDA
+    builds of torch ship it)."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def use_per_layer_attention(model: torch.nn.Module) -> None:

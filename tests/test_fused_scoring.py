@@ -85,3 +85,20 @@ def test_kvcompose_keeps_the_same_positions_with_the_fused_scorer(variant):
     assert fused.last_selection["counts"] == ref.last_selection["counts"]
     for a, b in zip(fused.last_selection["positions"], ref.last_selection["positions"]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "q_len", "cached"), [(4, 2, 37, 60), (4, 4, 20, 0), (6, 2, 1, 33)],
+                         ids=["gqa-replay", "no-cache", "one-query"])
+def test_replay_attention_on_gpus_equals_the_cpu_path(heads, kv_heads, q_len, cached):
+    """The replay's attention with log-sum-exp on CUDA (two flash calls merged by the Triton lse) equals
+    the CPU path's (torch's fused CPU kernel on repeated keys)."""
+    from service.attention import attention_with_lse, split_attention_with_lse
+
+    query = torch.randn(1, heads, q_len, 32)
+    key, value = torch.randn(1, kv_heads, cached + q_len, 32), torch.randn(1, kv_heads, cached + q_len, 32)
+    groups = heads // kv_heads
+    out, lse = attention_with_lse(query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1),
+                                  None)
+    got_out, got_lse = split_attention_with_lse(query, key, value, None)
+    torch.testing.assert_close(got_lse, lse[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_out, out, rtol=1e-4, atol=1e-5)

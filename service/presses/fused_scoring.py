@@ -31,6 +31,32 @@ BLOCK_Q = 32
 BLOCK_K = 64
 
 
+def log_sum_exp(query: torch.Tensor, keys: torch.Tensor, scale: float, causal: bool,
+                softcap: float | None = None) -> torch.Tensor:
+    """(heads, T) float32 log-sum-exp of each query's logits over the keys it sees (causal: the T
+    queries are the last T keys). query: (heads, T, d); keys: (kv_heads, K, d)."""
+    heads, t_len, dim = query.shape
+    kv_heads, k_len, _ = keys.shape
+    query, keys = _rows(query), _rows(keys)
+    lse = torch.empty(heads, t_len, device=query.device, dtype=torch.float32)
+    _lse_kernel[(triton.cdiv(t_len, BLOCK_Q), heads)](
+        query, keys, lse, t_len, k_len, k_len - t_len, heads // kv_heads, scale, softcap or 1.0,
+        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), CAUSAL=causal, BLOCK_Q=BLOCK_Q,
+        BLOCK_K=BLOCK_K, **_constants(query, softcap))
+    return lse
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any head and row strides, but contiguous vectors."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _constants(query: torch.Tensor, softcap: float | None) -> dict:
+    dim = query.shape[-1]
+    return {"HEAD_DIM": dim, "D": max(16, 1 << (dim - 1).bit_length()), "SOFTCAP": bool(softcap),
+            "PRECISION": "ieee" if query.dtype == torch.float32 else "tf32"}
+
+
 def task_attention(query: torch.Tensor, keys: torch.Tensor, n_context: int, scale: float, how: str, *,
                    lse: torch.Tensor | None = None, causal: bool = True, lse_keys: int | None = None,
                    softcap: float | None = None) -> torch.Tensor:
@@ -45,23 +71,15 @@ def task_attention(query: torch.Tensor, keys: torch.Tensor, n_context: int, scal
     kv_heads, k_len, _ = keys.shape
     if heads % kv_heads or keys.shape[2] != dim or not 0 < n_context <= k_len:
         raise ValueError(f"query {tuple(query.shape)} and keys {tuple(keys.shape)} do not fit n_context={n_context}")
-    query, keys = query.contiguous(), keys.contiguous()
-    common = {"HEAD_DIM": dim, "D": max(16, 1 << (dim - 1).bit_length()), "SOFTCAP": bool(softcap),
-              "PRECISION": "ieee" if query.dtype == torch.float32 else "tf32"}
-    groups = heads // kv_heads
+    query, keys = _rows(query), _rows(keys)
     if lse is None:
-        lse_keys = k_len if lse_keys is None else lse_keys
-        lse = torch.empty(heads, t_len, device=query.device, dtype=torch.float32)
-        grid = (triton.cdiv(t_len, BLOCK_Q), heads)
-        _lse_kernel[grid](query, keys, lse, t_len, lse_keys, lse_keys - t_len, groups, scale, softcap or 1.0,
-                         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
-                         CAUSAL=causal, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, **common)
+        lse = log_sum_exp(query, keys[:, : k_len if lse_keys is None else lse_keys], scale, causal, softcap)
     lse = lse.float().contiguous()
     out = torch.empty(heads, n_context, device=query.device, dtype=torch.float32)
     grid = (triton.cdiv(n_context, BLOCK_K), heads)
-    _score_kernel[grid](query, keys, lse, out, t_len, n_context, groups, scale, softcap or 1.0,
-                       query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
-                       MEAN=how == "mean", BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, **common)
+    _score_kernel[grid](query, keys, lse, out, t_len, n_context, heads // kv_heads, scale, softcap or 1.0,
+                        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
+                        MEAN=how == "mean", BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, **_constants(query, softcap))
     return out
 
 

@@ -9,12 +9,11 @@ max_i exp(l_ij - lse_i) = exp(max_i (l_ij - lse_i)), so only (heads, L) values a
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
-from service.attention import attention_with_lse, cap_logits, causal_mask
+from service.attention import attention_with_lse, cap_logits, causal_mask, triton_runs_on
 
 
 @dataclass
@@ -42,7 +41,7 @@ class TaskAttention:
         log-sum-exp of each query's logits, or None to compute it here.
         """
         heads, t_len, dim = query.shape
-        if self.fused if self.fused is not None else _fused_runs_on(query.device):
+        if self.fused if self.fused is not None else triton_runs_on(query.device):
             from service.presses import fused_scoring
 
             part = fused_scoring.task_attention(
@@ -119,14 +118,3 @@ class TaskAttention:
             raise RuntimeError("no task tokens were scored")
         return self.total.exp() if self.how == "max" else self.total / self.count
 
-
-@functools.cache
-def _fused_runs_on(device: torch.device) -> bool:
-    """The fused kernels run natively on CUDA where Triton is installed (CUDA builds of torch ship it)."""
-    if device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
