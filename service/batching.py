@@ -98,9 +98,9 @@ class DecodeLoop:
         self.engine = engine
         self.limits = limits or BatchLimits()
         device = engine.loaded.model.device
-        self._graph = None
+        self._static = None
         if static_steps if static_steps is not None else device.type == "cuda":
-            self._graph = StepGraph(engine.loaded.model, capture=device.type == "cuda" and self.limits.cuda_graphs)
+            self._static = StepGraph(engine.loaded.model, capture=device.type == "cuda" and self.limits.cuda_graphs)
         self.steps = 0
         self.peak_batch = 0
         self.peak_joining = 0
@@ -217,8 +217,8 @@ class DecodeLoop:
             kept = [a for a in self._active if not a.done]
             self._memory -= sum(a.nbytes for a in self._active if a.done)
             self._active = kept
-            if not kept and self._graph is not None:
-                self._graph.forget()  # nothing may keep a finished answer's buffers alive
+            if not kept and self._static is not None:
+                self._static.forget()  # nothing may keep a finished answer's buffers alive
 
     def _guarded(self, answers: list[_Answer], work: Callable[[list[_Answer]], None]) -> None:
         try:
@@ -259,8 +259,8 @@ class DecodeLoop:
     def _step(self, answers: list[_Answer]) -> None:
         """One token for every active answer, in one forward (a static one, or a CUDA graph's replay)."""
         with torch.inference_mode():
-            if self._graph is not None:
-                logits = self._graph.step([a.cache for a in answers], [a.evicted for a in answers],
+            if self._static is not None:
+                logits = self._static.step([a.cache for a in answers], [a.evicted for a in answers],
                                           [a.last for a in answers], [a.position for a in answers])
             else:
                 logits = self._ragged_step(answers)

@@ -14,7 +14,8 @@ address and shape, so the step is written static:
 - the input ids and positions are copied into fixed buffers before each replay.
 
 A graph holds while the same answers run (their buffers stay put). When one joins or leaves, the
-step runs eagerly once (which also warms the kernels up) and a new graph is captured for the next.
+steps run eagerly; once the same answers have run ``CAPTURE_AFTER`` steps (joins churn), the next
+step runs eagerly on a side stream (the warm-up CUDA graphs need) and is captured for the ones after.
 The first graph a loop captures is checked once against an eager run of the same step; a graph
 that cannot be captured or does not match turns graphs off for that loop, with a log line, and the
 static steps go on eagerly. Off CUDA, or with ``decode_batch.cuda_graphs: false``, steps are eager.

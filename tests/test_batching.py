@@ -229,6 +229,6 @@ def test_static_steps_follow_answers_that_join_and_leave(tiny_engine, caches):
 
     assert ["".join(g) for g in asyncio.run(main())] == ["".join(e) for e in expected]
     deadline = time.monotonic() + 5
-    while loop._graph._rows is not None and time.monotonic() < deadline:
+    while loop._static._rows is not None and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert loop._graph._rows is None and loop._graph._cache is None
+    assert loop._static._rows is None and loop._static._cache is None

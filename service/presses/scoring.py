@@ -41,7 +41,8 @@ class TaskAttention:
         log-sum-exp of each query's logits, or None to compute it here.
         """
         heads, t_len, dim = query.shape
-        if self.fused if self.fused is not None else triton_runs_on(query.device):
+        fused = triton_runs_on(query.device) if self.fused is None else self.fused
+        if fused:
             from service.presses import fused_scoring
 
             part = fused_scoring.task_attention(

@@ -263,7 +263,7 @@ def run_local(config_path: Path = CONFIG, store_port: int = 50051, store_metrics
     print("Deploying KVCompose Serve (first start converts the embedded model, ~1 min)...", flush=True)
     ray_dir = tempfile.mkdtemp(prefix="kvc-ray-")
     try:
-        with LocalStack(config_path, redis_url=redis_url, args={"engine": engine} if engine else {},
+        with LocalStack(config_path, redis_url=redis_url, args={"engine": engine},
                         deployments=deployments, store_port=store_port, store_metrics_port=store_metrics_port,
                         ray_init={"_metrics_export_port": ray_metrics_port, "_temp_dir": ray_dir},
                         api_token_file=local_api_token_file()) as stack:
