@@ -1,24 +1,40 @@
-"""A thin Python client of the public KVCompose gRPC API (CLI ``remote`` commands, tests, examples)."""
+"""A thin Python client of the public KVCompose gRPC API (CLI ``remote`` commands, tests, examples).
+
+Retries are gRPC's own (a service config ``retryPolicy``): a call that ends UNAVAILABLE before any
+reply arrived (the proxy or a replica restarting, the store briefly away) is tried again, up to 5
+attempts with jittered exponential backoff. Every API call is safe to repeat: Compress is
+content-addressed, Generate is retried only before its stream has produced anything, Stat and
+Delete are idempotent. Other codes (a refusal, RESOURCE_EXHAUSTED, a deadline) are never retried.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
 
-import grpc
 from kvcompose.v1 import api_pb2 as api
 from kvcompose.v1 import api_pb2_grpc as api_grpc
 from kvcompose.v1 import store_pb2 as store_pb
 
+from service.tls import TLSFiles, channel
 from service.wire import api_client_options
 
 APPLICATION = "kvcompose"  # Serve's gRPC proxy routes by this metadata when several apps run
+RETRY_POLICY = {"maxAttempts": 5, "initialBackoff": "0.25s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"]}
+SERVICE_CONFIG = json.dumps({"methodConfig": [{"name": [{"service": "kvcompose.v1.KVCompose"}],
+                                               "retryPolicy": RETRY_POLICY}]})
 
 
 class KVComposeClient:
     def __init__(self, address: str, token: str | None = None, tenant: str | None = None,
-                 timeout_s: float = 900.0):
-        self.channel = grpc.insecure_channel(address, options=api_client_options())
+                 timeout_s: float = 900.0, tls: TLSFiles | None = None, retries: bool = True):
+        """tls: verify the service (its CA) and, for mutual TLS, present a certificate.
+        retries: gRPC's retry policy above (False: every call is tried once)."""
+        options = api_client_options() + [("grpc.enable_retries", int(retries))]
+        if retries:
+            options.append(("grpc.service_config", SERVICE_CONFIG))
+        self.channel = channel(address, tls, options)
         self.stub = api_grpc.KVComposeStub(self.channel)
         metadata = [("application", APPLICATION)]
         if token:

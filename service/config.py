@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.tls import TLSFiles
+
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
 CODECS = ("float16", "bfloat16", "float32", "int8")  # see service/codec.py
@@ -164,11 +166,17 @@ class StoreConfig:
     allow_unauthenticated: a store with no token starts only with this set (local development).
     redis_timeout_s / redis_retries: every Redis call's socket timeout and retry count.
     client_deadline_s / client_retries: every gRPC store call's deadline and how often UNAVAILABLE is
-        retried (decoders, workers). Both retry with the one policy of ``service/store/retry.py``.
+        retried (decoders, workers). Both retry with the one policy of ``service/store/retry.py``: 6
+        retries ride out any outage shorter than 1.75 s (a Redis or store restart, a failover).
     max_ttl_s: the longest lifetime a Put may ask for.
     max_context_tokens: longest context a Put or Lookup may carry (Lookup hashes its block prefixes).
     model_shapes: model id -> [layers, kv_heads, head_dim]; a Put whose cache does not have its model's
         shape is refused, and so is a Put for a model not listed (when the map is not empty).
+    tls_cert_file / tls_key_file / tls_ca_file / tls_client_auth / tls_server_name: TLS of the store's
+        gRPC hop (``service/tls.py``; PEM files as cert-manager mounts them: tls.crt, tls.key, ca.crt).
+        The store serves TLS only when given a certificate; with ``tls_client_auth`` it requires client
+        certificates signed by ``tls_ca_file``. Its clients dial TLS when given ``tls_ca_file``, and
+        present their certificate when they have one.
     """
 
     redis_url: str = ""
@@ -184,13 +192,26 @@ class StoreConfig:
     service_token: str = ""
     allow_unauthenticated: bool = False
     redis_timeout_s: float = 10.0
-    redis_retries: int = 3
+    redis_retries: int = 6
     client_deadline_s: float = 60.0
-    client_retries: int = 3
+    client_retries: int = 6
     key_prefix: str = "kvc"
     max_ttl_s: int = 30 * 24 * 3600
     max_context_tokens: int = 1 << 17
     model_shapes: dict = field(default_factory=dict)
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+    tls_client_auth: bool = False
+    tls_server_name: str = ""
+
+    @property
+    def tls(self) -> TLSFiles | None:
+        """The store hop's TLS files (checked when asked for), or None for plaintext."""
+        if not (self.tls_cert_file or self.tls_key_file or self.tls_ca_file):
+            return None
+        return TLSFiles(self.tls_cert_file, self.tls_key_file, self.tls_ca_file, self.tls_client_auth,
+                        self.tls_server_name)
 
     def __post_init__(self) -> None:
         for name in ("chunk_bytes", "default_ttl_s", "max_entry_bytes", "block_tokens", "max_ttl_s",

@@ -12,14 +12,22 @@ API_REPLY_BYTES = 64 << 20  # a client accepts replies up to this size
 _LOOKAHEAD_BYTES = 16 << 20  # HTTP/2 read-ahead: keeps a large Fetch streaming without stalls
 
 
+# A channel whose server went away reconnects with backoff; gRPC's default grows to 120 s, so a
+# client could stay cut off long after a restarted store or proxy is back. Ours retries within 1 s,
+# inside the store client's own retry window (retry.py), so a call begun during a restart finds it back.
+RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+             ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
 def store_options() -> list[tuple[str, int]]:
     """Options of every PrefixStore channel and server (both directions carry whole caches)."""
     return [("grpc.max_receive_message_length", STORE_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", STORE_MESSAGE_BYTES), ("grpc.http2.lookahead_bytes", _LOOKAHEAD_BYTES)]
+            ("grpc.max_send_message_length", STORE_MESSAGE_BYTES), ("grpc.http2.lookahead_bytes", _LOOKAHEAD_BYTES),
+            *RECONNECT]
 
 
 def api_client_options() -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", API_REPLY_BYTES)]
+    return [("grpc.max_receive_message_length", API_REPLY_BYTES), *RECONNECT]
 
 
 def api_server_options(max_request_bytes: int) -> list[tuple[str, int]]:

@@ -60,7 +60,7 @@ class ServerProcess:
                for name, value in config.__dict__.items() if name != "redis_url"}
         env["KVCOMPOSE_STORE_SERVICE_TOKEN"] = config.service_token  # "" must not fall back to the caller's env
         self.config = config
-        self.process = StoreProcess(config.redis_url, free_port(), env, metrics_port=metrics_port)
+        self.process = StoreProcess(config.redis_url, free_port(), env, metrics_port=metrics_port, tls=config.tls)
 
     @property
     def target(self) -> str:

@@ -7,6 +7,10 @@ It reads the same Serve config as the Ray deployment (engine settings, API token
 limits) and answers through the same ``Frontend``, so it authenticates exactly as the Ingress
 does: API tokens from the config's ``auth_tokens`` or ``KVCOMPOSE_API_AUTH_TOKENS``. The store token
 comes from ``KVCOMPOSE_STORE_SERVICE_TOKEN`` (or ``--store-token``).
+
+TLS: ``--tls-cert-file``/``--tls-key-file`` make it serve TLS only (``--tls-ca-file`` with
+``--tls-client-auth``: clients must present a certificate signed by that CA). Its hop to the store
+follows the store settings (``KVCOMPOSE_STORE_TLS_*``, see ``StoreConfig``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from service.engine import Engine
 from service.serve.frontend import Frontend
 from service.store.auth import Auth
 from service.store.client import PrefixStoreClient
+from service.tls import TLSFiles, add_port
 from service.wire import api_server_options
 
 log = logging.getLogger("workers.decode")
@@ -56,7 +61,8 @@ class DecodeWorker(api_grpc.KVComposeServicer):
             await context.abort(e.status, str(e))
 
 
-async def serve(store: str, address: str, config_path: Path, store_token: str | None) -> None:
+async def serve(store: str, address: str, config_path: Path, store_token: str | None,
+                tls: TLSFiles | None = None) -> None:
     from service.serve.app import AppArgs
     from service.serve.launch import app_args, load_config
 
@@ -73,9 +79,10 @@ async def serve(store: str, address: str, config_path: Path, store_token: str | 
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     service_name = api.DESCRIPTOR.services_by_name["KVCompose"].full_name
     reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    server.add_insecure_port(address)
+    add_port(server, address, tls)
     await server.start()
-    log.info("decode worker serving on %s, fetching from the store at %s", address, store)
+    log.info("decode worker serving on %s over %s, fetching from the store at %s", address,
+             "TLS" if tls is not None and tls.serves else "plaintext", store)
     await server.wait_for_termination()
 
 
@@ -89,9 +96,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="the Serve config whose app args (engine, auth_tokens, limits) this worker follows")
     parser.add_argument("--store-token", help="this worker's service token at the store "
                                               "(default: KVCOMPOSE_STORE_SERVICE_TOKEN)")
+    parser.add_argument("--tls-cert-file", default="", help="serve TLS with this certificate (PEM)")
+    parser.add_argument("--tls-key-file", default="", help="the certificate's private key (PEM)")
+    parser.add_argument("--tls-ca-file", default="", help="CA of client certificates (with --tls-client-auth)")
+    parser.add_argument("--tls-client-auth", action="store_true", help="require client certificates (mutual TLS)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.store, args.address, args.config, args.store_token))
+    try:
+        tls = TLSFiles(args.tls_cert_file, args.tls_key_file, args.tls_ca_file, args.tls_client_auth)
+    except ValueError as e:
+        parser.error(str(e))
+    asyncio.run(serve(args.store, args.address, args.config, args.store_token, tls))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import yaml
 
 from service.config import EngineConfig, RequestLimits, StoreConfig
 from service.store.embedded import EmbeddedRedis, die_with_parent, free_port
+from service.tls import TLSFiles
 
 log = logging.getLogger(__name__)
 CONFIG = Path(__file__).with_name("serve_config.yaml")
@@ -97,9 +98,10 @@ class StoreProcess:
     """``python -m service.store.server`` as a child process (used by the local stack and tests)."""
 
     def __init__(self, redis_url: str, port: int, env: dict | None = None, host: str = "127.0.0.1",
-                 metrics_port: int = 0):
+                 metrics_port: int = 0, tls: TLSFiles | None = None):
         self.redis_url, self.port, self.env, self.host = redis_url, port, env or {}, host
         self.metrics_port = metrics_port  # 0: no /metrics endpoint
+        self.tls = tls  # the files its health check dials with (the server reads its own from env)
 
     @property
     def address(self) -> str:
@@ -109,13 +111,15 @@ class StoreProcess:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        from service.tls import channel
+
         env = {**os.environ, "REDIS_URL": self.redis_url, **self.env}
         metrics = ["--metrics-address", f"{self.host}:{self.metrics_port}"] if self.metrics_port else []
         self.process = subprocess.Popen([sys.executable, "-m", "service.store.server", "--address",
                                          f"{self.host}:{self.port}", *metrics], env=env, preexec_fn=die_with_parent,
                                         start_new_session=True)  # a terminal's Ctrl-C reaches only the launcher
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
+        with channel(self.address, self.tls) as health_channel:
+            stub = health_pb2_grpc.HealthStub(health_channel)
             for _ in range(300):
                 if self.process.poll() is not None:
                     raise RuntimeError("the store server exited; see its log above")

@@ -4,6 +4,7 @@ Every call is idempotent (entries are content-addressed), so UNAVAILABLE is retr
 ``retries`` times with the store's one retry policy (``retry.py``: exponential backoff with
 jitter), each attempt under ``deadline_s``. ``from_config`` takes both from ``StoreConfig``.
 Errors arrive as the store's exceptions (``service.store.errors``), mapped from status codes.
+With ``tls`` (``StoreConfig.tls``) it verifies the store's certificate and presents its own.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from service.store.errors import BY_STATUS, DataLoss, StoreError, Unavailable
 from service.store.ids import CacheKey
 from service.store.manifest import key_to_proto
 from service.store.retry import retry_policy
+from service.tls import TLSFiles, channel
 from service.wire import chunk_frame, store_options
 
 T = TypeVar("T")
@@ -30,9 +32,10 @@ UPLOAD_CHUNK_BYTES = 1 << 20
 
 class PrefixStoreClient:
     def __init__(self, target: str, token: str | None = None, tenant: str | None = None,
-                 deadline_s: float = 60.0, retries: int = 3):
+                 deadline_s: float = StoreConfig.client_deadline_s,
+                 retries: int = StoreConfig.client_retries, tls: TLSFiles | None = None):
         self.target = target
-        self.channel = grpc.insecure_channel(target, options=store_options())
+        self.channel = channel(target, tls, store_options())
         self.stub = pb_grpc.PrefixStoreStub(self.channel)
         # Put with requests serialized here: chunks are framed by hand (``wire.chunk_frame``)
         self._put = self.channel.stream_unary("/kvcompose.v1.PrefixStore/Put", request_serializer=None,
@@ -53,9 +56,9 @@ class PrefixStoreClient:
 
     @classmethod
     def from_config(cls, target: str, config: StoreConfig, tenant: str | None = None) -> PrefixStoreClient:
-        """A client with ``config``'s service token, deadline and retries."""
+        """A client with ``config``'s service token, deadline, retries and TLS."""
         return cls(target, token=config.service_token or None, tenant=tenant, deadline_s=config.client_deadline_s,
-                   retries=config.client_retries)
+                   retries=config.client_retries, tls=config.tls)
 
     def _call(self, attempt: Callable[[], T]) -> T:
         def once() -> T:

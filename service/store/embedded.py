@@ -36,7 +36,9 @@ def redis_server_binary() -> str:
 
 def die_with_parent() -> None:
     """``preexec_fn`` for helper processes: Linux ends them when the process that started them dies,
-    so a crashed test or launcher leaves no redis-server or store behind."""
+    so a crashed test or launcher leaves no redis-server or store behind. Linux tracks the starting
+    *thread*: start helpers from a thread that lives as long as they should (the main thread, a
+    supervisor), never from a short-lived one."""
     try:
         import ctypes
         import signal

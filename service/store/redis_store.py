@@ -40,7 +40,7 @@ from service.store.errors import (
 from service.store.ids import CacheKey
 from service.store.keys import CACHE_ID, Keys, check_tenant
 from service.store.manifest import Manifest
-from service.store.retry import retry_policy
+from service.store.retry import redis_retry_policy
 
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 _RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
@@ -75,7 +75,7 @@ _MGET_BATCH = 8  # chunks per round trip when reading
 def connect(config: StoreConfig, url: str) -> aioredis.Redis | aioredis.RedisCluster:
     """A redis-py client with the store's one retry policy and timeouts: ``RedisCluster`` when
     ``config.redis_cluster`` (it discovers the slots from ``url``'s node and follows failovers)."""
-    retry = retry_policy(config.redis_retries, (rexc.ConnectionError, rexc.TimeoutError))
+    retry = redis_retry_policy(config.redis_retries, (rexc.ConnectionError, rexc.TimeoutError))
     timeouts = {"socket_timeout": config.redis_timeout_s, "socket_connect_timeout": config.redis_timeout_s}
     if config.redis_cluster:
         return aioredis.RedisCluster.from_url(url, retry=retry, **timeouts)

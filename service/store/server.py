@@ -28,6 +28,7 @@ from service.store.errors import InvalidArgument, QuotaExceeded, StoreError, is_
 from service.store.manifest import key_from_proto
 from service.store.metrics import StoreMetrics
 from service.store.redis_store import RedisStore, connect
+from service.tls import add_port
 from service.wire import chunk_frame, store_options
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ async def start_server(config: StoreConfig, address: str = "127.0.0.1:0", metric
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    port = add_port(server, address, config.tls)
     await server.start()
     # lives with the server
     server._kvc_health_task = asyncio.create_task(_watch_redis(store, health_servicer, metrics))
@@ -213,7 +214,9 @@ async def serve(config: StoreConfig, address: str, metrics_address: str = "") ->
         config = StoreConfig(**{**config.__dict__, "redis_url": embedded.url})
         log.info("no REDIS_URL: started an embedded redis-server at %s", embedded.url)
     server, port, store = await start_server(config, address, metrics_address)
-    log.info("PrefixStore serving on port %d (Redis %s)", port, config.redis_url)
+    tls = config.tls
+    mode = "plaintext" if tls is None or not tls.serves else "mutual TLS" if tls.client_auth else "TLS"
+    log.info("PrefixStore serving on port %d over %s (Redis %s)", port, mode, config.redis_url)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop cleanly: finish calls in flight (5 s), no traceback
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop(grace=5)))
