@@ -33,7 +33,7 @@ proto:
 	touch gen/kvcompose/__init__.py gen/kvcompose/v1/__init__.py
 
 serve: install
-	$(PY) -m service.cli serve
+	$(PY) -m service.cli serve $(if $(TLS),--tls)
 
 test: install
 	$(PY) -m pytest -q

@@ -100,21 +100,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.serve.launch import CONFIG, run_local
 
     run_local(Path(args.config) if args.config else CONFIG, args.store_port, args.store_metrics_port,
-              args.ray_metrics_port)
+              args.ray_metrics_port, tls=args.tls)
     return 0
 
 
 def _remote(args: argparse.Namespace):
     from service.api_client import KVComposeClient
     from service.config import ClientConfig
+    from service.tls import TLSFiles
 
     token = ClientConfig.from_env(token=args.token).token
-    if not token and args.addr.split(":")[0] in ("127.0.0.1", "localhost", "[::1]"):
-        from service.serve.launch import local_api_token_file
+    tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_ca else None
+    if args.addr.split(":")[0] in ("127.0.0.1", "localhost", "[::1]"):  # `make serve` on this machine
+        from service.serve.launch import local_api_token_file, local_tls_dir
 
-        if local_api_token_file().exists():  # `make serve` on this machine
+        if not token and local_api_token_file().exists():
             token = local_api_token_file().read_text().strip()
-    return KVComposeClient(args.addr, token=token, tenant=args.tenant)
+        local_ca = local_tls_dir() / "server" / "ca.crt"
+        if tls is None and local_ca.exists():  # `make serve TLS=1`
+            tls = TLSFiles(ca_file=str(local_ca))
+    return KVComposeClient(args.addr, token=token, tenant=args.tenant, tls=tls)
 
 
 def _progress(label: str):
@@ -357,6 +362,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--store-port", type=int, default=50051, help="prefix store's port on 127.0.0.1 (default 50051)")
     p.add_argument("--store-metrics-port", type=int, default=9102, help="prefix store's /metrics (default 9102)")
     p.add_argument("--ray-metrics-port", type=int, default=8080, help="Ray's /metrics: the service's (default 8080)")
+    p.add_argument("--tls", action="store_true", help="the API and the store over TLS, with a fresh local CA "
+                   "(make serve TLS=1)")
     p.set_defaults(func=cmd_serve)
 
     remote = sub.add_parser("remote", help="call a running service over gRPC").add_subparsers(dest="remote",
@@ -368,6 +375,10 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--token", help="API bearer token (or KVCOMPOSE_TOKEN; for a local address, the one "
                        "'make serve' wrote)")
         r.add_argument("--tenant", help="tenant, for a service without API tokens (development mode)")
+        r.add_argument("--tls-ca", help="dial TLS, verifying the service with this CA (PEM); for a local "
+                       "address, 'make serve TLS=1''s CA is found by itself")
+        r.add_argument("--tls-cert", default="", help="client certificate (PEM), for mutual TLS")
+        r.add_argument("--tls-key", default="", help="the client certificate's key (PEM)")
         r.add_argument("--press", type=press_spec, help=PRESS_HELP)
         if name == "compress":
             r.add_argument("document", help="text file")

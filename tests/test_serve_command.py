@@ -1,6 +1,8 @@
 """``kvcompose serve`` (what ``make serve`` runs) as a user runs it: it comes up, answers, and stops
 cleanly on Ctrl-C (SIGINT to its whole process group, as a terminal sends it) or SIGTERM: exit code
-0, no stack dump, every child process ended, no temporary directory or token file left behind."""
+0, no stack dump, every child process ended, no temporary directory or token file left behind.
+``serve --tls`` (``make serve TLS=1``) serves the API over TLS only, and ``kvcompose remote`` finds
+its CA by itself."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import grpc
 import psutil
 import pytest
 import yaml
@@ -20,6 +23,7 @@ import yaml
 from service.api_client import KVComposeClient
 from service.serve.launch import CONFIG
 from service.store.embedded import free_port
+from service.tls import TLSFiles
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +42,7 @@ def serve_config(path: Path, model_dir: Path) -> tuple[Path, int]:
     return path, grpc_port
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "tls"])
 def test_serve_comes_up_answers_and_stops_cleanly(tiny_model_dir, tmp_path, how):
     config, grpc_port = serve_config(tmp_path / "serve.yaml", tiny_model_dir)
     scratch, cache = Path(tempfile.mkdtemp(prefix="kvc-t-", dir="/tmp")), tmp_path / "cache"  # Ray's socket
@@ -48,7 +52,8 @@ def test_serve_comes_up_answers_and_stops_cleanly(tiny_model_dir, tmp_path, how)
     log = (tmp_path / "serve.log").open("w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--config", str(config), "--store-port", str(free_port()),
-         "--store-metrics-port", str(free_port()), "--ray-metrics-port", str(free_port())],
+         "--store-metrics-port", str(free_port()), "--ray-metrics-port", str(free_port()),
+         *(["--tls"] if how == "tls" else [])],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # its own terminal group
     try:
         deadline = time.monotonic() + 240
@@ -57,10 +62,22 @@ def test_serve_comes_up_answers_and_stops_cleanly(tiny_model_dir, tmp_path, how)
             assert time.monotonic() < deadline, "serve did not come up"
             time.sleep(0.5)
         token = (cache / "kvcompose" / "local-api-token").read_text().strip()
-        with KVComposeClient(f"127.0.0.1:{grpc_port}", token=token, timeout_s=120) as client:
+        tls_dir = cache / "kvcompose" / "local-tls"
+        tls = TLSFiles(ca_file=str(tls_dir / "server" / "ca.crt")) if how == "tls" else None
+        with KVComposeClient(f"127.0.0.1:{grpc_port}", token=token, timeout_s=120, tls=tls) as client:
             cache_id = client.compress("The lighthouse on Kessel Point was built in 1871. " * 20).cache_id
             text, stats = client.ask("When was it built?", cache_id=cache_id, max_new_tokens=4)
             assert stats.new_tokens > 0
+        if how == "tls":
+            with KVComposeClient(f"127.0.0.1:{grpc_port}", token=token, timeout_s=10, retries=False) as plain:
+                with pytest.raises(grpc.RpcError) as e:
+                    plain.list_models()
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # plaintext is refused
+            remote = subprocess.run([sys.executable, "-m", "service.cli", "remote", "ask", "--addr",
+                                     f"127.0.0.1:{grpc_port}", "--cache-id", cache_id, "--max-new-tokens", "4",
+                                     "When was it built?"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                    timeout=120)
+            assert remote.returncode == 0 and remote.stdout.strip(), remote.stderr[-2000:]
         children = psutil.Process(process.pid).children(recursive=True)
         assert len(children) >= 4  # Redis, the store, Ray's processes and replicas
 
@@ -83,6 +100,7 @@ def test_serve_comes_up_answers_and_stops_cleanly(tiny_model_dir, tmp_path, how)
     shutil.rmtree(scratch, ignore_errors=True)
     assert not left, left  # no Redis or Ray temporary directory left
     assert not (cache / "kvcompose" / "local-api-token").exists()
+    assert not (cache / "kvcompose" / "local-tls").exists()
 
 
 def test_every_deployment_option_of_the_config_reaches_serve_run():

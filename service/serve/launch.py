@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from service.config import EngineConfig, RequestLimits, StoreConfig
+from service.serve.tls_front import TLSFront
 from service.store.embedded import EmbeddedRedis, die_with_parent, free_port
 from service.tls import TLSFiles
 
@@ -155,6 +156,11 @@ class LocalStack:
     no host option for it), so unless API tokens are configured (or ``allow_unauthenticated``) the
     API gets a fresh token per run (``api_token``), also written to ``api_token_file`` (mode 0600)
     when given, for local clients.
+
+    tls_dir: run the hops we own over TLS, with a fresh local CA (``service.local_ca``) whose files
+    go here: the store serves mutual TLS (the replicas present a client certificate), and the API
+    is served over TLS by a front door (``tls_front``) on the configured gRPC port, Serve's
+    plaintext proxy moving to a free port behind it. Clients verify with ``tls_dir/server/ca.crt``.
     """
 
     config_path: Path = CONFIG
@@ -167,8 +173,10 @@ class LocalStack:
     ray_init: dict = field(default_factory=dict)
     api_token_file: Path | None = None
     api_token: str | None = None
+    tls_dir: Path | None = None
     redis: EmbeddedRedis | None = None
     store: StoreProcess | None = None
+    front: TLSFront | None = None
     config: dict | None = None
 
     def start(self) -> LocalStack:
@@ -195,8 +203,9 @@ class LocalStack:
         env = {"KVCOMPOSE_STORE_SERVICE_TOKEN": token, "KVCOMPOSE_STORE_MODEL_SHAPES": shapes,
                "KVCOMPOSE_STORE_KEY_PREFIX": store.key_prefix,
                "KVCOMPOSE_STORE_REDIS_CLUSTER": str(store.redis_cluster).lower()}
+        client_tls = self._tls(env, app["args"]["store"]) if self.tls_dir is not None else None
         self.store = StoreProcess(self.redis_url, self.store_port or free_port(), env,
-                                  metrics_port=self.store_metrics_port).start()
+                                  metrics_port=self.store_metrics_port, tls=client_tls).start()
         app["args"]["store_address"] = self.store.address
         if not typed.auth_tokens and not typed.allow_unauthenticated:
             self.api_token = secrets.token_urlsafe(32)
@@ -209,8 +218,38 @@ class LocalStack:
         os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(limits.max_request_bytes)
         if not ray.is_initialized():
             ray.init(**{"namespace": "serve", "include_dashboard": False, "log_to_driver": False, **self.ray_init})
+        public_port = self.config["grpc_options"]["port"]
+        if self.tls_dir is not None:  # Serve's plaintext proxy behind the TLS front door, on loopback use only
+            self.config["grpc_options"]["port"] = free_port()
         deploy(self.config)
+        if self.tls_dir is not None:
+            self.front = TLSFront(TLSFiles(*self._server_files()), f"127.0.0.1:{self.config['grpc_options']['port']}"
+                                  ).start(f"127.0.0.1:{public_port}")
         return self
+
+    def _server_files(self) -> tuple[str, str, str]:
+        server = self.tls_dir / "server"
+        return str(server / "tls.crt"), str(server / "tls.key"), str(server / "ca.crt")
+
+    def _tls(self, store_env: dict, store_args: dict) -> TLSFiles:
+        """A fresh local CA; the store serves mutual TLS with its server certificate and the replicas
+        present a client certificate. Returns the client's files."""
+        from service.local_ca import LocalCA
+
+        ca = LocalCA.create()
+        ca.issue(self.tls_dir / "server")
+        client = ca.issue(self.tls_dir / "client")
+        cert, key, authority = self._server_files()
+        store_env.update({"KVCOMPOSE_STORE_TLS_CERT_FILE": cert, "KVCOMPOSE_STORE_TLS_KEY_FILE": key,
+                          "KVCOMPOSE_STORE_TLS_CA_FILE": authority, "KVCOMPOSE_STORE_TLS_CLIENT_AUTH": "true"})
+        store_args.update({"tls_cert_file": client.cert_file, "tls_key_file": client.key_file,
+                           "tls_ca_file": client.ca_file})
+        return client
+
+    @property
+    def api_tls(self) -> TLSFiles | None:
+        """What a client of the API verifies it with (None: plaintext)."""
+        return TLSFiles(ca_file=self._server_files()[2]) if self.tls_dir is not None else None
 
     def _write_api_token(self, token: str) -> None:
         """This run's API token, readable only by this user (``kvcompose remote`` finds it)."""
@@ -222,14 +261,17 @@ class LocalStack:
 
     @property
     def address(self) -> str:
-        """The public gRPC API."""
-        return f"127.0.0.1:{self.config['grpc_options']['port']}"
+        """The public gRPC API (the TLS front door's when ``tls_dir``)."""
+        port = self.front.port if self.front is not None else self.config["grpc_options"]["port"]
+        return f"127.0.0.1:{port}"
 
     def stop(self) -> None:
         import ray
         from ray import serve
 
         try:
+            if self.front is not None:
+                self.front.stop()
             if ray.is_initialized():
                 serve.shutdown()
         finally:
@@ -258,23 +300,27 @@ def local_api_token_file() -> Path:
 
 
 def run_local(config_path: Path = CONFIG, store_port: int = 50051, store_metrics_port: int = 9102,
-              ray_metrics_port: int = 8080) -> None:
+              ray_metrics_port: int = 8080, tls: bool = False) -> None:
     """``make serve``: the local stack, until Ctrl-C or SIGTERM, then everything stops in order and
     leaves nothing behind (Ray's session files live in a temporary directory removed at the end).
-    REDIS_URL names an external Redis."""
+    REDIS_URL names an external Redis. ``tls`` (``make serve TLS=1``): the store and the API over
+    TLS with a fresh local CA in ``local_tls_dir()`` (removed at the end)."""
     redis_url = StoreConfig.from_env().redis_url or None
     engine, deployments = local_engine_overrides()
     print("Deploying KVCompose Serve (first start converts the embedded model, ~1 min)...", flush=True)
     ray_dir = tempfile.mkdtemp(prefix="kvc-ray-")
+    tls_dir = local_tls_dir() if tls else None
     try:
         with LocalStack(config_path, redis_url=redis_url, args={"engine": engine},
                         deployments=deployments, store_port=store_port, store_metrics_port=store_metrics_port,
                         ray_init={"_metrics_export_port": ray_metrics_port, "_temp_dir": ray_dir},
-                        api_token_file=local_api_token_file()) as stack:
+                        api_token_file=local_api_token_file(), tls_dir=tls_dir) as stack:
             # after ray.init: Ray's core worker installs its own SIGTERM handler, which aborts
             signal.signal(signal.SIGTERM, _interrupt)
-            print(READY.format(port=stack.config["grpc_options"]["port"], store_port=store_port,
-                               store_metrics=store_metrics_port, ray_metrics=ray_metrics_port), flush=True)
+            print(READY.format(port=stack.address.rsplit(":", 1)[1], store_port=store_port,
+                               store_metrics=store_metrics_port, ray_metrics=ray_metrics_port,
+                               transport=f"TLS, CA {tls_dir / 'server' / 'ca.crt'}" if tls_dir else "plaintext"),
+                  flush=True)
             try:
                 while True:
                     time.sleep(3600)
@@ -284,7 +330,14 @@ def run_local(config_path: Path = CONFIG, store_port: int = 50051, store_metrics
                 print("\nStopping KVCompose Serve...", flush=True)
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
+        if tls_dir is not None:
+            shutil.rmtree(tls_dir, ignore_errors=True)
     print("Stopped.", flush=True)
+
+
+def local_tls_dir() -> Path:
+    """Where ``make serve TLS=1`` keeps its local CA's files while it runs (``kvcompose remote`` finds them)."""
+    return EngineConfig().cache_dir / "local-tls"
 
 
 def local_engine_overrides() -> tuple[dict, dict]:
@@ -306,7 +359,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 READY = """
 KVCompose Serve is up.
-  gRPC API (kvcompose.v1.KVCompose): 127.0.0.1:{port}
+  gRPC API (kvcompose.v1.KVCompose): 127.0.0.1:{port} ({transport})
   Prefix store (token-protected):     127.0.0.1:{store_port}
   Prometheus metrics:                 http://127.0.0.1:{store_metrics}/metrics (store), :{ray_metrics}/metrics (Ray)
   Try:

@@ -1,0 +1,80 @@
+"""The API's TLS front door for the local stack: Serve's gRPC proxy binds plaintext ports only, so
+``make serve TLS=1`` puts this in front of it, as a Gateway does on Kubernetes (k8s/components/tls).
+
+It terminates TLS and forwards every call byte for byte (no message is parsed) to the proxy on
+loopback, with the caller's metadata, deadline and cancellation, and returns the proxy's status,
+details and trailing metadata unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import grpc
+
+from service.tls import TLSFiles, add_port
+from service.wire import api_client_options
+
+log = logging.getLogger(__name__)
+# transport headers gRPC sets itself on the forwarded call
+_HOP_HEADERS = ("user-agent", "grpc-", ":", "te", "content-type")
+
+
+class _Forward(grpc.GenericRpcHandler):
+    def __init__(self, upstream: grpc.aio.Channel):
+        self.upstream = upstream
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        call = self.upstream.stream_stream(details.method, request_serializer=None, response_deserializer=None)
+
+        async def forward(requests, context: grpc.aio.ServicerContext):
+            metadata = tuple((k, v) for k, v in context.invocation_metadata() if not k.startswith(_HOP_HEADERS))
+            upstream = call(requests, metadata=metadata, timeout=context.time_remaining())
+            try:
+                async for reply in upstream:
+                    yield reply
+                context.set_trailing_metadata(await upstream.trailing_metadata() or ())
+            except grpc.aio.AioRpcError as e:
+                context.set_trailing_metadata(e.trailing_metadata() or ())
+                await context.abort(e.code(), e.details() or "")
+
+        return grpc.stream_stream_rpc_method_handler(forward)
+
+
+class TLSFront:
+    """``TLSFront(tls, upstream).start(address)``: serves ``address`` over TLS on its own thread
+    and event loop until ``stop()``."""
+
+    def __init__(self, tls: TLSFiles, upstream: str):
+        if not tls.serves:
+            raise ValueError("the TLS front door needs a certificate and key")
+        self.tls, self.upstream = tls, upstream
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="tls-front", daemon=True)
+
+    def start(self, address: str) -> TLSFront:
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._start(address), self._loop).result(30)
+        log.info("API TLS front door on %s -> %s", address, self.upstream)
+        return self
+
+    async def _start(self, address: str) -> int:
+        self._channel = grpc.aio.insecure_channel(self.upstream, options=api_client_options())
+        self._server = grpc.aio.server(handlers=[_Forward(self._channel)],
+                                       options=[("grpc.max_receive_message_length", -1)])  # the proxy limits
+        port = add_port(self._server, address, self.tls)
+        await self._server.start()
+        return port
+
+    def stop(self) -> None:
+        async def stop():
+            await self._server.stop(grace=5)
+            await self._channel.close()
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(30)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
