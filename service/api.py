@@ -22,14 +22,19 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    """An error with the status code the client gets."""
+    """An error with the status code the client gets; ``retry_after_s``: when a retry may succeed
+    (sent as ``retry-after-ms`` trailing metadata)."""
 
-    def __init__(self, status: grpc.StatusCode, message: str):
+    def __init__(self, status: grpc.StatusCode, message: str, retry_after_s: float | None = None):
         super().__init__(message)
         self.status = status
+        self.retry_after_s = retry_after_s
 
     def __reduce__(self):  # Ray ships exceptions between processes
-        return ApiError, (self.status, str(self))
+        return ApiError, (self.status, str(self), self.retry_after_s)
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("retry-after-ms", str(round(self.retry_after_s * 1000))),) if self.retry_after_s else ()
 
 
 def to_status(e: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:

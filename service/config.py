@@ -113,6 +113,47 @@ class RequestLimits:
                 raise ValueError(f"limits.{f.name} must be > 0")
 
 
+@dataclass(frozen=True)
+class TenantLimits:
+    """What one tenant may take of the service, so one tenant cannot crowd out the others; beyond a
+    limit a call is refused at once with RESOURCE_EXHAUSTED and a retry hint (``retry-after-ms``
+    trailing metadata, and in the message). Every API process (each Ingress replica, each decode
+    worker) enforces them on its own calls. 0 = unlimited.
+
+    requests_per_s / burst: a token bucket over all of a tenant's calls (burst 0: one second's worth).
+    max_prefills: Compress calls (and Generate by text while it compresses) in flight.
+    max_decodes: Generate streams in flight.
+    tenants: per-tenant overrides, {tenant: {field: value}} (e.g. a bigger share for one tenant).
+    """
+
+    requests_per_s: float = 0.0
+    burst: int = 0
+    max_prefills: int = 0
+    max_decodes: int = 0
+    tenants: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("requests_per_s", "burst", "max_prefills", "max_decodes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"tenant_limits.{name} must be >= 0 (0 = unlimited)")
+        for tenant, overrides in self.tenants.items():
+            if not isinstance(overrides, dict) or "tenants" in overrides:
+                raise ValueError(f"tenant_limits.tenants[{tenant!r}] must map limit names to values")
+            self.of(tenant)  # checked now, naming the field
+
+    def of(self, tenant: str) -> TenantLimits:
+        """This tenant's limits (the defaults with its overrides)."""
+        overrides = self.tenants.get(tenant)
+        if not overrides:
+            return self
+        try:
+            return dataclasses.replace(self, tenants={}, **overrides)
+        except TypeError:
+            known = [f.name for f in dataclasses.fields(self) if f.name != "tenants"]
+            raise ValueError(f"tenant_limits.tenants[{tenant!r}] names an unknown limit "
+                             f"({sorted(overrides)}; known: {known})") from None
+
+
 def api_auth_tokens(configured: dict) -> dict:
     """The API's bearer tokens (token -> tenant): the configured ones, else ``KVCOMPOSE_API_AUTH_TOKENS``
     (JSON; on Kubernetes from a Secret, so tokens stay out of the Serve config)."""

@@ -21,6 +21,11 @@ K8S = ROOT / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
 KUBERNETES_VERSION = "1.33.0"
 SCHEMA = json.loads((K8S / "schemas" / "rayservice-v1.json").read_text())
+# Custom resources of the optional components, by the upstream CRDs' own schemas (k8s/schemas/README.md).
+CRD_SCHEMAS = {("cert-manager.io/v1", "Certificate"): "cert-manager-certificate-v1.json",
+               ("cert-manager.io/v1", "Issuer"): "cert-manager-issuer-v1.json",
+               ("gateway.networking.k8s.io/v1", "Gateway"): "gateway-api-gateway-v1.json",
+               ("gateway.networking.k8s.io/v1", "GRPCRoute"): "gateway-api-grpcroute-v1.json"}
 sys.path.insert(0, str(K8S))
 import render  # noqa: E402
 
@@ -50,6 +55,11 @@ def validate(doc: dict) -> None:
             kubernetes_validate.validate({"apiVersion": "v1", "kind": "Service", **doc["spec"]["serveService"]},
                                          KUBERNETES_VERSION, strict=True)
         ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    elif (doc["apiVersion"], doc["kind"]) in CRD_SCHEMAS:
+        schema = json.loads((K8S / "schemas" / CRD_SCHEMAS[doc["apiVersion"], doc["kind"]]).read_text())
+        jsonschema.validate(doc, schema)
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]},
+                                     KUBERNETES_VERSION, strict=True)  # names and labels by Kubernetes' rules
     else:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
@@ -184,3 +194,66 @@ def test_a_broken_manifest_is_rejected(kind, mutate):
     with pytest.raises(Exception) as err:
         validate(_broken("cpu-dev", kind, mutate))
     assert not isinstance(err.value, (KeyError, StopIteration)), err.value
+
+
+@pytest.mark.parametrize("kind, mutate", [
+    ("Certificate", lambda d: d["spec"].__setitem__("usages", ["server auth", "serve auth"])),  # not a usage
+    ("Certificate", lambda d: d["spec"].__setitem__("secretNmae", "x")),                        # unknown field
+    ("Issuer", lambda d: d["spec"].__setitem__("ca", {"secret": "kvcompose-ca"})),              # misnamed field
+    ("Gateway", lambda d: d["spec"]["listeners"][0].__setitem__("protocol", 443)),               # wrong type
+    ("Gateway", lambda d: d["spec"]["listeners"][0]["tls"].__setitem__("mode", "Terminated")),  # not an enum value
+    ("GRPCRoute", lambda d: d["spec"]["rules"][0]["matches"][0]["method"].__setitem__("type", "Prefix")),
+])
+def test_a_broken_custom_resource_is_rejected(kind, mutate):
+    with pytest.raises(jsonschema.ValidationError):
+        validate(_broken("gpu-tls", kind, mutate))
+
+
+def test_the_tls_overlay_serves_every_hop_we_own_over_tls():
+    docs = rendered("gpu-tls")
+    certificates = {d["spec"]["secretName"]: d["spec"] for d in docs if d["kind"] == "Certificate"}
+    store = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "kvcompose-store")
+    pod = store["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    # the store: its certificate, mutual TLS, files under the secret's mount
+    assert env["KVCOMPOSE_STORE_TLS_CLIENT_AUTH"] == "true"
+    for name in ("CERT", "KEY", "CA"):
+        assert env[f"KVCOMPOSE_STORE_TLS_{name}_FILE"].startswith(mounts["tls"] + "/")
+    store_cert = certificates[secrets["tls"]]
+    assert "server auth" in store_cert["usages"]
+    # the kubelet probes a plaintext health-only port; the TLS port has no plaintext answer
+    assert "--health-address" in container["command"]
+    health = container["command"][container["command"].index("--health-address") + 1].rsplit(":", 1)[1]
+    assert container["readinessProbe"]["grpc"]["port"] == container["livenessProbe"]["grpc"]["port"] == int(health)
+    # every Ray pod dials the store by a name on its certificate, with a client certificate
+    rs = next(d for d in docs if d["kind"] == "RayService")
+    address = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]["store_address"]
+    assert address.rsplit(":", 1)[0] in store_cert["dnsNames"]
+    client_env = next(d for d in docs if d["kind"] == "ConfigMap"
+                      and d["metadata"]["name"] == "kvcompose-store-tls-client")
+    for template in _templates(rs):
+        volumes = {v["name"]: v["secret"]["secretName"] for v in template["spec"].get("volumes", []) if "secret" in v}
+        for c in template["spec"]["containers"]:
+            assert {"configMapRef": {"name": "kvcompose-store-tls-client"}} in c["envFrom"]
+            (mount,) = [m for m in c["volumeMounts"] if m["name"] == "tls"]
+            assert all(path.startswith(mount["mountPath"] + "/") for path in client_env["data"].values())
+            assert "client auth" in certificates[volumes["tls"]]["usages"]
+    # the API: TLS ends at the Gateway, which routes the KVCompose service to Serve's gRPC proxy
+    gateway = next(d for d in docs if d["kind"] == "Gateway")
+    (listener,) = gateway["spec"]["listeners"]
+    assert listener["tls"]["mode"] == "Terminate"
+    assert listener["hostname"] in certificates[listener["tls"]["certificateRefs"][0]["name"]]["dnsNames"]
+    route = next(d for d in docs if d["kind"] == "GRPCRoute")
+    assert route["spec"]["parentRefs"][0]["name"] == gateway["metadata"]["name"]
+    (rule,) = route["spec"]["rules"]
+    from kvcompose.v1 import api_pb2
+
+    assert rule["matches"][0]["method"]["service"] == api_pb2.DESCRIPTOR.services_by_name["KVCompose"].full_name
+    serve_ports = {p["port"] for p in rs["spec"]["serveService"]["spec"]["ports"]}
+    assert rule["backendRefs"][0]["name"] == rs["spec"]["serveService"]["metadata"]["name"]
+    assert rule["backendRefs"][0]["port"] in serve_ports
+    issuers = {d["metadata"]["name"] for d in docs if d["kind"] == "Issuer"}
+    assert all(c["issuerRef"]["name"] in issuers for c in certificates.values())

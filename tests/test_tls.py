@@ -122,3 +122,39 @@ def test_the_decode_worker_serves_mutual_tls(pki, tiny_model_dir, tmp_path):
     finally:
         worker.terminate()
         worker.wait(10)
+
+
+def test_a_tls_store_answers_plaintext_health_probes_on_their_own_port(pki):
+    """The kubelet's gRPC probe speaks no TLS: ``--health-address`` serves gRPC health alone."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from service.store.server import start_server
+
+    s = pki["server"]
+    config = StoreConfig(redis_url=SHARED_REDIS, service_token=TOKEN, tls_cert_file=s.cert_file,
+                         tls_key_file=s.key_file)
+    health_port = free_port()
+
+    async def go():
+        server, port, store = await start_server(config, "127.0.0.1:0", health_address=f"127.0.0.1:{health_port}")
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as probe:
+                stub = health_pb2_grpc.HealthStub(probe)
+                for _ in range(50):  # SERVING once the store has seen Redis
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                    await asyncio.sleep(0.1)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:  # the store itself: TLS only
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await server._kvc_health_server.stop(None)
+            await server.stop(None)
+            await store.close()
+
+    asyncio.run(go())

@@ -28,7 +28,7 @@ from kvcompose.v1 import api_pb2_grpc as api_grpc
 
 from service import api as conv
 from service.answerer import Answerer
-from service.config import BatchLimits, EngineConfig, RequestLimits, StoreConfig, api_auth_tokens
+from service.config import BatchLimits, EngineConfig, RequestLimits, StoreConfig, TenantLimits, api_auth_tokens
 from service.engine import Engine
 from service.serve.frontend import Frontend
 from service.store.auth import Auth
@@ -49,7 +49,7 @@ class DecodeWorker(api_grpc.KVComposeServicer):
             async for message in self.frontend.generate(request, context, self.answerer.answer):
                 yield message
         except conv.ApiError as e:
-            await context.abort(e.status, str(e))
+            await context.abort(e.status, str(e), e.trailing_metadata() or None)
 
     async def ListModels(self, request, context):
         async def handler(tenant: str) -> api.ListModelsResponse:
@@ -58,7 +58,7 @@ class DecodeWorker(api_grpc.KVComposeServicer):
         try:
             return await self.frontend.call("ListModels", context, handler)
         except conv.ApiError as e:
-            await context.abort(e.status, str(e))
+            await context.abort(e.status, str(e), e.trailing_metadata() or None)
 
 
 async def serve(store: str, address: str, config_path: Path, store_token: str | None,
@@ -73,7 +73,8 @@ async def serve(store: str, address: str, config_path: Path, store_token: str | 
     answerer = Answerer(engine, PrefixStoreClient.from_config(store, store_config), args.decode_lru_bytes,
                         batch=BatchLimits(**args.decode_batch))
     worker = DecodeWorker(answerer, Frontend(Auth(api_auth_tokens(args.auth_tokens)), limits,
-                                             allow_unauthenticated=args.allow_unauthenticated))
+                                             allow_unauthenticated=args.allow_unauthenticated,
+                                             tenant_limits=TenantLimits(**args.tenant_limits)))
     server = grpc.aio.server(options=api_server_options(limits.max_request_bytes))
     api_grpc.add_KVComposeServicer_to_server(worker, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)

@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from service import api as conv
-from service.config import BatchLimits, EngineConfig, RequestLimits, StoreConfig, api_auth_tokens
+from service.config import BatchLimits, EngineConfig, RequestLimits, StoreConfig, TenantLimits, api_auth_tokens
 from service.serve.frontend import Frontend
 from service.store.auth import Auth
 
@@ -38,6 +38,7 @@ class AppArgs:
     decode_lru_bytes: decoded caches a Decoder replica keeps in memory.
     limits: RequestLimits fields (what one request may ask for).
     decode_batch: BatchLimits fields of every Decoder replica's decode loop (max_batch, max_waiting, memory_bytes).
+    tenant_limits: TenantLimits fields (each tenant's calls per second, prefills and decodes in flight).
     """
 
     engine: dict = field(default_factory=dict)
@@ -48,6 +49,7 @@ class AppArgs:
     decode_lru_bytes: int = 256 << 20
     limits: dict = field(default_factory=dict)
     decode_batch: dict = field(default_factory=dict)
+    tenant_limits: dict = field(default_factory=dict)
 
 
 @serve.deployment(name="Compressor")
@@ -125,13 +127,14 @@ class Ingress:
     """The KVCompose gRPC service; methods are named as in api.proto (Serve's gRPC proxy routes by name)."""
 
     def __init__(self, compressor: DeploymentHandle, decoder: DeploymentHandle, store: dict, store_address: str,
-                 auth_tokens: dict, limits: RequestLimits, allow_unauthenticated: bool):
+                 auth_tokens: dict, limits: RequestLimits, allow_unauthenticated: bool,
+                 tenant_limits: TenantLimits | None = None):
         from service.serve.metrics import ServiceMetrics
 
         self.compressor = compressor
         self.decoder = decoder
         self.frontend = Frontend(Auth(api_auth_tokens(auth_tokens)), limits, ServiceMetrics(),
-                                 allow_unauthenticated)
+                                 allow_unauthenticated, tenant_limits or TenantLimits())
         self.store = _store_client(store, store_address)
         self._model: dict | None = None
 
@@ -156,8 +159,7 @@ class Ingress:
         try:
             return await self.frontend.call(method, grpc_context, handler)
         except conv.ApiError as e:
-            grpc_context.set_code(e.status)
-            grpc_context.set_details(str(e))
+            _send_error(grpc_context, e)
             return empty
 
     async def Compress(self, request: api.CompressRequest, grpc_context) -> api.CompressResponse:
@@ -171,8 +173,7 @@ class Ingress:
             async for message in self.frontend.generate(request, grpc_context, self._answer, self._compress):
                 yield message
         except conv.ApiError as e:
-            grpc_context.set_code(e.status)
-            grpc_context.set_details(str(e))
+            _send_error(grpc_context, e)
             raise  # a streaming method must raise for Serve's proxy to send the code set above
 
     async def ListModels(self, request: api.ListModelsRequest, grpc_context) -> api.ListModelsResponse:
@@ -198,6 +199,13 @@ class Ingress:
         return {"compressor": await self.compressor.counters.remote(), "decoder": await self.decoder.counters.remote()}
 
 
+def _send_error(grpc_context, e: conv.ApiError) -> None:
+    grpc_context.set_code(e.status)
+    grpc_context.set_details(str(e))
+    if e.trailing_metadata():
+        grpc_context.set_trailing_metadata(list(e.trailing_metadata()))
+
+
 def _store_client(store: dict, address: str):
     from service.store.client import PrefixStoreClient
 
@@ -221,6 +229,7 @@ def application(args: dict, options: dict[str, dict] | None = None) -> serve.App
     """
     a = AppArgs(**(args or {}))
     engine, limits, batch = EngineConfig(**a.engine), RequestLimits(**a.limits), BatchLimits(**a.decode_batch)
+    tenant_limits = TenantLimits(**a.tenant_limits)
     StoreConfig(**a.store)  # fail fast, naming the field
     unknown = set(options or {}) - {"Ingress", "Compressor", "Decoder"}
     if unknown:
@@ -233,5 +242,5 @@ def application(args: dict, options: dict[str, dict] | None = None) -> serve.App
     return configured(Ingress).bind(
         configured(Compressor).bind(engine, a.store),
         configured(Decoder).bind(engine, a.store, a.store_address, a.decode_lru_bytes, batch),
-        a.store, a.store_address, a.auth_tokens, limits, a.allow_unauthenticated,
+        a.store, a.store_address, a.auth_tokens, limits, a.allow_unauthenticated, tenant_limits,
     )

@@ -18,7 +18,8 @@ import grpc
 from kvcompose.v1 import api_pb2 as api
 
 from service import api as conv
-from service.config import RequestLimits
+from service.config import RequestLimits, TenantLimits
+from service.serve.admission import Admission
 from service.store.auth import Auth
 from service.store.keys import CACHE_ID
 
@@ -34,15 +35,17 @@ CompressFn = Callable[[str, dict], object]
 class Frontend:
     """auth: API bearer tokens; limits: request limits; metrics: a ``ServiceMetrics`` (None outside Ray).
     allow_unauthenticated: with no tokens, serve anyway in development mode (tenant from ``x-tenant``);
-    otherwise no tokens is a configuration error."""
+    otherwise no tokens is a configuration error. tenant_limits: each tenant's share (``admission``)."""
 
     auth: Auth
     limits: RequestLimits = field(default_factory=RequestLimits)
     metrics: object | None = None
     allow_unauthenticated: bool = False
+    tenant_limits: TenantLimits = field(default_factory=TenantLimits)
 
     def __post_init__(self) -> None:
         check_api_auth(self.auth.tokens, self.allow_unauthenticated)
+        self.admission = Admission(self.tenant_limits)
         if not self.auth.tokens:
             log.warning("no API tokens configured: development mode, the tenant is taken from 'x-tenant' metadata")
 
@@ -50,10 +53,17 @@ class Frontend:
         return self.auth.tenant(dict(grpc_context.invocation_metadata()))
 
     async def call(self, method: str, grpc_context, handler: Callable[[str], object]):
-        """Run ``await handler(tenant)`` for a unary method; errors leave as ``ApiError``."""
+        """Run ``await handler(tenant)`` for a unary method, within the tenant's limits (Compress
+        holds a prefill); errors leave as ``ApiError``."""
         request_id, started = uuid.uuid4().hex[:12], time.perf_counter()
         try:
-            reply = await handler(self.tenant(grpc_context))
+            tenant = self.tenant(grpc_context)
+            self.admission.check_rate(tenant)
+            if method == "Compress":
+                with self.admission.hold(tenant, "prefills"):
+                    reply = await handler(tenant)
+            else:
+                reply = await handler(tenant)
         except Exception as e:  # noqa: BLE001 - every error leaves as a status, never a traceback
             raise self._failed(method, e, request_id) from None
         self._ok(method, request_id, started)
@@ -61,58 +71,71 @@ class Frontend:
 
     async def generate(self, request: api.GenerateRequest, grpc_context, answer: AnswerFn,
                        compress: CompressFn | None = None) -> AsyncIterator[api.GenerateResponse]:
-        """Stream a Generate: text pieces, then the stats. ``compress`` None: only cache ids are accepted."""
+        """Stream a Generate: text pieces, then the stats. ``compress`` None: only cache ids are
+        accepted. It holds one of the tenant's decodes throughout, and a prefill while it compresses."""
         request_id, started = uuid.uuid4().hex[:12], time.perf_counter()
         try:
             tenant = self.tenant(grpc_context)
-            sampling, stop = conv.sampling_args(request, self.limits)
-            compressed = None
-            source = request.WhichOneof("source")
-            if source == "context":
-                if compress is None:
-                    raise conv.ApiError(grpc.StatusCode.INVALID_ARGUMENT, "this server answers from stored caches "
-                                        "only: send cache_id (Compress first)")
-                compressed = await compress(tenant, request.context)
-                cache_id = compressed.cache_id
-            elif request.cache_id:
-                if not CACHE_ID.match(request.cache_id):
-                    raise conv.ApiError(grpc.StatusCode.INVALID_ARGUMENT,
-                                        "cache_id must be 64 lowercase hex characters")
-                cache_id = request.cache_id
-            else:
-                raise conv.ApiError(grpc.StatusCode.INVALID_ARGUMENT, "send cache_id or context")
-            first = None
-            for attempt in (1, 2):
-                try:
-                    async for item in answer(tenant, cache_id, request.question, sampling, stop):
-                        if isinstance(item, str):
-                            first = first or time.perf_counter() - started
-                            yield api.GenerateResponse(text=item)
-                            continue
-                        item.time_to_first_token_s = first or time.perf_counter() - started
-                        item.seconds = time.perf_counter() - started
-                        if self.metrics is not None:
-                            self.metrics.ttft_s.observe(item.time_to_first_token_s)
-                            self.metrics.decode_s.observe(item.seconds)
-                        hit = compressed is None or compressed.reused
-                        yield api.GenerateResponse(stats=conv.stats_message(item, hit, compressed))
-                    break
-                except Exception as e:  # noqa: BLE001
-                    # Asked by text, the entry vanished between Compress and fetch (expired, deleted,
-                    # Redis restarted empty): compress it again, once, before anything was sent.
-                    if attempt == 2 or compressed is None or first is not None or not _not_found(e):
-                        raise
-                    compressed = await compress(tenant, request.context)
-                    cache_id = compressed.cache_id
+            self.admission.check_rate(tenant)
+            with self.admission.hold(tenant, "decodes"):
+                async for message in self._generate(request, tenant, started, answer, compress):
+                    yield message
         except Exception as e:  # noqa: BLE001
             raise self._failed("Generate", e, request_id) from None
         self._ok("Generate", request_id, started)
+
+    async def _compress_held(self, compress: CompressFn, tenant: str, context):
+        with self.admission.hold(tenant, "prefills"):
+            return await compress(tenant, context)
+
+    async def _generate(self, request: api.GenerateRequest, tenant: str, started: float, answer: AnswerFn,
+                        compress: CompressFn | None) -> AsyncIterator[api.GenerateResponse]:
+        sampling, stop = conv.sampling_args(request, self.limits)
+        compressed = None
+        source = request.WhichOneof("source")
+        if source == "context":
+            if compress is None:
+                raise conv.ApiError(grpc.StatusCode.INVALID_ARGUMENT, "this server answers from stored caches "
+                                    "only: send cache_id (Compress first)")
+            compressed = await self._compress_held(compress, tenant, request.context)
+            cache_id = compressed.cache_id
+        elif request.cache_id:
+            if not CACHE_ID.match(request.cache_id):
+                raise conv.ApiError(grpc.StatusCode.INVALID_ARGUMENT,
+                                    "cache_id must be 64 lowercase hex characters")
+            cache_id = request.cache_id
+        else:
+            raise conv.ApiError(grpc.StatusCode.INVALID_ARGUMENT, "send cache_id or context")
+        first = None
+        for attempt in (1, 2):
+            try:
+                async for item in answer(tenant, cache_id, request.question, sampling, stop):
+                    if isinstance(item, str):
+                        first = first or time.perf_counter() - started
+                        yield api.GenerateResponse(text=item)
+                        continue
+                    item.time_to_first_token_s = first or time.perf_counter() - started
+                    item.seconds = time.perf_counter() - started
+                    if self.metrics is not None:
+                        self.metrics.ttft_s.observe(item.time_to_first_token_s)
+                        self.metrics.decode_s.observe(item.seconds)
+                    hit = compressed is None or compressed.reused
+                    yield api.GenerateResponse(stats=conv.stats_message(item, hit, compressed))
+                break
+            except Exception as e:  # noqa: BLE001
+                # Asked by text, the entry vanished between Compress and fetch (expired, deleted,
+                # Redis restarted empty): compress it again, once, before anything was sent.
+                if attempt == 2 or compressed is None or first is not None or not _not_found(e):
+                    raise
+                compressed = await self._compress_held(compress, tenant, request.context)
+                cache_id = compressed.cache_id
 
     def _failed(self, method: str, e: BaseException, request_id: str) -> conv.ApiError:
         status, message = conv.to_status(e, request_id)
         self._count(method, status.name)
         log.info("request=%s method=%s status=%s", request_id, method, status.name)
-        return conv.ApiError(status, message)
+        cause = getattr(e, "cause", None) or e
+        return conv.ApiError(status, message, getattr(cause, "retry_after_s", None))
 
     def _ok(self, method: str, request_id: str, started: float) -> None:
         self._count(method, "OK")

@@ -179,10 +179,12 @@ def add_to_server(servicer: PrefixStoreServicer, server: grpc.aio.Server) -> Non
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-async def start_server(config: StoreConfig, address: str = "127.0.0.1:0", metrics_address: str = ""
-                       ) -> tuple[grpc.aio.Server, int, RedisStore]:
+async def start_server(config: StoreConfig, address: str = "127.0.0.1:0", metrics_address: str = "",
+                       health_address: str = "") -> tuple[grpc.aio.Server, int, RedisStore]:
     """Start serving on ``address`` (port 0 = any free port); returns (server, port, store).
     ``metrics_address`` (host:port): where Prometheus scrapes ``/metrics`` ("" = not exported).
+    ``health_address``: gRPC health alone, in plaintext, for probes that cannot speak TLS (the
+    kubelet's gRPC probe): it tells whether the store serves, nothing else.
 
     ``config.redis_url`` must be set (``serve`` starts an embedded Redis when it is not).
     """
@@ -202,10 +204,17 @@ async def start_server(config: StoreConfig, address: str = "127.0.0.1:0", metric
     await server.start()
     # lives with the server
     server._kvc_health_task = asyncio.create_task(_watch_redis(store, health_servicer, metrics))
+    server._kvc_health_server = None
+    if health_address:
+        probe = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe)
+        probe.add_insecure_port(health_address)
+        await probe.start()
+        server._kvc_health_server = probe
     return server, port, store
 
 
-async def serve(config: StoreConfig, address: str, metrics_address: str = "") -> None:
+async def serve(config: StoreConfig, address: str, metrics_address: str = "", health_address: str = "") -> None:
     embedded = None
     if config.redis_cluster and not config.redis_url:
         raise SystemExit("redis_cluster is set but REDIS_URL is not: name a node of the Redis Cluster")
@@ -213,7 +222,7 @@ async def serve(config: StoreConfig, address: str, metrics_address: str = "") ->
         embedded = EmbeddedRedis().start()
         config = StoreConfig(**{**config.__dict__, "redis_url": embedded.url})
         log.info("no REDIS_URL: started an embedded redis-server at %s", embedded.url)
-    server, port, store = await start_server(config, address, metrics_address)
+    server, port, store = await start_server(config, address, metrics_address, health_address)
     tls = config.tls
     mode = "plaintext" if tls is None or not tls.serves else "mutual TLS" if tls.client_auth else "TLS"
     log.info("PrefixStore serving on port %d over %s (Redis %s)", port, mode, config.redis_url)
@@ -223,6 +232,8 @@ async def serve(config: StoreConfig, address: str, metrics_address: str = "") ->
     try:
         await server.wait_for_termination()
     finally:
+        if server._kvc_health_server is not None:
+            await server._kvc_health_server.stop(grace=None)
         await store.close()
         if embedded:
             embedded.stop()
@@ -235,9 +246,11 @@ def main(argv: list[str] | None = None) -> None:
                         "(0.0.0.0:50051 for other hosts; keep it behind a network policy)")
     parser.add_argument("--metrics-address", default="", help="where Prometheus scrapes /metrics, host:port "
                         "(e.g. 127.0.0.1:9102; default: not exported)")
+    parser.add_argument("--health-address", default="", help="gRPC health alone, in plaintext, host:port, for "
+                        "probes that cannot speak TLS (e.g. 0.0.0.0:50052 for the kubelet; default: none)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(StoreConfig.from_env(), args.address, args.metrics_address))
+    asyncio.run(serve(StoreConfig.from_env(), args.address, args.metrics_address, args.health_address))
 
 
 if __name__ == "__main__":

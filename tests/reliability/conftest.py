@@ -14,12 +14,15 @@ SERVICERS = ["kvcompose.v1.api_pb2_grpc.add_KVComposeServicer_to_server"]
 DOCUMENT = "The blue lighthouse on Kessel Point was built in 1871 by the engineer Mara Quell. " * 12
 QUESTION = "Who built the lighthouse?"
 MAX_NEW = 8
+FLOOD = "flood"  # the tenant with limits (test_tenants.py)
+FLOOD_LIMITS = {"max_decodes": 1, "max_prefills": 1, "requests_per_s": 30, "burst": 30}  # of 2 CPU cores
 
 
 @pytest.fixture(scope="package")
 def stack(tiny_model_dir):
     with tiny_stack(tiny_model_dir, limits={"max_document_bytes": 1 << 20, "max_request_bytes": 4 << 20},
-                    decode_batch={"memory_bytes": 2 << 20}) as stack:  # ~11 rows of 180 KB; not 4k new tokens
+                    decode_batch={"memory_bytes": 2 << 20},  # ~11 rows of 180 KB; not 4k new tokens
+                    tenant_limits={"tenants": {FLOOD: FLOOD_LIMITS}}) as stack:  # others: unlimited
         yield stack
 
 

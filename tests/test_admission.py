@@ -1,0 +1,71 @@
+"""Per-tenant admission (``service/serve/admission.py``): the token bucket, the caps on prefills and
+decodes in flight, per-tenant overrides, and the retry hint a refusal carries."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from service.api import ApiError
+from service.config import TenantLimits
+from service.serve.admission import Admission
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_bucket_admits_its_burst_then_its_rate_and_says_when_to_retry():
+    clock = Clock()
+    admission = Admission(TenantLimits(requests_per_s=2, burst=3), clock)
+    for _ in range(3):
+        admission.check_rate("acme")
+    with pytest.raises(ApiError) as e:
+        admission.check_rate("acme")
+    assert e.value.status == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert e.value.retry_after_s == pytest.approx(0.5) and "requests_per_s" in str(e.value)
+    assert e.value.trailing_metadata() == (("retry-after-ms", "500"),)
+    admission.check_rate("other")  # tenants have their own buckets
+    clock.now += 0.5
+    admission.check_rate("acme")  # one more token after 1 / rate
+    with pytest.raises(ApiError):
+        admission.check_rate("acme")
+
+
+def test_caps_on_prefills_and_decodes_release_however_the_call_ends():
+    admission = Admission(TenantLimits(max_prefills=1, max_decodes=2))
+    with admission.hold("acme", "decodes"), admission.hold("acme", "decodes"):
+        with pytest.raises(ApiError) as e:
+            with admission.hold("acme", "decodes"):
+                pass
+        assert "2 decodes in flight" in str(e.value) and e.value.retry_after_s > 0
+        with admission.hold("beta", "decodes"), admission.hold("acme", "prefills"):
+            pass  # another tenant, another kind
+    with pytest.raises(RuntimeError):
+        with admission.hold("acme", "prefills"):
+            raise RuntimeError("the prefill failed")
+    assert admission.inflight("acme", "prefills") == admission.inflight("acme", "decodes") == 0
+
+
+def test_per_tenant_overrides_and_unlimited_defaults():
+    limits = TenantLimits(max_decodes=1, tenants={"big": {"max_decodes": 3}, "free": {"max_decodes": 0}})
+    admission = Admission(limits)
+    with admission.hold("big", "decodes"), admission.hold("big", "decodes"), admission.hold("big", "decodes"):
+        pass
+    with admission.hold("free", "decodes"), admission.hold("free", "decodes"):
+        pass  # 0 = unlimited
+    Admission(TenantLimits()).check_rate("anyone")  # no limits configured: nothing is refused
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"max_decodes": -1}, "max_decodes must be >= 0"),
+    ({"tenants": {"x": {"max_decode": 2}}}, "unknown limit"),
+    ({"tenants": {"x": 3}}, "must map limit names"),
+])
+def test_bad_limits_are_refused_naming_the_field(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TenantLimits(**bad)
