@@ -236,6 +236,36 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_chaos(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from service.bench import chaos
+    from service.config import EngineConfig
+    from service.haystack import needle_document
+    from service.models import embedded_model_dir
+    from service.serve.launch import LocalStack
+    from service.store.embedded import free_port
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(EngineConfig().cache_dir))
+    candidates = []
+    for seed in range(args.clients * 3):  # needles at several depths; the first right ones are used
+        text, question, needle = needle_document(tokenizer, args.doc_tokens, depth=(seed % 5 + 0.5) / 5, seed=seed)
+        candidates.append(chaos.Document(text, question, needle))
+    long_document = needle_document(tokenizer, args.long_tokens, seed=10_000)[0]
+    with LocalStack(top={"grpc_options": {"port": free_port(), "grpc_servicer_functions": [
+            "kvcompose.v1.api_pb2_grpc.add_KVComposeServicer_to_server"]},
+            "http_options": {"host": "127.0.0.1", "port": free_port()}}) as stack:
+        print(f"{args.clients} clients for {args.duration_s:.0f} s; faults at "
+              + ", ".join(f"{name} {at:.0f} s" for at, name in chaos.schedule(args.duration_s)), file=sys.stderr)
+        report = chaos.run(stack, candidates, args.duration_s, args.deadline_s, long_document=long_document,
+                           clients=args.clients)
+    paths = chaos.write(report, args.out_dir, f"Chaos under load: {args.clients} clients, SmolLM2-135M, "
+                        f"KVCompose 0.5, 2 CPU cores")
+    print(chaos.table(report))
+    print("written:", *paths, file=sys.stderr)
+    return 0 if not report.wrong and not report.late else 1
+
+
 def cmd_bench_perf(args: argparse.Namespace) -> int:
     from service.bench import perf
     from service.config import EngineConfig
@@ -421,6 +451,16 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--ramp-s", type=float, default=2.0, help="clients start spread over this many seconds")
     b.add_argument("--out-dir", type=Path, default=Path("bench/load-smollm2"), help="where results and plots go")
     b.set_defaults(func=cmd_bench_load)
+    b = bench.add_parser("chaos", help="faults on a schedule (Redis, the store, a Decoder, a Compressor mid-prefill "
+                         "killed; Redis full) while clients ask through the API; wrong answers, statuses, recovery")
+    b.add_argument("--clients", type=int, default=16, help="concurrent clients, each with its own needle document")
+    b.add_argument("--duration-s", type=float, default=300.0, help="length of the run; faults spread over it")
+    b.add_argument("--deadline-s", type=float, default=60.0, help="each call's deadline")
+    b.add_argument("--doc-tokens", type=int, default=300, help="length of each client's document in model tokens")
+    b.add_argument("--long-tokens", type=int, default=2000, help="the document being prefilled when the "
+                   "Compressor is killed")
+    b.add_argument("--out-dir", type=Path, default=Path("bench/chaos-smollm2"), help="where results and the plot go")
+    b.set_defaults(func=cmd_bench_chaos)
     b = bench.add_parser("perf", help="compress, reuse TTFT, decode and fetch speed and memory, each against "
                          "its reference in the same run (fresh process per row, interleaved repeats)")
     b.add_argument("--lengths", default="2048,4096,8000", help="context lengths in tokens (compress and ttft rows)")

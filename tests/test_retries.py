@@ -208,3 +208,21 @@ def test_the_api_client_retries_unavailable_and_nothing_else():
         with pytest.raises(grpc.RpcError) as e:
             client.list_models()
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and server.attempts == {"ListModels": 1}
+
+
+def test_a_supervised_store_comes_back_after_sigkill():
+    from store_helpers import SHARED_REDIS, ServerProcess
+
+    config = StoreConfig(redis_url=SHARED_REDIS, service_token="svc-retry", key_prefix="kvc-retry-sup")
+    server = ServerProcess(config)
+    server.process.supervise = True
+    with server:
+        first = server.process.process.pid
+        server.process.kill()
+        deadline = time.monotonic() + 60
+        while server.process.restarts < 1:
+            assert time.monotonic() < deadline, "the supervisor did not restart the store"
+            time.sleep(0.1)
+        assert server.process.process.pid != first
+        with server.client() as client, pytest.raises(NotFound):
+            client.stat("0" * 64, tenant="acme")  # answered: the store is back on its port

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import yaml
 
 from service.config import EngineConfig, RequestLimits, StoreConfig
 from service.serve.tls_front import TLSFront
-from service.store.embedded import EmbeddedRedis, die_with_parent, free_port
+from service.store.embedded import EmbeddedRedis, dying_with_parent, free_port
 from service.tls import TLSFiles
 
 log = logging.getLogger(__name__)
@@ -96,19 +97,53 @@ def deployment_options(app: dict) -> dict[str, dict]:
 
 
 class StoreProcess:
-    """``python -m service.store.server`` as a child process (used by the local stack and tests)."""
+    """``python -m service.store.server`` as a child process (used by the local stack and tests).
+
+    supervise: start it again on its port whenever it dies (checked every ``check_s``), as
+    Kubernetes restarts the store's pod; its clients ride out the gap (``retry.py``) or answer
+    UNAVAILABLE. ``restarts`` counts them.
+    """
 
     def __init__(self, redis_url: str, port: int, env: dict | None = None, host: str = "127.0.0.1",
-                 metrics_port: int = 0, tls: TLSFiles | None = None):
+                 metrics_port: int = 0, tls: TLSFiles | None = None, supervise: bool = False,
+                 check_s: float = 0.2):
         self.redis_url, self.port, self.env, self.host = redis_url, port, env or {}, host
         self.metrics_port = metrics_port  # 0: no /metrics endpoint
         self.tls = tls  # the files its health check dials with (the server reads its own from env)
+        self.supervise, self.check_s, self.restarts = supervise, check_s, 0
+        self.process: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> StoreProcess:
+        self._stopping.clear()
+        with self._lock:
+            self._launch()
+        if self.supervise and (self._watcher is None or not self._watcher.is_alive()):
+            # the watcher starts every later process: Linux ends a helper when the thread that
+            # started it ends (``dying_with_parent``), and this thread lives as long as supervision
+            self._watcher = threading.Thread(target=self._watch, name="store-supervisor", daemon=True)
+            self._watcher.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self.check_s):
+            with self._lock:
+                if self._stopping.is_set() or self.process.poll() is None:
+                    continue
+                log.warning("the prefix store exited (code %s); restarting it", self.process.returncode)
+                try:
+                    self._launch()
+                    self.restarts += 1
+                except RuntimeError as e:
+                    log.error("restarting the prefix store failed: %s; trying again", e)
+
+    def _launch(self) -> None:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -116,8 +151,8 @@ class StoreProcess:
 
         env = {**os.environ, "REDIS_URL": self.redis_url, **self.env}
         metrics = ["--metrics-address", f"{self.host}:{self.metrics_port}"] if self.metrics_port else []
-        self.process = subprocess.Popen([sys.executable, "-m", "service.store.server", "--address",
-                                         f"{self.host}:{self.port}", *metrics], env=env, preexec_fn=die_with_parent,
+        self.process = subprocess.Popen(dying_with_parent([sys.executable, "-m", "service.store.server", "--address",
+                                                           f"{self.host}:{self.port}", *metrics]), env=env,
                                         start_new_session=True)  # a terminal's Ctrl-C reaches only the launcher
         with channel(self.address, self.tls) as health_channel:
             stub = health_pb2_grpc.HealthStub(health_channel)
@@ -126,15 +161,24 @@ class StoreProcess:
                     raise RuntimeError("the store server exited; see its log above")
                 try:
                     if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                        return self
+                        return
                 except grpc.RpcError:
                     pass
-                time.sleep(0.2)
+                time.sleep(0.1)
         raise RuntimeError("the store server did not become healthy")
 
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would (a supervised one comes back)."""
+        with self._lock:
+            if self.process is not None:
+                self.process.kill()
+
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
+        self._stopping.set()
+        with self._lock:  # never beside a supervisor restart
+            if self.process is not None and self.process.poll() is None:
+                self.process.terminate()
+                self.process.wait(10)
 
 
 def app_args(config: dict):
@@ -205,7 +249,7 @@ class LocalStack:
                "KVCOMPOSE_STORE_REDIS_CLUSTER": str(store.redis_cluster).lower()}
         client_tls = self._tls(env, app["args"]["store"]) if self.tls_dir is not None else None
         self.store = StoreProcess(self.redis_url, self.store_port or free_port(), env,
-                                  metrics_port=self.store_metrics_port, tls=client_tls).start()
+                                  metrics_port=self.store_metrics_port, tls=client_tls, supervise=True).start()
         app["args"]["store_address"] = self.store.address
         if not typed.auth_tokens and not typed.allow_unauthenticated:
             self.api_token = secrets.token_urlsafe(32)

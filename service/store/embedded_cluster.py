@@ -19,7 +19,7 @@ from pathlib import Path
 
 import redis
 
-from service.store.embedded import die_with_parent, redis_server_binary
+from service.store.embedded import dying_with_parent, redis_server_binary
 
 _BUS_OFFSET = 10000  # Redis Cluster's node-to-node bus listens on port + 10000
 
@@ -75,13 +75,13 @@ class EmbeddedRedisCluster:
         return self
 
     def _start_node(self, port: int) -> None:
-        self.processes[port] = subprocess.Popen(
+        self.processes[port] = subprocess.Popen(dying_with_parent(
             [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
              "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", str(self.node_timeout_ms),
              "--cluster-replica-validity-factor", "0",  # a replica may always take over (no stale-data veto)
              "--save", "", "--appendonly", "no", "--dir", self.dir, "--maxmemory", self.maxmemory,
-             "--maxmemory-policy", "volatile-lru", "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
+             "--maxmemory-policy", "volatile-lru", "--protected-mode", "yes"]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             try:
