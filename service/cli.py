@@ -266,6 +266,29 @@ def cmd_bench_chaos(args: argparse.Namespace) -> int:
     return 0 if not report.wrong and not report.late else 1
 
 
+def cmd_bench_soak(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from service.bench import soak
+    from service.config import EngineConfig
+    from service.haystack import needle_document
+    from service.models import embedded_model_dir
+    from service.serve.launch import LocalStack
+    from service.store.embedded import free_port
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(EngineConfig().cache_dir))
+    docs = [needle_document(tokenizer, args.doc_tokens, seed=i)[0] for i in range(8)]
+    with LocalStack(top={"grpc_options": {"port": free_port(), "grpc_servicer_functions": [
+            "kvcompose.v1.api_pb2_grpc.add_KVComposeServicer_to_server"]},
+            "http_options": {"host": "127.0.0.1", "port": free_port()}}) as stack:
+        report = soak.run(stack, docs, args.requests, args.duration_s, args.clients, args.sample_s,
+                          ttl_s=args.ttl_s)
+    paths = soak.write(report, args.out_dir, f"Soak: {args.requests} mixed requests, SmolLM2-135M, 2 CPU cores")
+    print(soak.table(report))
+    print("written:", *paths, file=sys.stderr)
+    return 0 if not report.unexpected and not report.leaks() else 1
+
+
 def cmd_bench_perf(args: argparse.Namespace) -> int:
     from service.bench import perf
     from service.config import EngineConfig
@@ -461,6 +484,16 @@ def parser() -> argparse.ArgumentParser:
                    "Compressor is killed")
     b.add_argument("--out-dir", type=Path, default=Path("bench/chaos-smollm2"), help="where results and the plot go")
     b.set_defaults(func=cmd_bench_chaos)
+    b = bench.add_parser("soak", help="a long mixed workload (compress, answer, stat, delete, bad input) watching "
+                         "every process's memory, threads and open files, Redis memory and temporary files")
+    b.add_argument("--requests", type=int, default=2000, help="requests in all")
+    b.add_argument("--duration-s", type=float, default=1200.0, help="the requests are paced over this long")
+    b.add_argument("--clients", type=int, default=4, help="concurrent clients")
+    b.add_argument("--sample-s", type=float, default=15.0, help="seconds between samples of the processes")
+    b.add_argument("--ttl-s", type=int, default=120, help="lifetime of the entries the soak stores")
+    b.add_argument("--doc-tokens", type=int, default=300, help="length of the documents in model tokens")
+    b.add_argument("--out-dir", type=Path, default=Path("bench/soak-smollm2"), help="where results and the plot go")
+    b.set_defaults(func=cmd_bench_soak)
     b = bench.add_parser("perf", help="compress, reuse TTFT, decode and fetch speed and memory, each against "
                          "its reference in the same run (fresh process per row, interleaved repeats)")
     b.add_argument("--lengths", default="2048,4096,8000", help="context lengths in tokens (compress and ttft rows)")
