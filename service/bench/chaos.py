@@ -6,7 +6,7 @@ loop, each call under a deadline. Faults, spread over the run:
 - ``redis-kill``: Redis SIGKILLed; its supervisor starts it again, empty.
 - ``store-kill``: the prefix store process SIGKILLed; its supervisor starts it again.
 - ``decoder-kill``: a Decoder replica killed; Serve replaces it.
-- ``compressor-kill``: a Compressor replica killed while it prefills a long document.
+- ``compressor-kill``: every Compressor replica killed while one prefills a long document.
 - ``redis-full``: Redis filled past ``maxmemory`` with keys it may not evict, then freed.
 
 Reported: wrong answers (an answer that is not the fault-free one, or a status a client should
@@ -112,10 +112,11 @@ class Injector:
         return "SIGKILL; the supervisor restarts it"
 
     def decoder_kill(self) -> str:
-        return _kill_replica("Decoder")
+        return _kill_replicas("Decoder", every=False)
 
     def compressor_kill(self) -> str:
-        """Kill the Compressor while it prefills a long document no one has asked for yet."""
+        """Kill every Compressor replica while one prefills a long document no one has asked for
+        yet (every one: the autoscaler may have started several, and the prefill must be hit)."""
         outcome: dict = {}
 
         def victim():
@@ -128,7 +129,7 @@ class Injector:
         thread = threading.Thread(target=victim)
         thread.start()
         time.sleep(0.3)  # the prefill has begun
-        killed = _kill_replica("Compressor")
+        killed = _kill_replicas("Compressor", every=True)
         thread.join(90)
         return f"{killed}; the prefill in flight ended {outcome.get('status', 'unfinished')}"
 
@@ -160,14 +161,15 @@ def _free(client, names: list[str], limit: str) -> None:
         client.close()
 
 
-def _kill_replica(deployment: str) -> str:
+def _kill_replicas(deployment: str, every: bool) -> str:
     import ray
 
     actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
     if not actors:
         raise RuntimeError(f"no {deployment} replica found")
-    ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
-    return f"killed replica {actors[0]['name'].rsplit('#', 1)[-1]}"
+    for actor in actors if every else actors[:1]:
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    return f"killed {len(actors) if every else 1} of {len(actors)} replicas"
 
 
 MAX_NEW = 24  # the needle answer ("The special magic number ... is 1234567.") fits
@@ -269,8 +271,7 @@ def summary(report: ChaosReport) -> dict:
             "calls": len(report.calls), "statuses": dict(report.statuses()), "wrong": len(report.wrong),
             "late": len(report.late), "baseline_answers_per_s": round(statistics.mean(ok[2:first] or [0]), 2),
             "window_s": window_s(report), "faults": [asdict(f) for f in report.faults],
-            "wrong_examples": [asdict(c) for c in report.wrong[:5]],
-            "calls_start_end_status": [(round(c.start, 2), round(c.end, 2), c.status) for c in report.calls]}
+            "wrong_examples": [asdict(c) for c in report.wrong[:5]]}
 
 
 def table(report: ChaosReport) -> str:
@@ -288,7 +289,8 @@ def table(report: ChaosReport) -> str:
 
 
 def write(report: ChaosReport, out_dir: Path, title: str) -> list[Path]:
-    """results.json, chaos.md and chaos.png (answers and failures per second, faults marked)."""
+    """results.json, calls.csv (every call), chaos.md and chaos.png (answers and failures per second,
+    faults marked)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,12 +298,17 @@ def write(report: ChaosReport, out_dir: Path, title: str) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(summary(report), indent=2) + "\n")
+    with open(out_dir / "calls.csv", "w") as f:
+        f.write("start_s,end_s,status,right\n")
+        f.writelines(f"{c.start:.2f},{c.end:.2f},{c.status},{int(c.right)}\n" for c in report.calls)
     (out_dir / "chaos.md").write_text(f"# {title}\n\n" + table(report))
     ok, failed = report.bins()
     seconds = [i * BIN_S for i in range(len(ok))]
     fig, ax = plt.subplots(figsize=(9, 3.6))
     ax.plot(seconds, ok, color="tab:blue", alpha=0.3, linewidth=0.8, label="answers per second")
-    ax.plot(seconds, rolling(ok, window_s(report)), color="tab:blue", label=f"mean over {window_s(report)} s")
+    window = window_s(report)
+    trailing = [statistics.mean(ok[max(0, t - window + 1) : t + 1]) for t in range(len(ok))]
+    ax.plot(seconds, trailing, color="tab:blue", label=f"mean over the last {window} s")
     ax.bar(seconds, failed, width=BIN_S * 0.9, color="tab:red", alpha=0.5, label="failures/s (retryable)")
     for f in report.faults:
         ax.axvline(f.at_s, color="black", linestyle="--", linewidth=0.8)
@@ -313,4 +320,4 @@ def write(report: ChaosReport, out_dir: Path, title: str) -> list[Path]:
     fig.tight_layout()
     fig.savefig(out_dir / "chaos.png", dpi=120)
     plt.close(fig)
-    return [out_dir / "results.json", out_dir / "chaos.md", out_dir / "chaos.png"]
+    return [out_dir / "results.json", out_dir / "calls.csv", out_dir / "chaos.md", out_dir / "chaos.png"]
