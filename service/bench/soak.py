@@ -91,7 +91,7 @@ def sample(root: psutil.Process, redis_client, temp_root: Path, t: float) -> Sam
     for p in [root, *root.children(recursive=True)]:
         try:
             with p.oneshot():
-                label = (p.cmdline() or [p.name()])[0].rsplit("/", 1)[-1][:60]
+                label = process_label((p.cmdline() or [p.name()])[0])
                 processes[f"{label} {p.pid}"] = {"rss_mib": p.memory_info().rss / 2**20, "threads": p.num_threads(),
                                                  "fds": p.num_fds()}
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
@@ -99,6 +99,13 @@ def sample(root: psutil.Process, redis_client, temp_root: Path, t: float) -> Sam
     used = redis_client.info("memory")["used_memory"] / 2**20
     temp = sum(1 for _ in temp_root.glob("kvc-*"))
     return Sample(round(t, 1), processes, round(used, 1), temp)
+
+
+def process_label(argv0: str) -> str:
+    """A process's name that stays the same while it works: a Ray worker's title names the method it
+    runs ("ray::ServeReplica:kvcompose:Decoder.handle_request..."), so that part is dropped."""
+    name = argv0.rsplit("/", 1)[-1]
+    return (name.split(".", 1)[0] if name.startswith("ray::") else name)[:60]
 
 
 def one_request(client: KVComposeClient, kind: str, rng: random.Random, docs: list[str], ids: list[str],
