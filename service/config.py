@@ -7,8 +7,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from service.tls import TLSFiles
+if TYPE_CHECKING:  # service.tls imports grpc, which the CLI's help must not load
+    from service.tls import TLSFiles
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
@@ -251,6 +253,8 @@ class StoreConfig:
         """The store hop's TLS files (checked when asked for), or None for plaintext."""
         if not (self.tls_cert_file or self.tls_key_file or self.tls_ca_file):
             return None
+        from service.tls import TLSFiles
+
         return TLSFiles(self.tls_cert_file, self.tls_key_file, self.tls_ca_file, self.tls_client_auth,
                         self.tls_server_name)
 

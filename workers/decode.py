@@ -49,7 +49,7 @@ class DecodeWorker(api_grpc.KVComposeServicer):
             async for message in self.frontend.generate(request, context, self.answerer.answer):
                 yield message
         except conv.ApiError as e:
-            await context.abort(e.status, str(e), e.trailing_metadata() or None)
+            await context.abort(e.status, str(e), e.trailing_metadata())
 
     async def ListModels(self, request, context):
         async def handler(tenant: str) -> api.ListModelsResponse:
@@ -58,7 +58,7 @@ class DecodeWorker(api_grpc.KVComposeServicer):
         try:
             return await self.frontend.call("ListModels", context, handler)
         except conv.ApiError as e:
-            await context.abort(e.status, str(e), e.trailing_metadata() or None)
+            await context.abort(e.status, str(e), e.trailing_metadata())
 
 
 async def serve(store: str, address: str, config_path: Path, store_token: str | None,
