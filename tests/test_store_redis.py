@@ -253,3 +253,31 @@ def test_two_concurrent_compressions_of_one_document_run_the_model_once(tiny_eng
     assert sorted(created for _, created in results) == [False, True]
 
     run(wipe(store_for(**redis_target, key_prefix=prefix)))
+
+
+def test_a_full_redis_refuses_writes_as_resource_exhausted_never_internal(tiny_engine):
+    """Filled past maxmemory with keys it may not evict: a Put (whose quota script writes) is
+    QuotaExceeded (RESOURCE_EXHAUSTED, retry later), and works again once there is room."""
+    import redis
+
+    ids = random_ids(200, seed=77)
+    key, data = make_cache(tiny_engine, ids)
+    with EmbeddedRedis() as server:
+        plain = redis.Redis.from_url(server.url)
+        plain.config_set("maxmemory", plain.info("memory")["used_memory"] + (4 << 20))
+        filler = 0
+        try:
+            while True:  # small values: nothing is left at the end, not even room for a script's write
+                plain.set(f"fill:{filler}", b"x" * 4096)
+                filler += 1
+        except redis.exceptions.OutOfMemoryError:
+            pass
+
+        async def full(store):
+            with pytest.raises(QuotaExceeded, match="Redis is full"):
+                await store.put(key, ids, data)
+            plain.delete(*[f"fill:{i}" for i in range(filler)])
+            m, existed = await store.put(key, ids, data)
+            assert not existed and (await store.get("acme", m.cache_id))[1] == data
+
+        with_store(full, url=server.url)

@@ -441,11 +441,17 @@ class RedisStore:
         try:
             await self._load_slots()
             yield
-        except rexc.OutOfMemoryError:
-            raise QuotaExceeded("Redis is full (maxmemory) and has nothing left to evict; retry later or "
-                                "give it more memory") from None
         except Exception as e:
+            if _out_of_memory(e):
+                raise QuotaExceeded("Redis is full (maxmemory) and has nothing left to evict; retry later or "
+                                    "give it more memory") from None
             if is_transient(e):
                 raise unavailable(e) from None
             raise
 
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Redis refused a write for want of memory: a command's own OOM error, or the same refusal of a
+    write inside one of our scripts (which redis-py sees as a script's ResponseError)."""
+    return isinstance(e, rexc.OutOfMemoryError) or (
+        isinstance(e, rexc.ResponseError) and "OOM command not allowed" in str(e))
