@@ -124,9 +124,14 @@ class Frontend:
                 break
             except Exception as e:  # noqa: BLE001
                 # Asked by text, the entry vanished between Compress and fetch (expired, deleted,
-                # Redis restarted empty): compress it again, once, before anything was sent.
-                if attempt == 2 or compressed is None or first is not None or not _not_found(e):
+                # Redis restarted empty or evicting): compress it again, once, before anything was
+                # sent. Twice gone: the client sent a document, so not NOT_FOUND but a retry later.
+                if compressed is None or first is not None or not _not_found(e):
                     raise
+                if attempt == 2:
+                    raise conv.ApiError(grpc.StatusCode.ABORTED, "the document's cache was evicted again between "
+                                        "compressing it and reading it (the store is short of memory); "
+                                        "retry") from None
                 compressed = await self._compress_held(compress, tenant, request.context)
                 cache_id = compressed.cache_id
 
