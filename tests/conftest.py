@@ -110,3 +110,19 @@ def redis_target(request) -> dict:
     if request.param == "single":
         return {"url": SHARED_REDIS}
     return {"url": request.getfixturevalue("redis_cluster").url, "redis_cluster": True}
+
+
+def models_once_up(client, deadline_s: float = 120.0):
+    """``client.list_models()`` once the server it dials is up (a starting worker answers UNAVAILABLE)."""
+    import time
+
+    import grpc
+
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return client.list_models()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)

@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 
 import grpc
 import pytest
 import yaml
-from conftest import random_ids
+from conftest import models_once_up, random_ids
 from store_helpers import SHARED_REDIS, ServerProcess, make_cache
 
 from service.api_client import KVComposeClient
@@ -104,16 +103,8 @@ def test_the_decode_worker_serves_mutual_tls(pki, tiny_model_dir, tmp_path):
                               env={**os.environ})
     target = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
         with KVComposeClient(target, token="tok-alpha", tls=pki["client"], timeout_s=10) as ok:
-            while True:
-                try:
-                    assert ok.list_models().models[0].id == str(tiny_model_dir)
-                    break
-                except grpc.RpcError as e:
-                    if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.3)
+            assert models_once_up(ok).models[0].id == str(tiny_model_dir)
         for tls in (None, only_ca(s), pki["stranger"]):  # plaintext, no client certificate, a stranger
             with KVComposeClient(target, token="tok-alpha", tls=tls, timeout_s=5, retries=False) as outsider:
                 with pytest.raises(grpc.RpcError) as e:

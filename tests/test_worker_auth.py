@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
 import yaml
+from conftest import models_once_up
 
 from service.api_client import KVComposeClient
 from service.serve.launch import CONFIG
@@ -26,16 +26,8 @@ def test_the_worker_enforces_the_configured_api_tokens(tiny_model_dir, tmp_path)
     worker = subprocess.Popen([sys.executable, "-m", "workers.decode", "--store", "127.0.0.1:1", "--address",
                                f"127.0.0.1:{port}", "--config", str(path)], env={**os.environ})
     try:
-        deadline = time.monotonic() + 120
         with KVComposeClient(f"127.0.0.1:{port}", token="tok-alpha") as ok:
-            while True:
-                try:
-                    assert ok.list_models().models[0].id == str(tiny_model_dir)
-                    break
-                except grpc.RpcError as e:
-                    if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.3)
+            assert models_once_up(ok).models[0].id == str(tiny_model_dir)
         for token, tenant in ((None, "alpha"), ("wrong", None)):
             with KVComposeClient(f"127.0.0.1:{port}", token=token, tenant=tenant) as outsider:
                 with pytest.raises(grpc.RpcError) as e:
