@@ -104,16 +104,17 @@ class Answerer:
     async def _fetch(self, tenant: str, cache_id: str) -> tuple[CompressedKV, int]:
         key = (tenant, cache_id)
         checked_at = time.monotonic()  # the entry was live when the fetch began: the staleness clock starts here
-        manifest, data = await asyncio.to_thread(self.client.fetch, cache_id, tenant)
-        # onto the model's device once (as stored: int8 moves half the bytes), not on every answer
-        kv = await asyncio.to_thread(codec.decode, data, self.engine.device)
+        manifest, chunks = await asyncio.to_thread(self.client.fetch_chunks, cache_id, tenant)
+        # onto the model's device once (as stored: int8 moves half the bytes), not on every answer;
+        # the chunks were verified as they were read: the codec does not hash them again
+        kv = await asyncio.to_thread(codec.decode, chunks, self.engine.device, True)
         self.engine.check_compatible(kv)
         self.fetches += 1
         self.lru.put(key, kv)
         self._checked[key] = (checked_at, manifest.sha256)
         for gone in [k for k in self._checked if k not in self.lru.items]:  # evicted meanwhile
             del self._checked[gone]
-        return kv, len(data)
+        return kv, manifest.total_bytes
 
     async def _still_live(self, key: tuple[str, str]) -> bool:
         checked_at, sha256 = self._checked.get(key, (0.0, b""))

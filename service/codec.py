@@ -28,9 +28,12 @@ altered buffer raises ``CorruptCacheError``.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -107,20 +110,67 @@ def encode(kv: CompressedKV, codec: str = "float16") -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
-def read_header(data: bytes | memoryview) -> dict:
-    """Check framing and digest, then return the parsed header. Raises CorruptCacheError."""
-    data = memoryview(data)
+Data = bytes | memoryview | Sequence[bytes]  # one buffer, or the chunks a fetch returns in order
+
+
+class _Pieces:
+    """A cache's bytes as the pieces they arrived in (a fetch's chunks), read without joining them:
+    a 512 MiB join is a copy into fresh pages that costs about a third of the fetch itself."""
+
+    def __init__(self, data: Data):
+        pieces = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+        self.pieces = [memoryview(p).cast("B") for p in pieces]
+        self.starts = list(itertools.accumulate((len(p) for p in self.pieces), initial=0))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def read(self, start: int, stop: int) -> memoryview:
+        """Bytes [start, stop): a view when one piece holds them, else a copy."""
+        i = bisect.bisect_right(self.starts, start) - 1
+        if stop <= self.starts[i + 1]:
+            return self.pieces[i][start - self.starts[i] : stop - self.starts[i]]
+        out = np.empty(stop - start, dtype=np.uint8)
+        self.copy_into(out, start)
+        return memoryview(out)
+
+    def copy_into(self, out: np.ndarray, start: int) -> None:
+        """Fill ``out`` (uint8) with the bytes from ``start``."""
+        done, i = 0, bisect.bisect_right(self.starts, start) - 1
+        while done < len(out):
+            offset = start + done - self.starts[i]
+            piece = self.pieces[i][offset : offset + len(out) - done]
+            out[done : done + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+            done, i = done + len(piece), i + 1
+
+    def sha256(self, stop: int) -> bytes:
+        digest = hashlib.sha256()
+        for piece, start in zip(self.pieces, self.starts):
+            if start < stop:
+                digest.update(piece[: stop - start])
+        return digest.digest()
+
+
+def read_header(data: Data, verified: bool = False) -> dict:
+    """Check framing and digest, then return the parsed header. Raises CorruptCacheError.
+
+    verified: the bytes already passed the store's read checksum (``service/store/checksum.py``),
+    and the store checked this digest when they were put: the SHA-256 is not computed again.
+    """
+    data = _Pieces(data)
     if len(data) < _PREFIX.size + _DIGEST:
         raise CorruptCacheError(f"cache is truncated: {len(data)} bytes")
-    magic, version, hlen = _PREFIX.unpack_from(data)
+    magic, version, hlen = _PREFIX.unpack_from(data.read(0, _PREFIX.size))
     if magic != MAGIC:
         raise CorruptCacheError("not a KVCompose cache (bad magic bytes)")
     if version != FORMAT_VERSION:
         raise CorruptCacheError(f"cache format version {version} is not supported (this build reads {FORMAT_VERSION})")
-    if hashlib.sha256(data[:-_DIGEST]).digest() != bytes(data[-_DIGEST:]):
+    if not verified and data.sha256(len(data) - _DIGEST) != bytes(data.read(len(data) - _DIGEST, len(data))):
         raise CorruptCacheError("cache checksum mismatch: the bytes were truncated or altered")
+    if _PREFIX.size + hlen > len(data) - _DIGEST:
+        raise CorruptCacheError(f"cache header length {hlen} runs past the end")
     try:
-        return json.loads(bytes(data[_PREFIX.size : _PREFIX.size + hlen]))
+        return json.loads(bytes(data.read(_PREFIX.size, _PREFIX.size + hlen)))
     except ValueError as e:
         raise CorruptCacheError(f"cache header is not JSON: {e}") from None
 
@@ -128,14 +178,13 @@ def read_header(data: bytes | memoryview) -> dict:
 _ITEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1, "int8": 1}
 
 
-def check(data: bytes | memoryview) -> dict:
+def check(data: Data, verified: bool = False) -> dict:
     """``read_header`` plus the whole structure, before anything is stored or built: header fields,
     every tensor's name, dtype, shape and offset against the payload, and shapes consistent across
     layers. Returns the header; raises CorruptCacheError saying what is wrong."""
-    data = memoryview(data)
-    header = read_header(data)
+    header = read_header(data, verified)
     try:
-        _check_structure(header, len(data) - _PREFIX.size - _PREFIX.unpack_from(data)[2] - _DIGEST)
+        _check_structure(header, _payload_bytes(_Pieces(data)))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CorruptCacheError(f"cache header is malformed: {e}") from None
     return header
@@ -222,18 +271,27 @@ def kept_tokens_per_layer(data: bytes | memoryview, header: dict) -> list[float]
             for i, n in enumerate(slots)]
 
 
-def decode(data: bytes | memoryview, device: torch.device | str = "cpu") -> CompressedKV:
-    """Parse and verify bytes written by ``encode``; int8 caches come back as float16.
+def _payload_start(data: _Pieces) -> int:
+    return _PREFIX.size + _PREFIX.unpack_from(data.read(0, _PREFIX.size))[2]
+
+
+def _payload_bytes(data: _Pieces) -> int:
+    return len(data) - _payload_start(data) - _DIGEST
+
+
+def decode(data: Data, device: torch.device | str = "cpu", verified: bool = False) -> CompressedKV:
+    """Parse and verify bytes written by ``encode`` (one buffer, or a fetch's chunks in order);
+    int8 caches come back as float16.
 
     device: where the cache will be used; the stored tensors are moved there once, as stored (int8
     is half the bytes of float16 to move), and dequantised there.
+    verified: the bytes passed the store's read checksum (see ``read_header``).
     """
-    data = memoryview(data)
-    header = check(data)
+    header = check(data, verified)
+    data = _Pieces(data)
     try:
-        hlen = _PREFIX.unpack_from(data)[2]
-        payload = data[_PREFIX.size + hlen : -_DIGEST]
-        t = {e["name"]: _tensor(payload, e).to(device) for e in header["tensors"]}
+        start, payload_bytes = _payload_start(data), _payload_bytes(data)
+        t = {e["name"]: _tensor(data, start, payload_bytes, e).to(device) for e in header["tensors"]}
         keys, values, evicted = [], [], []
         for i in range(int(header["layers"])):
             k, v = _restore_layer(t, i)
@@ -257,13 +315,14 @@ def _restore_layer(t: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, to
     return cols.reshape(n, heads, d).transpose(0, 1).contiguous(), v
 
 
-def _tensor(payload: memoryview, entry: dict) -> torch.Tensor:
+def _tensor(data: _Pieces, payload_start: int, payload_bytes: int, entry: dict) -> torch.Tensor:
     dtype = _DTYPES[entry["dtype"]]
     start, n = int(entry["offset"]), int(entry["nbytes"])
     shape = [int(s) for s in entry["shape"]]
-    if start < 0 or start + n > len(payload) or n != int(np.prod(shape)) * dtype.itemsize:
+    if start < 0 or start + n > payload_bytes or n != int(np.prod(shape)) * dtype.itemsize:
         raise ValueError(f"tensor {entry['name']} does not fit the payload")
-    raw = np.frombuffer(payload[start : start + n], dtype=np.uint8).copy()
+    raw = np.empty(n, dtype=np.uint8)  # the one copy: the tensor owns its memory, the chunks can go
+    data.copy_into(raw, payload_start + start)
     return torch.from_numpy(raw).view(dtype).reshape(shape)
 
 

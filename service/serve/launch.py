@@ -229,9 +229,12 @@ class LocalStack:
         from service.models import model_shape
 
         token = secrets.token_urlsafe(32)
+        replica_env = {"KVCOMPOSE_STORE_SERVICE_TOKEN": token}
         if self.redis_url is None:
-            self.redis = EmbeddedRedis(supervise=True).start()
+            # with the read-only user of read grants: Decoders read fetched caches from it directly
+            self.redis = EmbeddedRedis(supervise=True, reader_password=secrets.token_urlsafe(24)).start()
             self.redis_url = self.redis.url
+            replica_env["KVCOMPOSE_STORE_REDIS_READ_URL"] = self.redis.reader_url
             log.info("no REDIS_URL: started an embedded, supervised redis-server at %s", self.redis_url)
         args = {**self.args, "store": {**self.args.get("store", {}), "redis_url": self.redis_url}}
         http = {**yaml.safe_load(Path(self.config_path).read_text()).get("http_options", {}), "host": "127.0.0.1"}
@@ -256,7 +259,7 @@ class LocalStack:
             app["args"]["auth_tokens"] = {self.api_token: "default"}
             if self.api_token_file is not None:
                 self._write_api_token(self.api_token)
-        app.setdefault("runtime_env", {}).setdefault("env_vars", {})["KVCOMPOSE_STORE_SERVICE_TOKEN"] = token
+        app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(replica_env)
         limits = RequestLimits(**typed.limits)
         # read by Serve's proxy when it starts (it inherits this environment through the local raylet)
         os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(limits.max_request_bytes)

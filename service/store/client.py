@@ -5,11 +5,16 @@ Every call is idempotent (entries are content-addressed), so UNAVAILABLE is retr
 jitter), each attempt under ``deadline_s``. ``from_config`` takes both from ``StoreConfig``.
 Errors arrive as the store's exceptions (``service.store.errors``), mapped from status codes.
 With ``tls`` (``StoreConfig.tls``) it verifies the store's certificate and presents its own.
+
+With a ``direct`` reader (``StoreConfig.redis_read_url``), ``fetch`` asks the store for a read grant
+and reads the chunks from Redis itself (``direct.py``), falling back to the store's Fetch when that
+fails; ``reads`` counts which way each fetch went.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -19,7 +24,8 @@ from kvcompose.v1 import store_pb2_grpc as pb_grpc
 
 from service.config import StoreConfig
 from service.store.checksum import read_check
-from service.store.errors import BY_STATUS, DataLoss, StoreError, Unavailable
+from service.store.direct import DirectReader, DirectReadFailed
+from service.store.errors import BY_STATUS, DataLoss, StoreError, Unavailable, Unimplemented
 from service.store.ids import CacheKey
 from service.store.manifest import key_to_proto
 from service.store.retry import retry_policy
@@ -27,14 +33,18 @@ from service.tls import TLSFiles, channel
 from service.wire import chunk_frame, store_options
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 UPLOAD_CHUNK_BYTES = 1 << 20
 
 
 class PrefixStoreClient:
     def __init__(self, target: str, token: str | None = None, tenant: str | None = None,
                  deadline_s: float = StoreConfig.client_deadline_s,
-                 retries: int = StoreConfig.client_retries, tls: TLSFiles | None = None):
+                 retries: int = StoreConfig.client_retries, tls: TLSFiles | None = None,
+                 direct: DirectReader | None = None):
         self.target = target
+        self.direct = direct
+        self.reads = {"direct": 0, "fetch": 0, "fallback": 0}
         self.channel = channel(target, tls, store_options())
         self.stub = pb_grpc.PrefixStoreStub(self.channel)
         # Put with requests serialized here: chunks are framed by hand (``wire.chunk_frame``)
@@ -47,6 +57,8 @@ class PrefixStoreClient:
 
     def close(self) -> None:
         self.channel.close()
+        if self.direct is not None:
+            self.direct.close()
 
     def __enter__(self) -> PrefixStoreClient:
         return self
@@ -56,9 +68,11 @@ class PrefixStoreClient:
 
     @classmethod
     def from_config(cls, target: str, config: StoreConfig, tenant: str | None = None) -> PrefixStoreClient:
-        """A client with ``config``'s service token, deadline, retries and TLS."""
+        """A client with ``config``'s service token, deadline, retries, TLS and read grants."""
+        direct = DirectReader(config.redis_read_url, config.redis_cluster, config.redis_timeout_s) \
+            if config.redis_read_url else None
         return cls(target, token=config.service_token or None, tenant=tenant, deadline_s=config.client_deadline_s,
-                   retries=config.client_retries, tls=config.tls)
+                   retries=config.client_retries, tls=config.tls, direct=direct)
 
     def _call(self, attempt: Callable[[], T]) -> T:
         def once() -> T:
@@ -93,25 +107,46 @@ class PrefixStoreClient:
         return reply.manifest, reply.existed
 
     def fetch(self, cache_id: str, tenant: str | None = None) -> tuple[pb.Manifest, bytes]:
-        """The cache bytes, verified against the manifest's read checksum (``checksum.py``) as they
-        arrive, or an exception; never partial bytes."""
+        """The cache bytes, verified, or an exception; never partial bytes."""
+        manifest, chunks = self.fetch_chunks(cache_id, tenant)
+        return manifest, b"".join(chunks)
 
-        def attempt() -> tuple[pb.Manifest, bytes]:
-            stream = self.stub.Fetch(pb.FetchRequest(cache_id=cache_id), **self._kw(tenant))
-            manifest, parts, digest, expected = None, [], None, b""
-            for msg in stream:
-                if msg.HasField("manifest"):
-                    manifest = msg.manifest
-                    digest, expected = read_check(manifest.xxh3_128, manifest.sha256)
-                elif digest is not None:
-                    parts.append(msg.chunk)
-                    digest.update(msg.chunk)
-            data = b"".join(parts)
-            if manifest is None or len(data) != manifest.total_bytes or digest.digest() != expected:
-                raise DataLoss(f"cache {cache_id} arrived damaged")
-            return manifest, data
+    def fetch_chunks(self, cache_id: str, tenant: str | None = None) -> tuple[pb.Manifest, list[bytes]]:
+        """The cache bytes as the chunks they are stored in (no copy into one buffer), verified
+        against the manifest's read checksum (``checksum.py``): read directly after a grant when
+        this client has a reader, else (or when that fails) streamed by the store's Fetch."""
+        if self.direct is not None:
+            try:
+                m, names = self.grant(cache_id, tenant)
+                chunks = self.direct.read(names, m.total_bytes, m.xxh3_128, m.sha256)
+                self.reads["direct"] += 1
+                return m, chunks
+            except (DirectReadFailed, Unimplemented) as e:
+                log.warning("reading cache %s directly failed (%s); fetching it through the store", cache_id, e)
+                self.reads["fallback"] += 1
+        result = self._call(lambda: self._fetch_stream(cache_id, tenant))
+        self.reads["fetch"] += 1
+        return result
 
-        return self._call(attempt)
+    def grant(self, cache_id: str, tenant: str | None = None) -> tuple[pb.Manifest, list[str]]:
+        """A read grant: (manifest, chunk key names) of the tenant's live entry (raises NotFound)."""
+        reply = self._call(lambda: self.stub.Grant(pb.GrantRequest(cache_id=cache_id), **self._kw(tenant)))
+        return reply.manifest, list(reply.chunk_keys)
+
+    def _fetch_stream(self, cache_id: str, tenant: str | None) -> tuple[pb.Manifest, list[bytes]]:
+        stream = self.stub.Fetch(pb.FetchRequest(cache_id=cache_id), **self._kw(tenant))
+        manifest, parts, digest, expected, size = None, [], None, b"", 0
+        for msg in stream:
+            if msg.HasField("manifest"):
+                manifest = msg.manifest
+                digest, expected = read_check(manifest.xxh3_128, manifest.sha256)
+            elif digest is not None:
+                parts.append(msg.chunk)
+                digest.update(msg.chunk)
+                size += len(msg.chunk)
+        if manifest is None or size != manifest.total_bytes or digest.digest() != expected:
+            raise DataLoss(f"cache {cache_id} arrived damaged")
+        return manifest, parts
 
     def stat(self, cache_id: str, tenant: str | None = None, touch: bool = False) -> pb.Manifest:
         """The live entry's manifest (raises NotFound); ``touch`` refreshes its TTL as a hit does."""

@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+from service.store.acl import READER, reader_rules, reader_url
+
 log = logging.getLogger(__name__)
 
 
@@ -76,12 +78,16 @@ class EmbeddedRedis:
 
     supervise: restart the server (same port, empty) whenever it dies, within ``check_s``; the store
     answers UNAVAILABLE meanwhile and reconnects by itself. ``restarts`` counts them.
+    reader_password: also create the read-only user of read grants (``acl.py``); ``reader_url`` is
+    its URL. It is part of the server's arguments, so a restarted server has it too.
     """
 
     def __init__(self, port: int | None = None, maxmemory: str = "1gb", supervise: bool = False,
-                 check_s: float = 0.5):
+                 check_s: float = 0.5, reader_password: str = "", key_prefix: str = "kvc"):
         self.port = port or free_port()
         self.maxmemory = maxmemory
+        self.reader = ["--user", READER, *reader_rules(reader_password, key_prefix)] if reader_password else []
+        self.reader_password = reader_password
         self.dir = tempfile.mkdtemp(prefix="kvc-redis-")
         self.process: subprocess.Popen | None = None
         self.supervise, self.check_s, self.restarts = supervise, check_s, 0
@@ -93,6 +99,11 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def reader_url(self) -> str:
+        """The read-only user's URL ("" without ``reader_password``)."""
+        return reader_url(self.url, self.reader_password) if self.reader_password else ""
+
     def start(self) -> EmbeddedRedis:
         self._stopping.clear()
         return self._launch()
@@ -102,7 +113,8 @@ class EmbeddedRedis:
             self.process = subprocess.Popen(dying_with_parent(
                 [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                  "--appendonly", "no", "--dir", self.dir, "--maxmemory", self.maxmemory,
-                 "--maxmemory-policy", "volatile-lru", "--protected-mode", "yes", "--loglevel", "warning"]),
+                 "--maxmemory-policy", "volatile-lru", "--protected-mode", "yes", "--loglevel", "warning",
+                 *self.reader]),
                 stdout=output, stderr=subprocess.STDOUT,
                 start_new_session=True,  # a terminal's Ctrl-C reaches only its owner, which stops it in order
             )

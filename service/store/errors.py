@@ -42,8 +42,14 @@ class PermissionDenied(StoreError):
     status = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Unimplemented(StoreError):
+    """The store does not have this method (an older version, e.g. mid rolling upgrade)."""
+
+    status = grpc.StatusCode.UNIMPLEMENTED
+
+
 BY_STATUS = {cls.status: cls for cls in (NotFound, InvalidArgument, DataLoss, Unavailable, QuotaExceeded,
-                                         Unauthenticated, PermissionDenied)}
+                                         Unauthenticated, PermissionDenied, Unimplemented)}
 
 
 # Not a fault of the request, and gone when retried: Redis (or a cluster slot's master) unreachable,

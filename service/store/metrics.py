@@ -23,10 +23,11 @@ class _EntryOutcomes(Collector):
         self.store = store
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily("kvcompose_store_entries", "Entry outcomes: hit (a verified Fetch), miss "
-                                     "(a chunk was evicted), corrupt_deleted, missing_chunk_deleted, put (new entry)",
+        family = CounterMetricFamily("kvcompose_store_entries", "Entry outcomes: hit (a verified Fetch), grant (a "
+                                     "read grant: the decoder reads and verifies), miss (a chunk was evicted), "
+                                     "corrupt_deleted, missing_chunk_deleted, put (new entry)",
                                      labels=["outcome"])
-        names = {"hits": "hit", "misses": "miss", "puts": "put"}
+        names = {"hits": "hit", "misses": "miss", "puts": "put", "grants": "grant"}
         for name, value in self.store.counters.items():
             family.add_metric([names.get(name, name)], value)
         yield family

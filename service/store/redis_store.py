@@ -90,7 +90,8 @@ class RedisStore:
         self.redis = client
         self.config = config
         self.keys = Keys(config.key_prefix)
-        self.counters = {"hits": 0, "misses": 0, "corrupt_deleted": 0, "missing_chunk_deleted": 0, "puts": 0}
+        self.counters = {"hits": 0, "misses": 0, "corrupt_deleted": 0, "missing_chunk_deleted": 0, "puts": 0,
+                         "grants": 0}
         self._background: set[asyncio.Task] = set()
         self._ready = not isinstance(client, aioredis.RedisCluster)
         self._ready_lock = asyncio.Lock()
@@ -216,12 +217,22 @@ class RedisStore:
             raise NotFound(f"no cache {cache_id} (it may have expired or been deleted)")
         return m
 
+    async def grant(self, tenant: str, cache_id: str) -> tuple[Manifest, list[str]]:
+        """A read grant: (manifest, chunk key names) of the tenant's live entry, its TTL refreshed
+        (counted as a grant: whether the reader's bytes verify, the store does not see). Raises NotFound."""
+        m = await self.stat(tenant, cache_id, touch=True)
+        self.counters["grants"] += 1
+        return m, self._chunk_names(m)
+
+    def _chunk_names(self, m: Manifest) -> list[str]:
+        return [self.keys.chunk(m.key.tenant, m.cache_id, m.write_id, i) for i in range(m.chunk_count)]
+
     async def fetch(self, tenant: str, cache_id: str) -> tuple[Manifest, AsyncIterator[bytes]]:
         """(manifest, chunks). Chunks are hashed as they stream; the iterator raises NotFound (a chunk
         was evicted) or DataLoss (checksum) at the point of failure, deleting the entry, so a consumer
         must only use bytes from an iteration that completed."""
         m = await self.stat(tenant, cache_id)
-        names = [self.keys.chunk(m.key.tenant, cache_id, m.write_id, i) for i in range(m.chunk_count)]
+        names = self._chunk_names(m)
         async with self._redis_errors():
             first = await self.redis.mget(names[:_MGET_BATCH])
         if any(chunk is None for chunk in first):  # found before anything is sent: a clean miss

@@ -141,6 +141,11 @@ class PrefixStoreServicer(pb_grpc.PrefixStoreServicer):
                                  manifest=manifest.to_proto(pb))
 
     @_unary
+    async def Grant(self, request, context, tenant):
+        manifest, names = await self.store.grant(tenant, request.cache_id)
+        return pb.GrantResponse(manifest=manifest.to_proto(pb), chunk_keys=names)
+
+    @_unary
     async def Delete(self, request, context, tenant):
         return pb.DeleteResponse(deleted=await self.store.delete(tenant, request.cache_id))
 

@@ -1,0 +1,30 @@
+"""The Redis ACL user decoders read granted chunks with (read grants, ``direct.py``).
+
+It may only GET and MGET the store's keys: no writes, no deletes, no key listing, no other
+prefix. The store grants a decoder an entry's chunk key names after checking the caller's tenant;
+the user's password reaches the decoder from a Secret (``StoreConfig.redis_read_url``) and never
+over gRPC. The same rules go to the embedded redis-server (``embedded.py``) and, as
+``redis-server --user ...`` arguments, to the Kubernetes StatefulSet (``k8s/base/redis.yaml``,
+checked against this module by ``tests/test_direct_read.py``).
+"""
+
+from __future__ import annotations
+
+READER = "kvc-reader"
+
+
+def reader_rules(password: str, key_prefix: str = "kvc") -> list[str]:
+    """``ACL SETUSER``/``--user`` arguments after the user name."""
+    if not password:
+        raise ValueError("the Redis reader user needs a password")
+    return ["on", f">{password}", "resetkeys", f"~{key_prefix}:*", "resetchannels", "-@all", "+get", "+mget",
+            "+ping"]
+
+
+def reader_url(redis_url: str, password: str, user: str = READER) -> str:
+    """``redis_url`` (the store's, maybe with other credentials) with the reader's credentials."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    parts = urlsplit(redis_url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"))
