@@ -304,8 +304,8 @@ def cmd_bench_perf(args: argparse.Namespace) -> int:
         return values
 
     parts = set(args.only.split(","))
-    if not parts or parts - {"compress", "ttft", "fetch"}:
-        raise ValueError(f"--only: a comma-separated subset of compress,ttft,fetch, got {args.only!r}")
+    if not parts or parts - {"compress", "ttft", "fetch", "reuse"}:
+        raise ValueError(f"--only: a comma-separated subset of compress,ttft,fetch,reuse, got {args.only!r}")
     if args.repeats < 1:
         raise ValueError("--repeats must be at least 1")
     model = args.model or str(embedded_model_dir(EngineConfig().cache_dir))
@@ -316,7 +316,7 @@ def cmd_bench_perf(args: argparse.Namespace) -> int:
     if not ratios or not all(0 < r < 1 for r in ratios):
         raise ValueError(f"--ratios: compression ratios in (0, 1), got {args.ratios!r}")
     cases = perf.plan(numbers("--lengths", args.lengths), numbers("--fetch-mib", args.fetch_mib),
-                      args.kvpress_max_tokens, parts, ratios)
+                      args.kvpress_max_tokens, parts, ratios, numbers("--reuse-tokens", str(args.reuse_tokens))[0])
     results = perf.run(cases, args.repeats, model, args.out_dir / "work", log=lambda *a, **k: print(*a, file=sys.stderr,
                                                                                                     **k))
     rows = perf.summarize(cases, results)
@@ -497,12 +497,13 @@ def parser() -> argparse.ArgumentParser:
     b = bench.add_parser("perf", help="compress, reuse TTFT, decode and fetch speed and memory, each against "
                          "its reference in the same run (fresh process per row, interleaved repeats)")
     b.add_argument("--lengths", default="2048,4096,8000", help="context lengths in tokens (compress and ttft rows)")
-    b.add_argument("--fetch-mib", default="1,16,64", help="cache sizes of the Fetch vs raw GET rows")
+    b.add_argument("--fetch-mib", default="1,16,64,256", help="cache sizes of the fetch rows (against Redis's limit)")
+    b.add_argument("--reuse-tokens", type=int, default=32768, help="context tokens of the 8B-shaped reuse row")
     b.add_argument("--ratios", default="0.5", help="compression ratios of the compress rows")
     b.add_argument("--repeats", type=int, default=3, help="runs of every row (median and spread)")
     b.add_argument("--kvpress-max-tokens", type=int, default=4096,
                    help="kvpress's KVComposePress row only up to this length (its attention matrices grow fast)")
-    b.add_argument("--only", default="compress,ttft,fetch", help="a subset of compress,ttft,fetch")
+    b.add_argument("--only", default="compress,ttft,fetch,reuse", help="a subset of compress,ttft,fetch,reuse")
     b.add_argument("--model", help="model directory or id (default: the embedded SmolLM2)")
     b.add_argument("--out-dir", type=Path, default=Path("bench/perf-smollm2"), help="where results.csv and perf.md go")
     b.set_defaults(func=cmd_bench_perf)

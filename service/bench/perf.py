@@ -1,8 +1,9 @@
 """``kvcompose bench perf``: every speed and memory figure of the project in one run, each against
 its physical reference measured in the same run.
 
-Rows (``Case``), each run in a fresh process (``python -m service.bench.perf --child``), all rows
-once per repeat, repeats interleaved, so a busy spell of a shared machine hits every row alike:
+Rows (``Case``), each run in a fresh process (``python -m service.bench.perf --child``; the fetch
+rows of one size share one, see ``_fetch``), all rows once per repeat, repeats interleaved, so a
+busy spell of a shared machine hits every row alike:
 
 - ``compress/<method>/<tokens>``: wall time of prefill + compression of a needle document, against
   ``plain`` (a prefill that keeps everything: the limit); methods ``kvcompose`` (the default:
@@ -17,10 +18,19 @@ once per repeat, repeats interleaved, so a busy spell of a shared machine hits e
   the whole context, then the question; reuse: Fetch of the stored KVCompose cache from the prefix
   store over gRPC + codec load + question prefill, each part reported. Both then decode 64 tokens
   (``decode_tok_s``: one cache, one answer).
-- ``fetch/<grpc|get|direct-floor>/<MiB>``: a synthetic SmolLM2-shaped cache read through the
-  prefix store's gRPC Fetch (verified on both ends) against redis-py's GET of the same bytes as one
-  value; ``direct-floor``: the floor of decoders reading chunk keys from Redis themselves after a
-  ``Stat`` (``_direct_read``; a design not built).
+- ``fetch/<redis|grpc|grant>/<MiB>``: a synthetic SmolLM2-shaped cache of that size read back,
+  verified, against ``redis``: the physical limit, the best of redis-py (with hiredis) reading the
+  same bytes from the same Redis as one GET or as pipelined MGETs of the 1 MiB chunks in batches of
+  8, 16 or 64 (each way's median; ``get_mib_s`` and ``mget<n>_mib_s`` are reported). ``grpc``: the
+  store's Fetch stream; ``grant``: a read grant, then the decoder's own pipelined MGETs as the
+  read-only user (``service/store/direct.py``). Each ends with the chunks verified in memory. All
+  ways of one size run in one process, interleaved run by run.
+- ``reuse/llama-3.1-8b/<tokens>``: reuse time to first token's store part for an 8B-shaped cache
+  (Llama-3.1-8B: 32 layers, 8 KV heads, head dim 128) compressed to 0.75 (a quarter of the tokens
+  kept) and stored as int8: the read grant's fetch, the decode of the bytes and the move to the
+  model's device (CUDA when there is one), against the prefill of the same context it replaces.
+  That prefill is the H200's measured figure (``H200_PREFILL_32K_S``, from the README), not this
+  machine's: the row's ``ratio`` is reuse / that prefill.
 
 Every row prints and writes median and spread (min..max over repeats); ``results.csv`` keeps each
 process's figures, ``perf.md`` the table.
@@ -40,14 +50,20 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 SMOLLM2_KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2  # layers x (K, V) x KV heads x head dim x fp16
-_FETCH_ITERATIONS = {1: 40, 16: 10, 64: 4}
+_FETCH_ITERATIONS = {1: 36, 16: 18, 64: 12, 256: 6}  # multiples of the 6 ways: each order as often
+_MGET_BATCHES = (8, 16, 64)
+# Llama-3.1-8B's shape, and a plain bfloat16 prefill of 32,768 tokens on one H200 (1.39 s), measured
+# by the project's first GPU run (README, "On a GPU"): the reuse row's reference
+LLAMA_8B = {"layers": 32, "kv_heads": 8, "head_dim": 128}
+H200_PREFILL_32K_S = 1.39
+_LLAMA_8B_META = {"model_id": "bench-llama-3.1-8b", "press": {"press": "kvcompose", "compression_ratio": 0.75}}
 _DECODE_TOKENS = 64
 _RATIO = 0.5
 
 
 @dataclass(frozen=True)
 class Case:
-    kind: str  # compress | ttft | fetch
+    kind: str  # compress | ttft | fetch | reuse
     method: str
     size: int  # tokens, or MiB for fetch
     memory: bool = False  # the peak-memory run of a compress row
@@ -61,12 +77,12 @@ class Case:
     @property
     def reference(self) -> Case | None:
         """The row this one is divided by."""
-        ref = {"compress": "plain", "ttft": "prefill", "fetch": "get"}[self.kind]
-        return None if self.method == ref else Case(self.kind, ref, self.size)
+        ref = {"compress": "plain", "ttft": "prefill", "fetch": "redis", "reuse": None}[self.kind]
+        return None if self.method == ref or ref is None else Case(self.kind, ref, self.size)
 
 
 def plan(lengths: list[int], fetch_mib: list[int], kvpress_max_tokens: int, parts: set[str],
-         ratios: tuple[float, ...] = (_RATIO,)) -> list[Case]:
+         ratios: tuple[float, ...] = (_RATIO,), reuse_tokens: int = 32768) -> list[Case]:
     cases = []
     for n in lengths if "compress" in parts else []:
         methods = ["kvcompose", "kvcompose-1pass"] + (["kvpress"] if n <= kvpress_max_tokens else [])
@@ -74,7 +90,9 @@ def plan(lengths: list[int], fetch_mib: list[int], kvpress_max_tokens: int, part
     for n in lengths if "ttft" in parts else []:
         cases += [Case("ttft", "prefill", n), Case("ttft", "reuse", n)]
     for mib in fetch_mib if "fetch" in parts else []:
-        cases += [Case("fetch", m, mib) for m in ("get", "grpc", "direct-floor")]
+        cases += [Case("fetch", m, mib) for m in ("redis", "grpc", "grant")]
+    if "reuse" in parts:
+        cases.append(Case("reuse", "llama-3.1-8b", reuse_tokens))
     return cases
 
 
@@ -85,7 +103,8 @@ def run(cases: list[Case], repeats: int, model: str, workdir: Path, log=print) -
     """Every case in a fresh process, ``repeats`` times interleaved, then each compress row's memory run."""
     workdir.mkdir(parents=True, exist_ok=True)
     memory_runs = [replace(c, memory=True) for c in cases if c.kind == "compress"]
-    schedule = [(r, c) for r in range(repeats) for c in cases] + [(0, c) for c in memory_runs]
+    measured = [c for c in cases if c.kind != "fetch" or c.method == "redis"]  # its process measures every way
+    schedule = [(r, c) for r in range(repeats) for c in measured] + [(0, c) for c in memory_runs]
     results = []
     for i, (repeat, case) in enumerate(schedule, 1):
         env = {"MALLOC_MMAP_THRESHOLD_": "131072"} if case.memory else {}
@@ -95,8 +114,9 @@ def run(cases: list[Case], repeats: int, model: str, workdir: Path, log=print) -
         if out.returncode != 0:
             raise RuntimeError(f"{case.name} failed:\n{out.stderr[-3000:]}")
         figures = json.loads(out.stdout.strip().splitlines()[-1])
-        results.append({"case": case.name, "repeat": repeat, **figures})
-        log(f"[{i}/{len(schedule)}] {case.name} (repeat {repeat + 1}): {_brief(figures)}", flush=True)
+        for name, row in figures.pop("rows", {case.name: figures}).items():
+            results.append({"case": name, "repeat": repeat, **row})
+            log(f"[{i}/{len(schedule)}] {name} (repeat {repeat + 1}): {_brief(row)}", flush=True)
     return results
 
 
@@ -104,7 +124,7 @@ def _brief(figures: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
 
 
-HEADLINE = {"compress": "seconds", "ttft": "ttft_s", "fetch": "mib_s"}
+HEADLINE = {"compress": "seconds", "ttft": "ttft_s", "fetch": "mib_s", "reuse": "reuse_s"}
 
 
 def summarize(cases: list[Case], results: list[dict]) -> list[dict]:
@@ -124,11 +144,15 @@ def summarize(cases: list[Case], results: list[dict]) -> list[dict]:
                "spread": f"{min(values):.3g}..{max(values):.3g}", "ratio": None, **medians[case.name]}
         if case.reference is not None and case.reference.name in medians:
             row["ratio"] = row[figure] / medians[case.reference.name][figure]
+        elif case.kind == "reuse" and case.size == 32768:  # the one length the H200 prefill was measured at
+            row["ratio"] = row[figure] / H200_PREFILL_32K_S
         memory = medians.get(replace(case, memory=True).name)
         if memory:
             row["peak_extra_mib"] = memory["peak_extra_mib"]
             row["peak_extra_vs_fp16_kv"] = memory["peak_extra_mib"] * 2**20 / (case.size * memory["kv_bytes_per_token"])
         row["needle"] = all(r.get("needle", True) for r in runs)
+        if "device" in runs[0]:
+            row["device"] = runs[0]["device"]
         rows.append(row)
     return rows
 
@@ -136,12 +160,15 @@ def summarize(cases: list[Case], results: list[dict]) -> list[dict]:
 def table(rows: list[dict]) -> str:
     lines = []
     for kind, what, ratio_of in (("compress", "seconds", "/ plain prefill"), ("ttft", "ttft_s", "/ full prefill"),
-                                 ("fetch", "mib_s", "/ raw GET")):
+                                 ("fetch", "mib_s", "/ redis limit"),
+                                 ("reuse", "reuse_s", "/ H200 prefill")):
         chosen = [r for r in rows if r["case"].startswith(kind + "/")]
         if not chosen:
             continue
         extra = {"compress": ["peak_extra_vs_fp16_kv", "bytes_per_token_float16", "bytes_per_token_int8", "needle"],
-                 "ttft": ["prefill_s", "fetch_s", "load_s", "question_s", "decode_tok_s", "needle"], "fetch": []}[kind]
+                 "ttft": ["prefill_s", "fetch_s", "load_s", "question_s", "decode_tok_s", "needle"],
+                 "fetch": ["get_mib_s", *(f"mget{n}_mib_s" for n in _MGET_BATCHES)],
+                 "reuse": ["mib", "fetch_s", "fetch_grpc_s", "decode_s", "device"]}[kind]
         header = ["row", "runs", f"{what} (median)", "spread", ratio_of, *extra]
         lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         for r in chosen:
@@ -184,6 +211,8 @@ def machine() -> str:
 def measure(case: Case, model: str, workdir: Path) -> dict:
     if case.kind == "fetch":
         return _fetch(case)
+    if case.kind == "reuse":
+        return _reuse(case, workdir)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from service.config import EngineConfig
     from service.engine import Engine
@@ -245,14 +274,14 @@ def _ttft(case: Case, engine, doc: str, question: str, needle: str, workdir: Pat
         figures["prefill_s"] = time.perf_counter() - start
     else:
         data, ids, key = _stored_cache(engine, doc, workdir)
-        with StoreStack() as client:
-            manifest, _ = client.put(key, ids, data)
-            client.fetch(manifest.cache_id)  # warm: channel and connections, as a running decoder has them
+        with StoreStack() as stack:  # as a Decoder fetches: a read grant, the chunks decoded as they came
+            manifest, _ = stack.client.put(key, ids, data)
+            read = _reader(stack, "grant", manifest.cache_id)
             start = time.perf_counter()
-            _, fetched = client.fetch(manifest.cache_id)
+            fetched = read()
             figures["fetch_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        kv = codec.decode(fetched)
+        kv = codec.decode(fetched, verified=True)
         figures["load_s"] = time.perf_counter() - start
     start = time.perf_counter()
     tokens = generate(engine.loaded.model, kv, question_ids, sampling)
@@ -285,54 +314,114 @@ def _stored_cache(engine, doc: str, workdir: Path):
 
 
 def _fetch(case: Case) -> dict:
+    """Every way of reading one stored cache, in one process against one Redis, interleaved run by
+    run (a process's heap state moves large reads by 2x: separate processes are not comparable).
+    Returns each fetch row's figures under ``rows``."""
     import redis
 
+    from service.store.direct import READ_BYTES
+    from service.store.ids import CacheKey
+
     ids, data = synthetic_cache(case.size)
-    n = _FETCH_ITERATIONS.get(case.size, 4)
-    with StoreStack() as client:
-        raw = redis.Redis.from_url(client.redis_url)
-        if case.method == "get":
-            raw.set("bench:raw", data)
-            read = lambda: raw.get("bench:raw")  # noqa: E731
-        else:
-            from service.store.ids import CacheKey
+    n = _FETCH_ITERATIONS.get(case.size, 3)
+    with StoreStack(maxmemory="2gb") as stack:
+        manifest, _ = stack.client.put(CacheKey("bench", "r", "t", {}, "float16", "default"), ids, data)
+        _, names = stack.client.grant(manifest.cache_id)  # the entry's own chunks: the same bytes
+        raw = redis.Redis.from_url(stack.redis_url, socket_read_size=READ_BYTES)  # as the reader reads
+        raw.set("bench:raw", data)
+        del data
 
-            key = CacheKey("bench", "r", "t", {}, "float16", "default")
-            manifest, _ = client.put(key, ids, data)
-            read = (lambda: client.fetch(manifest.cache_id)[1]) if case.method == "grpc" \
-                else _direct_read(client, raw, key.tenant, manifest.cache_id)
-        assert read() == data  # and warm
-        runs = []
-        for _ in range(n):
+        def mget(batch: int):
+            def read() -> list[bytes]:
+                pipe = raw.pipeline(transaction=False)
+                for start in range(0, len(names), batch):
+                    pipe.mget(names[start : start + batch])
+                return [c for replies in pipe.execute() for c in replies]
+            return read
+
+        ways = {"get": lambda: [raw.get("bench:raw")], **{f"mget{b}": mget(b) for b in _MGET_BATCHES},
+                "grpc": _reader(stack, "grpc", manifest.cache_id), "grant": _reader(stack, "grant", manifest.cache_id)}
+        expected = ways["get"]()[0]
+        for read in ways.values():
+            assert b"".join(read()) == expected  # and warm: channels and connections, as a running decoder has them
+        del expected
+        runs: dict[str, list[float]] = {name: [] for name in ways}
+        order = list(ways)
+        for i in range(n):
+            for name in order[i % len(order):] + order[: i % len(order)]:  # each way follows each other in turn
+                runs[name] += _timed(ways[name], 1)
+    mib = manifest.total_bytes / 2**20
+    speed = {name: mib / statistics.median(times) for name, times in runs.items()}
+    limit = {f"{name}_mib_s": speed[name] for name in ("get", *(f"mget{b}" for b in _MGET_BATCHES))}
+    common = {"bytes": manifest.total_bytes, "iterations": n}
+    return {"rows": {Case("fetch", "redis", case.size).name: {"mib_s": max(limit.values()), **limit, **common},
+                     **{Case("fetch", m, case.size).name: {"mib_s": speed[m], **common} for m in ("grpc", "grant")}}}
+
+
+def _reader(stack: StoreStack, method: str, cache_id: str):
+    """Reads the stored entry's chunks, verified: by the store's Fetch, or by a read grant."""
+    client = stack.granted if method == "grant" else stack.client
+    client.fetch_chunks(cache_id)  # warm: channel and connections, as a running decoder has them
+    return lambda: client.fetch_chunks(cache_id)[1]
+
+
+def _timed(read, n: int) -> list[float]:
+    runs = []
+    for _ in range(n):
+        start = time.perf_counter()
+        read()
+        runs.append(time.perf_counter() - start)
+    return runs
+
+
+def _reuse(case: Case, workdir: Path) -> dict:
+    """Fetch (read grant and, for comparison, the store's Fetch), decode and move an 8B-shaped
+    0.75 + int8 cache of ``case.size`` context tokens."""
+    import torch
+
+    from service import codec
+    from service.store.ids import CacheKey
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = workdir / f"llama-8b-{case.size}.kvc"
+    if not path.exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(synthetic_8b_cache(case.size))
+    data = path.read_bytes()
+    ids = list(range(case.size))
+    with StoreStack(maxmemory="3gb") as stack:
+        key = CacheKey(_LLAMA_8B_META["model_id"], "r", "t", _LLAMA_8B_META["press"], "int8", "default")
+        manifest, _ = stack.client.put(key, ids, data)
+        figures = {}
+        for method in ("grpc", "grant"):
+            read = _reader(stack, method, manifest.cache_id)
             start = time.perf_counter()
-            read()
-            runs.append(time.perf_counter() - start)
-    return {"mib_s": len(data) / 2**20 / statistics.median(runs), "bytes": len(data), "iterations": n}
+            chunks = read()
+            figures["fetch_s" if method == "grant" else "fetch_grpc_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    kv = codec.decode(chunks, device, verified=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    figures["decode_s"] = time.perf_counter() - start
+    assert kv.keys[0].device.type == device and len(kv.keys) == LLAMA_8B["layers"]
+    return {"reuse_s": figures["fetch_s"] + figures["decode_s"], **figures, "mib": len(data) / 2**20,
+            "device": device}
 
 
-def _direct_read(client, raw, tenant: str, cache_id: str):
-    """The floor of a design not built: a decoder asks the store for the manifest (``Stat`` over
-    gRPC), then reads the chunk keys from Redis itself (one MGET) and verifies them. The chunk keys'
-    write id is read with one more small GET (a real design would return it in the authenticated
-    reply: about 0.1 ms it would not pay)."""
-    import json
+def synthetic_8b_cache(tokens: int, kept: float = 0.25) -> bytes:
+    """Codec bytes (int8) of a random Llama-3.1-8B-shaped cache of ``tokens`` context tokens with
+    ``kept`` of them kept (compression 0.75)."""
+    import torch
 
-    from service.store.checksum import read_check
-    from service.store.keys import Keys
+    from service import codec
+    from service.kvcache import CacheMeta, CompressedKV
 
-    keys = Keys()
-
-    def read() -> bytes:
-        m = client.stat(cache_id)
-        write_id = json.loads(raw.get(keys.manifest(tenant, cache_id)))["write_id"]
-        data = b"".join(raw.mget([keys.chunk(tenant, cache_id, write_id, i) for i in range(m.chunk_count)]))
-        digest, expected = read_check(m.xxh3_128, m.sha256)
-        digest.update(data)
-        if digest.digest() != expected:
-            raise RuntimeError("direct read failed verification")
-        return data
-
-    return read
+    n, g = max(1, int(tokens * kept)), torch.Generator().manual_seed(tokens)
+    shape = (LLAMA_8B["kv_heads"], n, LLAMA_8B["head_dim"])
+    layers = [torch.randn(shape, generator=g, dtype=torch.float16) for _ in range(2 * LLAMA_8B["layers"])]
+    kv = CompressedKV(layers[::2], layers[1::2], [None] * LLAMA_8B["layers"],
+                      CacheMeta(_LLAMA_8B_META["model_id"], "r", tokens, _LLAMA_8B_META["press"]))
+    return codec.encode(kv, "int8")
 
 
 def _tokens_of(mib: int) -> int:
@@ -353,25 +442,32 @@ def synthetic_cache(mib: int) -> tuple[list[int], bytes]:
 
 
 class StoreStack:
-    """A throwaway redis-server and prefix store process; yields a connected store client with
-    ``redis_url`` set."""
+    """A throwaway redis-server (with the read grants' reader user) and prefix store process:
+    ``client`` fetches through the store, ``granted`` reads directly after a grant (as Decoders do
+    in ``make serve``), ``redis_url`` is the server's."""
 
-    def __enter__(self):
+    def __init__(self, maxmemory: str = "1gb"):
+        self.maxmemory = maxmemory
+
+    def __enter__(self) -> StoreStack:
         import secrets
 
         from service.serve.launch import StoreProcess
         from service.store.client import PrefixStoreClient
+        from service.store.direct import DirectReader
         from service.store.embedded import EmbeddedRedis, free_port
 
         token = secrets.token_urlsafe(24)
-        self.redis = EmbeddedRedis(maxmemory="1gb").start()
+        self.redis = EmbeddedRedis(maxmemory=self.maxmemory, reader_password=secrets.token_urlsafe(16)).start()
+        self.redis_url = self.redis.url
         self.store = StoreProcess(self.redis.url, free_port(), {"KVCOMPOSE_STORE_SERVICE_TOKEN": token}).start()
         self.client = PrefixStoreClient(self.store.address, token=token)
-        self.client.redis_url = self.redis.url
-        return self.client
+        self.granted = PrefixStoreClient(self.store.address, token=token, direct=DirectReader(self.redis.reader_url))
+        return self
 
     def __exit__(self, *exc) -> None:
         self.client.close()
+        self.granted.close()
         self.store.stop()
         self.redis.stop()
 

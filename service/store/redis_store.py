@@ -219,10 +219,17 @@ class RedisStore:
 
     async def grant(self, tenant: str, cache_id: str) -> tuple[Manifest, list[str]]:
         """A read grant: (manifest, chunk key names) of the tenant's live entry, its TTL refreshed
-        (counted as a grant: whether the reader's bytes verify, the store does not see). Raises NotFound."""
-        m = await self.stat(tenant, cache_id, touch=True)
+        off the reply's path as a hit's is (counted as a grant: whether the reader's bytes verify, the
+        store does not see). Raises NotFound."""
+        m = await self.stat(tenant, cache_id)
         self.counters["grants"] += 1
+        self._touch_later(m)
         return m, self._chunk_names(m)
+
+    def _touch_later(self, m: Manifest) -> None:
+        task = asyncio.create_task(self._touch(m, quiet=True))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _chunk_names(self, m: Manifest) -> list[str]:
         return [self.keys.chunk(m.key.tenant, m.cache_id, m.write_id, i) for i in range(m.chunk_count)]
@@ -267,9 +274,7 @@ class RedisStore:
             await self._drop(m, "corrupt_deleted")
             raise DataLoss(f"cache {m.cache_id} failed its checksum; it was deleted")
         self.counters["hits"] += 1
-        task = asyncio.create_task(self._touch(m, quiet=True))  # off the reply's path
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._touch_later(m)  # off the reply's path
 
     async def _missing(self, m: Manifest) -> None:
         await self._drop(m, "missing_chunk_deleted")
