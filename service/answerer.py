@@ -22,6 +22,7 @@ from service.config import BatchLimits
 from service.decode import Sampling
 from service.engine import Engine
 from service.kvcache import CompressedKV
+from service.malloc import keep_freed_memory
 from service.protocol import AnswerStats
 from service.store.client import PrefixStoreClient
 from service.store.errors import NotFound
@@ -70,6 +71,7 @@ class Answerer:
         self._checked: dict[tuple[str, str], tuple[float, bytes]] = {}  # key -> (monotonic time, sha256)
         self.decoder = DecodeLoop(engine, batch)
         self._fetching: dict[tuple[str, str], asyncio.Future] = {}  # one fetch per cache at a time
+        keep_freed_memory()  # a decode process: fetches reuse freed pages (service/malloc.py)
 
     async def cache(self, tenant: str, cache_id: str) -> tuple[CompressedKV, str, int]:
         """(decoded cache, source, fetched bytes). Raises NotFound for a deleted or expired entry."""

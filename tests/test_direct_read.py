@@ -12,7 +12,7 @@ from store_helpers import ServerProcess, make_cache
 
 from service import codec
 from service.config import StoreConfig
-from service.store.acl import READER
+from service.store.acl import READER, reader_rules
 from service.store.direct import DirectReader, DirectReadFailed
 from service.store.embedded import EmbeddedRedis
 from service.store.errors import DataLoss, NotFound
@@ -148,15 +148,22 @@ def test_the_reader_user_survives_a_supervised_restart():
 
 
 def test_a_cluster_entry_is_read_from_the_node_holding_its_slot(tiny_engine, redis_cluster):
+    """As the reader user, created on every node with the same rules: it discovers the cluster and
+    reads the entry's slot from its master."""
     ids = random_ids(400, seed=7)
     key, data = make_cache(tiny_engine, ids, "int8", tenant="default")
+    prefix = f"kvc-direct-{uuid.uuid4().hex[:6]}"
+    password = uuid.uuid4().hex
+    for port in redis_cluster.ports:
+        redis_cluster.node(port).acl_setuser(READER, reset=True)  # fresh for this test's prefix
+        redis_cluster.node(port).execute_command("ACL", "SETUSER", READER, *reader_rules(password, prefix))
+    reader_url = redis_cluster.url.replace("redis://", f"redis://{READER}:{password}@")
     config = StoreConfig(redis_url=redis_cluster.url, redis_cluster=True, service_token="svc", chunk_bytes=4096,
-                         key_prefix=f"kvc-direct-{uuid.uuid4().hex[:6]}")
-    with ServerProcess(config) as server, \
-            server.client(direct=DirectReader(redis_cluster.url, cluster=True)) as client:
+                         key_prefix=prefix)
+    with ServerProcess(config) as server, server.client(direct=DirectReader(reader_url, cluster=True)) as client:
         m, _ = client.put(key, ids, data)
         assert client.fetch(m.cache_id)[1] == data
-        assert client.reads["direct"] == 1
+        assert client.reads == {"direct": 1, "fetch": 0, "fallback": 0}
 
 
 def test_decode_reads_any_split_of_the_bytes(tiny_engine):

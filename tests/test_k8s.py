@@ -257,3 +257,63 @@ def test_the_tls_overlay_serves_every_hop_we_own_over_tls():
     assert rule["backendRefs"][0]["port"] in serve_ports
     issuers = {d["metadata"]["name"] for d in docs if d["kind"] == "Issuer"}
     assert all(c["issuerRef"]["name"] in issuers for c in certificates.values())
+
+
+def test_redis_creates_the_read_only_user_the_decoders_read_as(tmp_path):
+    """The StatefulSet's own command, run with the local redis-server: the Decoders' read URL, built
+    from the target ConfigMap and the Secret as the pods build it, may GET and MGET kvc:* keys and
+    nothing else; the rules are ``service/store/acl.py``'s."""
+    import base64
+    import re
+    import shlex
+    import time
+
+    import redis
+
+    from service.store.acl import READER, reader_rules
+    from service.store.embedded import free_port, redis_server_binary
+
+    docs = rendered("cpu-dev")
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    secret = {k: base64.b64decode(v).decode() for k, v in by_name["Secret", "kvcompose-redis"]["data"].items()}
+    target = by_name["ConfigMap", "kvcompose-redis-target"]["data"]
+    container = by_name["StatefulSet", "kvcompose-redis"]["spec"]["template"]["spec"]["containers"][0]
+    command = container["command"][2]
+    words = shlex.split(command.replace("$REDIS_READER_PASSWORD", "PW"))
+    assert words[words.index("--user") + 1:] == [READER, *reader_rules("PW")]
+    assert target["REDIS_READER_USERNAME"] == READER
+    conf = tmp_path / "redis.conf"
+    conf.write_text(by_name["ConfigMap", "kvcompose-redis-config"]["data"]["redis.conf"])
+    port = free_port()
+    command = command.replace("redis-server /etc/redis/redis.conf", f"{redis_server_binary()} {conf} --port {port} "
+                              f"--bind 127.0.0.1 --dir {tmp_path}")
+    env = {"REDIS_PASSWORD": secret["password"], "REDIS_READER_PASSWORD": secret["reader-password"]}
+    server = subprocess.Popen(["sh", "-c", command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        rs = by_name["RayService", "kvcompose"]
+        pod_env = {e["name"]: e.get("value") for e in _redis_env(rs)[-1][0].values()}  # the decode group
+        values = {**target, "REDIS_HOST": f"127.0.0.1:{port}", **{"REDIS_PASSWORD": secret["password"],
+                                                                  "REDIS_READER_PASSWORD": secret["reader-password"]}}
+        url = re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], pod_env["KVCOMPOSE_STORE_REDIS_READ_URL"])
+        admin = redis.Redis(port=port, password=secret["password"])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                admin.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                assert time.monotonic() < deadline and server.poll() is None, "redis-server did not start"
+                time.sleep(0.05)
+        admin.set("kvc:{t/x}:chunk:w:0", b"bytes")
+        admin.set("secret", b"x")
+        reader = redis.Redis.from_url(url)
+        assert reader.mget(["kvc:{t/x}:chunk:w:0"]) == [b"bytes"]
+        for refused in (lambda: reader.get("secret"), lambda: reader.set("kvc:{t/x}:chunk:w:0", b"y"),
+                        lambda: reader.delete("kvc:{t/x}:chunk:w:0"), lambda: reader.keys("*")):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                refused()
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=port).get("kvc:{t/x}:chunk:w:0")  # no password, no data
+    finally:
+        server.kill()
+        server.wait()

@@ -31,7 +31,9 @@ def stack():
     decode_node = cluster.add_node(num_cpus=2, resources={"decode_node": 1})
     grpc_port = free_port()
     stack = LocalStack(
-        redis_url=SHARED_REDIS, args={"store": {"key_prefix": prefix}, "allow_unauthenticated": True},
+        # decoders read granted chunks directly (the shared Redis has no reader user: its default one)
+        redis_url=SHARED_REDIS, args={"store": {"key_prefix": prefix, "redis_read_url": SHARED_REDIS},
+                                      "allow_unauthenticated": True},
         deployments={"Compressor": {"ray_actor_options": {"resources": {"compress_node": 0.1}}},
                      "Decoder": {"ray_actor_options": {"resources": {"decode_node": 0.1}}}},
         top={"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": free_port()},
@@ -96,7 +98,8 @@ def test_compress_once_then_answer_three_questions_on_another_node(stack, docume
         assert all(s.cache_hit and s.new_tokens > 0 for _, s in answers)
     c = counters()
     assert c["compressor"]["prefills"] == 1  # the document was prefilled once
-    assert c["decoder"]["fetches"] == 1      # the decode node fetched it through the prefix store
+    assert c["decoder"]["fetches"] == 1      # the decode node fetched it, after a grant from the prefix store
+    assert c["decoder"]["fetch_paths"] == {"direct": 1, "fetch": 0, "fallback": 0}
 
 
 def test_same_text_twice_reuses_the_cache(stack, document):

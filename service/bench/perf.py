@@ -209,6 +209,10 @@ def machine() -> str:
 
 
 def measure(case: Case, model: str, workdir: Path) -> dict:
+    if case.kind in ("fetch", "reuse"):
+        from service.malloc import keep_freed_memory
+
+        keep_freed_memory()  # as a decode process runs (the reference reads in this process too)
     if case.kind == "fetch":
         return _fetch(case)
     if case.kind == "reuse":
@@ -461,8 +465,10 @@ class StoreStack:
         self.redis = EmbeddedRedis(maxmemory=self.maxmemory, reader_password=secrets.token_urlsafe(16)).start()
         self.redis_url = self.redis.url
         self.store = StoreProcess(self.redis.url, free_port(), {"KVCOMPOSE_STORE_SERVICE_TOKEN": token}).start()
-        self.client = PrefixStoreClient(self.store.address, token=token)
-        self.granted = PrefixStoreClient(self.store.address, token=token, direct=DirectReader(self.redis.reader_url))
+        # each names the tenant, as a Decoder does on every call
+        self.client = PrefixStoreClient(self.store.address, token=token, tenant="default")
+        self.granted = PrefixStoreClient(self.store.address, token=token, tenant="default",
+                                         direct=DirectReader(self.redis.reader_url))
         return self
 
     def __exit__(self, *exc) -> None:

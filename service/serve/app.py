@@ -98,6 +98,7 @@ class Decoder:
 
         self.worker = Answerer(Engine(engine), _store_client(store, store_address), lru_bytes, batch=decode_batch)
         self.metrics = ServiceMetrics()
+        self._reads_exported = dict(self.worker.client.reads)
 
     async def generate(self, tenant: str, cache_id: str, question: str, sampling, stop: tuple) -> AsyncIterator:
         try:
@@ -107,14 +108,22 @@ class Decoder:
                 else:
                     if item.fetched_bytes:  # Ray counters take positive increments only
                         self.metrics.bytes_fetched.inc(item.fetched_bytes)
+                        self._export_reads()
                     yield {"stats": item}
         except Exception as e:  # noqa: BLE001
             yield conv.error_dict(e)
 
+    def _export_reads(self) -> None:
+        """The store client's fetch paths since the last export (on the replica's loop: no race)."""
+        for path, count in self.worker.client.reads.items():
+            if count > self._reads_exported[path]:
+                self.metrics.fetches.inc(count - self._reads_exported[path], tags={"path": path})
+                self._reads_exported[path] = count
+
     def counters(self) -> dict:
         loop = self.worker.decoder
-        return {"fetches": self.worker.fetches, "lru_entries": len(self.worker.lru.items), "decode_steps": loop.steps,
-                "peak_batch": loop.peak_batch}
+        return {"fetches": self.worker.fetches, "fetch_paths": dict(self.worker.client.reads),
+                "lru_entries": len(self.worker.lru.items), "decode_steps": loop.steps, "peak_batch": loop.peak_batch}
 
     async def record_routing_stats(self) -> dict:  # async: runs on the replica's loop, beside the LRU's users
         """Read by the cache-affinity router (``service.serve.routing``): which caches this replica holds."""

@@ -20,6 +20,9 @@ class ServiceMetrics:
                              tag_keys=("result",))
         self.bytes_stored = Counter("kvcompose_bytes_stored_total", "Bytes of caches written to the store")
         self.bytes_fetched = Counter("kvcompose_bytes_fetched_total", "Bytes of caches fetched by decoders")
+        self.fetches = Counter("kvcompose_fetches_total", "Caches fetched by decoders, by path: direct (a read "
+                               "grant), fetch (the store's stream), fallback (a grant's read failed, then fetched)",
+                               tag_keys=("path",))
         self.kept_fraction = Histogram("kvcompose_kept_fraction",
                                        "Fraction of context tokens kept by compression (net of head-wise evictions)",
                                        boundaries=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])

@@ -17,8 +17,10 @@ def reader_rules(password: str, key_prefix: str = "kvc") -> list[str]:
     """``ACL SETUSER``/``--user`` arguments after the user name."""
     if not password:
         raise ValueError("the Redis reader user needs a password")
+    # + a Redis Cluster client's discovery: the slot map (CLUSTER SLOTS, or SHARDS on Redis 7) and
+    # the commands' key positions (COMMAND); both read metadata only
     return ["on", f">{password}", "resetkeys", f"~{key_prefix}:*", "resetchannels", "-@all", "+get", "+mget",
-            "+ping"]
+            "+ping", "+cluster|slots", "+cluster|shards", "+command"]
 
 
 def reader_url(redis_url: str, password: str, user: str = READER) -> str:

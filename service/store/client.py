@@ -79,7 +79,7 @@ class PrefixStoreClient:
             try:
                 return attempt()
             except grpc.RpcError as e:
-                raise BY_STATUS.get(e.code(), StoreError)(e.details() or str(e.code())) from None
+                raise _store_error(e) from None
 
         return self.retry.call_with_retry(once, lambda _: None)
 
@@ -163,3 +163,8 @@ class PrefixStoreClient:
 
     def delete(self, cache_id: str, tenant: str | None = None) -> bool:
         return self._call(lambda: self.stub.Delete(pb.DeleteRequest(cache_id=cache_id), **self._kw(tenant))).deleted
+
+
+def _store_error(e: grpc.RpcError) -> StoreError:
+    """The store's exception for a failed call's status."""
+    return BY_STATUS.get(e.code(), StoreError)(e.details() or str(e.code()))

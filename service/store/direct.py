@@ -49,8 +49,7 @@ class DirectReader:
             return self.redis.get_redis_connection(self.redis.get_node_from_key(key))
         return self.redis
 
-    def read(self, names: list[str], total_bytes: int, xxh3_128: bytes, sha256: bytes) -> list[bytes]:
-        """The chunks named, in order, verified (their bytes joined are the entry's)."""
+    def _mget(self, names: list[str]) -> list[bytes]:
         if not names:
             raise DirectReadFailed("the grant names no chunks")
         try:
@@ -62,9 +61,18 @@ class DirectReader:
             raise DirectReadFailed(f"Redis refused or failed the read ({type(e).__name__}: {e})") from None
         if any(chunk is None for chunk in chunks):
             raise DirectReadFailed("a chunk is missing (evicted or deleted)")
+        return chunks
+
+    @staticmethod
+    def verify(chunks: list[bytes], total_bytes: int, xxh3_128: bytes, sha256: bytes) -> list[bytes]:
+        """``chunks`` if their bytes are the manifest's, else DirectReadFailed."""
         digest, expected = read_check(xxh3_128, sha256)
         for chunk in chunks:
             digest.update(chunk)
         if sum(map(len, chunks)) != total_bytes or digest.digest() != expected:
             raise DirectReadFailed("the chunks failed the manifest's checksum")
         return chunks
+
+    def read(self, names: list[str], total_bytes: int, xxh3_128: bytes, sha256: bytes) -> list[bytes]:
+        """The chunks named, in order, verified (their bytes joined are the entry's)."""
+        return self.verify(self._mget(names), total_bytes, xxh3_128, sha256)

@@ -38,6 +38,10 @@ class Keys:
     def chunk(self, tenant: str, cache_id: str, write_id: str, index: int) -> str:
         return self._entry(tenant, cache_id) + f":chunk:{write_id}:{index}"
 
+    def chunks(self, tenant: str, cache_id: str, write_id: str, count: int) -> list[str]:
+        """An entry's chunk keys in order (their values joined are its bytes)."""
+        return [self.chunk(tenant, cache_id, write_id, i) for i in range(count)]
+
     def lock(self, tenant: str, cache_id: str) -> str:
         return self._entry(tenant, cache_id) + ":lock"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -70,6 +71,8 @@ _RELEASE_USAGE = ("if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then "
                   "return redis.call('hdel', KEYS[1], ARGV[1]) end return 0")
 log = logging.getLogger(__name__)
 _MGET_BATCH = 8  # chunks per round trip when reading
+TOUCH_EVERY_S = 60.0  # a hit entry's TTL is refreshed at most this often (see _touch_later)
+_TOUCHED_ENTRIES = 100_000  # bound of the refresh records (cleared when full)
 
 
 def connect(config: StoreConfig, url: str) -> aioredis.Redis | aioredis.RedisCluster:
@@ -93,6 +96,7 @@ class RedisStore:
         self.counters = {"hits": 0, "misses": 0, "corrupt_deleted": 0, "missing_chunk_deleted": 0, "puts": 0,
                          "grants": 0}
         self._background: set[asyncio.Task] = set()
+        self._touched: dict[tuple[str, str], float] = {}  # (tenant, cache id) -> last background TTL refresh
         self._ready = not isinstance(client, aioredis.RedisCluster)
         self._ready_lock = asyncio.Lock()
 
@@ -227,12 +231,21 @@ class RedisStore:
         return m, self._chunk_names(m)
 
     def _touch_later(self, m: Manifest) -> None:
+        """Refresh a hit entry's TTL off the reply's path, at most once per ``min(TOUCH_EVERY_S, ttl / 10)``
+        per entry in this process: a document many decoders read costs a refresh a minute, not one
+        per read (each is a round trip per chunk key); its TTL is hours, so a late minute changes nothing."""
+        key, now = (m.key.tenant, m.cache_id), time.monotonic()
+        if now - self._touched.get(key, -math.inf) < min(TOUCH_EVERY_S, m.ttl_s / 10):
+            return
+        if len(self._touched) >= _TOUCHED_ENTRIES:
+            self._touched.clear()
+        self._touched[key] = now
         task = asyncio.create_task(self._touch(m, quiet=True))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     def _chunk_names(self, m: Manifest) -> list[str]:
-        return [self.keys.chunk(m.key.tenant, m.cache_id, m.write_id, i) for i in range(m.chunk_count)]
+        return self.keys.chunks(m.key.tenant, m.cache_id, m.write_id, m.chunk_count)
 
     async def fetch(self, tenant: str, cache_id: str) -> tuple[Manifest, AsyncIterator[bytes]]:
         """(manifest, chunks). Chunks are hashed as they stream; the iterator raises NotFound (a chunk

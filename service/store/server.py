@@ -22,6 +22,7 @@ from kvcompose.v1 import store_pb2 as pb
 from kvcompose.v1 import store_pb2_grpc as pb_grpc
 
 from service.config import StoreConfig
+from service.malloc import keep_freed_memory
 from service.store.auth import Auth, store_auth
 from service.store.embedded import EmbeddedRedis
 from service.store.errors import InvalidArgument, QuotaExceeded, StoreError, is_transient, unavailable
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                         "probes that cannot speak TLS (e.g. 0.0.0.0:50052 for the kubelet; default: none)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()  # Fetch streams chunks: reuse freed pages (service/malloc.py)
     asyncio.run(serve(StoreConfig.from_env(), args.address, args.metrics_address, args.health_address))
 
 

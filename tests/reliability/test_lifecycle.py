@@ -48,3 +48,20 @@ def test_answering_from_memory_keeps_the_entry_alive(client):
         _ask(client, cache_id)
         time.sleep(0.5)
     assert client.stat(cache_id).manifest.cache_id == cache_id
+
+
+def test_a_decoder_reads_a_fetched_cache_directly_as_the_read_only_user(client, reference):
+    """``make serve``'s embedded Redis has the read grants' user and the Decoders its URL: a cache a
+    Decoder does not hold is read from Redis directly after a grant, not streamed by the store."""
+    from ray import serve
+
+    def paths() -> dict:
+        return serve.get_app_handle("kvcompose").counters.remote().result()["decoder"]["fetch_paths"]
+
+    before = paths()
+    cache_id = client.compress("A lighthouse keeper counts the ships that pass the northern cape.").cache_id
+    text, stats = _ask(client, cache_id)
+    assert stats.cache_source == "store" and text
+    after = paths()
+    assert after["direct"] == before["direct"] + 1
+    assert (after["fetch"], after["fallback"]) == (before["fetch"], before["fallback"])
