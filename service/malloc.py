@@ -21,7 +21,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest
 
 
-def keep_freed_memory(trim_bytes: int = 512 << 20) -> bool:
+def keep_freed_memory(trim_bytes: int = 1 << 30) -> bool:
     """Apply the settings to this process (glibc only); whether they were applied."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
