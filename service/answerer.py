@@ -109,7 +109,7 @@ class Answerer:
         manifest, chunks = await asyncio.to_thread(self.client.fetch_chunks, cache_id, tenant)
         # onto the model's device once (as stored: int8 moves half the bytes), not on every answer;
         # the chunks were verified as they were read: the codec does not hash them again
-        kv = await asyncio.to_thread(codec.decode, chunks, self.engine.device, True)
+        kv = await asyncio.to_thread(codec.decode, chunks, self.engine.device, verified=True)
         self.engine.check_compatible(kv)
         self.fetches += 1
         self.lru.put(key, kv)

@@ -183,6 +183,7 @@ def test_the_store_exports_prometheus_metrics(tiny_engine):
     with ServerProcess(config(), metrics_port=port) as s, s.client() as client:
         m, _ = client.put(key, ids, data)
         client.fetch(m.cache_id)
+        client.grant(m.cache_id)
         with pytest.raises(NotFound):
             client.stat("0" * 64)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
@@ -194,6 +195,8 @@ def test_the_store_exports_prometheus_metrics(tiny_engine):
     assert samples[("kvcompose_store_bytes_out_total", ())] == len(data)
     assert samples[("kvcompose_store_entries_total", (("outcome", "hit"),))] == 1
     assert samples[("kvcompose_store_entries_total", (("outcome", "put"),))] == 1
+    assert samples[("kvcompose_store_entries_total", (("outcome", "grant"),))] == 1
+    assert samples[("kvcompose_store_requests_total", (("code", "OK"), ("method", "Grant")))] == 1
     assert samples[("kvcompose_store_request_seconds_count", (("method", "Fetch"),))] == 1
     assert samples[("kvcompose_store_redis_up", ())] == 1
 
