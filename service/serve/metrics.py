@@ -21,7 +21,8 @@ class ServiceMetrics:
         self.bytes_stored = Counter("kvcompose_bytes_stored_total", "Bytes of caches written to the store")
         self.bytes_fetched = Counter("kvcompose_bytes_fetched_total", "Bytes of caches fetched by decoders")
         self.fetches = Counter("kvcompose_fetches_total", "Caches fetched by decoders, by path: direct (a read "
-                               "grant), fetch (the store's stream), fallback (a grant's read failed, then fetched)",
+                               "grant), fetch (the store's stream, fallbacks included), fallback (a read "
+                               "grant's read failed)",
                                tag_keys=("path",))
         self.kept_fraction = Histogram("kvcompose_kept_fraction",
                                        "Fraction of context tokens kept by compression (net of head-wise evictions)",

@@ -8,7 +8,8 @@ With ``tls`` (``StoreConfig.tls``) it verifies the store's certificate and prese
 
 With a ``direct`` reader (``StoreConfig.redis_read_url``), ``fetch`` asks the store for a read grant
 and reads the chunks from Redis itself (``direct.py``), falling back to the store's Fetch when that
-fails; ``reads`` counts which way each fetch went.
+fails; ``reads`` counts the ways: ``direct`` reads, ``fetch`` streams (after a fallback too) and
+``fallback``s (direct reads that failed).
 """
 
 from __future__ import annotations
