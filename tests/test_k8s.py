@@ -121,7 +121,10 @@ def test_every_redis_client_reads_one_redis_target(overlay):
     for doc in (d for d in clients if d["kind"] in ("RayService", "Deployment")):
         for env, env_from in _redis_env(doc):
             assert "kvcompose-redis-target" in env_from
-            assert env["REDIS_URL"]["value"] == "$(REDIS_SCHEME)://$(REDIS_USERNAME):$(REDIS_PASSWORD)@$(REDIS_HOST)/0$(REDIS_QUERY)"
+            url = env.get("REDIS_URL") or env["KVCOMPOSE_STORE_REDIS_READ_URL"]  # decode pods: the reader's
+            assert url["value"] in ("$(REDIS_SCHEME)://$(REDIS_USERNAME):$(REDIS_PASSWORD)@$(REDIS_HOST)/0$(REDIS_QUERY)",
+                                    "$(REDIS_SCHEME)://$(REDIS_READER_USERNAME):$(REDIS_READER_PASSWORD)@$(REDIS_HOST)"
+                                    "/0$(REDIS_QUERY)")
     names = {(d["kind"], d["metadata"]["name"]) for d in docs}
     in_repo = {("StatefulSet", "kvcompose-redis"), ("Service", "kvcompose-redis"),
                ("NetworkPolicy", "kvcompose-redis-clients"), ("PodDisruptionBudget", "kvcompose-redis")}
@@ -317,3 +320,22 @@ def test_redis_creates_the_read_only_user_the_decoders_read_as(tmp_path):
     finally:
         server.kill()
         server.wait()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_decode_pods_hold_only_the_read_only_redis_credential(overlay):
+    """Decoders read granted chunks as kvc-reader; the write password stays with the pods whose
+    replicas write (Compressors, pinned to the compress group) and the store."""
+    docs = rendered(overlay)
+    rs = next(d for d in docs if d["kind"] == "RayService")
+    groups = {w["groupName"]: w["template"]["spec"]["containers"][0]
+              for w in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    decode = {e["name"]: e for e in groups["decode"]["env"]}
+    assert "REDIS_URL" not in decode and "REDIS_PASSWORD" not in decode
+    assert decode["REDIS_READER_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "kvcompose-redis",
+                                                                           "key": "reader-password"}
+    assert "REDIS_URL" in {e["name"] for e in groups["compress"]["env"]}
+    serve_config = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    options = {d["name"]: d["ray_actor_options"] for d in serve_config["applications"][0]["deployments"]}
+    assert "compress" in options["Compressor"]["resources"] and "decode" in options["Decoder"]["resources"]
+    assert not {"compress", "decode"} & set(options.get("Ingress", {}).get("resources", {}))
