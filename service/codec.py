@@ -261,13 +261,13 @@ def layer_shapes(header: dict) -> tuple[list[int], int]:
     return slots, per_token
 
 
-def kept_tokens_per_layer(data: bytes | memoryview, header: dict) -> list[float]:
+def kept_tokens_per_layer(data: Data, header: dict) -> list[float]:
     """``CompressedKV.kept_tokens_per_layer`` from checked bytes, reading only the eviction masks."""
-    data = memoryview(data)
-    payload = data[_PREFIX.size + _PREFIX.unpack_from(data)[2] : -_DIGEST]
+    data = _Pieces(data)
+    start, payload_bytes = _payload_start(data), _payload_bytes(data)
     entries = {e["name"]: e for e in header["tensors"]}
     slots, _ = layer_shapes(header)
-    return [kept_tokens(n, _tensor(payload, entries[f"e.{i}"]) if f"e.{i}" in entries else None)
+    return [kept_tokens(n, _tensor(data, start, payload_bytes, entries[f"e.{i}"]) if f"e.{i}" in entries else None)
             for i, n in enumerate(slots)]
 
 
