@@ -166,15 +166,20 @@ def test_a_cluster_entry_is_read_from_the_node_holding_its_slot(tiny_engine, red
         assert client.reads == {"direct": 1, "fetch": 0, "fallback": 0}
 
 
-def test_decode_reads_any_split_of_the_bytes(tiny_engine):
-    _, data = make_cache(tiny_engine, random_ids(200, seed=8), "int8")
-    whole = codec.decode(data)
+@pytest.mark.parametrize("press", [None, {"press": "kvcompose", "compression_ratio": 0.6, "structured": False}])
+def test_decode_reads_any_split_of_the_bytes(tiny_engine, press):
+    """Dense, and head-wise (eviction masks, read by the store for kept tokens too)."""
+    _, data = make_cache(tiny_engine, random_ids(200, seed=8), "int8", press=press)
+    whole, header = codec.decode(data), codec.check(data)
     rng = random.Random(0)
     for _ in range(5):  # cuts anywhere: inside the prefix, the header, a tensor, the digest; empty pieces
         cuts = sorted(rng.sample(range(1, len(data)), 12) + [0, 0, 5, len(data)])
         pieces = [data[a:b] for a, b in zip(cuts, cuts[1:])]
         kv = codec.decode(pieces)
         assert all((a == b).all() for a, b in zip(kv.keys + kv.values, whole.keys + whole.values))
+        assert all((a is None and b is None) or (a == b).all() for a, b in zip(kv.evicted, whole.evicted))
+        assert codec.kept_tokens_per_layer(pieces, header) == codec.kept_tokens_per_layer(data, header)
+    assert (press is not None) == any(e is not None for e in whole.evicted)
     damaged = bytearray(data)
     damaged[len(data) // 2] ^= 1
     with pytest.raises(codec.CorruptCacheError, match="checksum"):
