@@ -15,8 +15,9 @@ busy spell of a shared machine hits every row alike:
   other compression ratios (named ``<method>@<ratio>``; the default 0.5 is unnamed). Stored bytes per context
   token per codec, and whether the needle is still answered, come with each row.
 - ``ttft/<prefill|reuse>/<tokens>``: time to first token of a question about the document. prefill:
-  the whole context, then the question; reuse: Fetch of the stored KVCompose cache from the prefix
-  store over gRPC + codec load + question prefill, each part reported. Both then decode 64 tokens
+  the whole context, then the question; reuse: the stored KVCompose cache fetched as a Decoder
+  fetches it (a read grant, the chunks read from Redis) + codec load + question prefill, each part
+  reported. Both then decode 64 tokens
   (``decode_tok_s``: one cache, one answer).
 - ``fetch/<redis|grpc|grant>/<MiB>``: a synthetic SmolLM2-shaped cache of that size read back,
   verified, against ``redis``: the physical limit, the best of redis-py (with hiredis) reading the
