@@ -196,6 +196,8 @@ class StoreConfig:
         of ``service/store/acl.py`` (``redis://kvc-reader:<password>@host:6379/0``; the same Redis as
         ``redis_url``, or a node of the cluster). "" = every Fetch streams through the store. Give it
         by environment (``KVCOMPOSE_STORE_REDIS_READ_URL``, from a Secret): it is never sent over gRPC.
+        The user may read ``<key_prefix>:*`` keys only (``acl.reader_rules``; the Kubernetes Redis
+        grants ``kvc:*``): with another ``key_prefix``, change its rule too, or reads fall back.
     redis_cluster: ``redis_url`` names one node of a Redis Cluster (any node: the client discovers the
         rest and follows failovers), as redis-py's ``RedisCluster.from_url`` takes it.
     chunk_bytes: Redis value size of one chunk (1 MiB: the best of 256 KiB, 1 and 4 MiB measured in

@@ -112,12 +112,29 @@ def test_the_reader_verifies_every_byte_itself(redis_server, server, tiny_engine
 
 
 def test_wrong_reader_credentials_or_no_redis_fall_back_to_fetch(server, redis_server, tiny_engine):
+    """The first fetch falls back; then direct reads pause, so later fetches do not pay for it."""
     manifest, data = stored(server, tiny_engine, seed=6)
     wrong = redis_server.reader_url.replace("%40", "%41")
     for url in (wrong, "redis://127.0.0.1:1/0"):
         with server.client(direct=DirectReader(url, timeout_s=1.0)) as client:
             assert client.fetch(manifest.cache_id)[1] == data
             assert client.reads == {"direct": 0, "fetch": 1, "fallback": 1}
+            assert client.fetch(manifest.cache_id)[1] == data
+            assert client.reads == {"direct": 0, "fetch": 2, "fallback": 1} and not client.direct.usable()
+
+
+def test_a_cluster_without_the_reader_user_falls_back_and_never_fails_a_decoder(tiny_engine, redis_cluster):
+    """A cluster client connects when it is made: a wrong user must not break the client's
+    construction (a Decoder that cannot start) nor escape as an error."""
+    ids = random_ids(300, seed=9)
+    key, data = make_cache(tiny_engine, ids, "int8", tenant="default")
+    config = StoreConfig(redis_url=redis_cluster.url, redis_cluster=True, service_token="svc", chunk_bytes=4096,
+                         key_prefix=f"kvc-direct-{uuid.uuid4().hex[:6]}")
+    wrong = redis_cluster.url.replace("redis://", "redis://nobody:wrong@")
+    with ServerProcess(config) as server, server.client(direct=DirectReader(wrong, cluster=True)) as client:
+        m, _ = client.put(key, ids, data)
+        assert client.fetch(m.cache_id)[1] == data
+        assert client.reads == {"direct": 0, "fetch": 1, "fallback": 1}
 
 
 def test_the_reader_user_can_only_read_the_stores_keys(redis_server):

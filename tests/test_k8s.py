@@ -282,8 +282,8 @@ def test_redis_creates_the_read_only_user_the_decoders_read_as(tmp_path):
     target = by_name["ConfigMap", "kvcompose-redis-target"]["data"]
     container = by_name["StatefulSet", "kvcompose-redis"]["spec"]["template"]["spec"]["containers"][0]
     command = container["command"][2]
-    words = shlex.split(command.replace("$REDIS_READER_PASSWORD", "PW"))
-    assert words[words.index("--user") + 1:] == [READER, *reader_rules("PW")]
+    user = re.search(r"set -- --user (.*?); fi;", command.replace("$REDIS_READER_PASSWORD", "PW"), re.S).group(1)
+    assert shlex.split(user) == [READER, *reader_rules("PW")]
     assert target["REDIS_READER_USERNAME"] == READER
     conf = tmp_path / "redis.conf"
     conf.write_text(by_name["ConfigMap", "kvcompose-redis-config"]["data"]["redis.conf"])
@@ -291,6 +291,8 @@ def test_redis_creates_the_read_only_user_the_decoders_read_as(tmp_path):
     command = command.replace("redis-server /etc/redis/redis.conf", f"{redis_server_binary()} {conf} --port {port} "
                               f"--bind 127.0.0.1 --dir {tmp_path}")
     env = {"REDIS_PASSWORD": secret["password"], "REDIS_READER_PASSWORD": secret["reader-password"]}
+    upgrade = subprocess.Popen(["sh", "-c", command.replace(str(port), str(free_port()))],
+                               env={"REDIS_PASSWORD": "pw"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = subprocess.Popen(["sh", "-c", command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         rs = by_name["RayService", "kvcompose"]
@@ -317,9 +319,11 @@ def test_redis_creates_the_read_only_user_the_decoders_read_as(tmp_path):
                 refused()
         with pytest.raises(redis.exceptions.AuthenticationError):
             redis.Redis(port=port).get("kvc:{t/x}:chunk:w:0")  # no password, no data
+        assert upgrade.poll() is None  # a Secret without reader-password (an upgrade): Redis still runs
     finally:
-        server.kill()
-        server.wait()
+        for process in (server, upgrade):
+            process.kill()
+            process.wait()
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -332,8 +336,8 @@ def test_decode_pods_hold_only_the_read_only_redis_credential(overlay):
               for w in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
     decode = {e["name"]: e for e in groups["decode"]["env"]}
     assert "REDIS_URL" not in decode and "REDIS_PASSWORD" not in decode
-    assert decode["REDIS_READER_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "kvcompose-redis",
-                                                                           "key": "reader-password"}
+    assert decode["REDIS_READER_PASSWORD"]["valueFrom"]["secretKeyRef"] == {  # optional: an upgrade falls back
+        "name": "kvcompose-redis", "key": "reader-password", "optional": True}
     assert "REDIS_URL" in {e["name"] for e in groups["compress"]["env"]}
     serve_config = yaml.safe_load(rs["spec"]["serveConfigV2"])
     options = {d["name"]: d["ray_actor_options"] for d in serve_config["applications"][0]["deployments"]}

@@ -366,8 +366,15 @@ def _fetch(case: Case) -> dict:
 def _reader(stack: StoreStack, method: str, cache_id: str):
     """Reads the stored entry's chunks, verified: by the store's Fetch, or by a read grant."""
     client = stack.granted if method == "grant" else stack.client
-    client.fetch_chunks(cache_id)  # warm: channel and connections, as a running decoder has them
-    return lambda: client.fetch_chunks(cache_id)[1]
+
+    def read() -> list[bytes]:
+        chunks = client.fetch_chunks(cache_id)[1]
+        if client.reads["fallback"]:  # a broken reader would time the store's Fetch as the grant's
+            raise RuntimeError(f"the read grant fell back to Fetch: {client.reads}")
+        return chunks
+
+    read()  # warm: channel and connections, as a running decoder has them
+    return read
 
 
 def _timed(read, n: int) -> list[float]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -46,6 +47,7 @@ class PrefixStoreClient:
         self.target = target
         self.direct = direct
         self.reads = {"direct": 0, "fetch": 0, "fallback": 0}
+        self._reads_lock = threading.Lock()  # fetches run on several threads (asyncio.to_thread)
         self.channel = channel(target, tls, store_options())
         self.stub = pb_grpc.PrefixStoreStub(self.channel)
         # Put with requests serialized here: chunks are framed by hand (``wire.chunk_frame``)
@@ -116,18 +118,22 @@ class PrefixStoreClient:
         """The cache bytes as the chunks they are stored in (no copy into one buffer), verified
         against the manifest's read checksum (``checksum.py``): read directly after a grant when
         this client has a reader, else (or when that fails) streamed by the store's Fetch."""
-        if self.direct is not None:
+        if self.direct is not None and self.direct.usable():
             try:
                 m, names = self.grant(cache_id, tenant)
                 chunks = self.direct.read(names, m.total_bytes, m.xxh3_128, m.sha256)
-                self.reads["direct"] += 1
+                self._count("direct")
                 return m, chunks
             except (DirectReadFailed, Unimplemented) as e:
                 log.warning("reading cache %s directly failed (%s); fetching it through the store", cache_id, e)
-                self.reads["fallback"] += 1
+                self._count("fallback")
         result = self._call(lambda: self._fetch_stream(cache_id, tenant))
-        self.reads["fetch"] += 1
+        self._count("fetch")
         return result
+
+    def _count(self, path: str) -> None:
+        with self._reads_lock:
+            self.reads[path] += 1
 
     def grant(self, cache_id: str, tenant: str | None = None) -> tuple[pb.Manifest, list[str]]:
         """A read grant: (manifest, chunk key names) of the tenant's live entry (raises NotFound)."""
