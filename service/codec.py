@@ -122,6 +122,11 @@ class _Pieces:
         self.pieces = [memoryview(p).cast("B") for p in pieces]
         self.starts = list(itertools.accumulate((len(p) for p in self.pieces), initial=0))
 
+    @classmethod
+    def of(cls, data: Data | _Pieces) -> _Pieces:
+        """``data`` as pieces, made once per read however many steps look at it."""
+        return data if isinstance(data, _Pieces) else cls(data)
+
     def __len__(self) -> int:
         return self.starts[-1]
 
@@ -157,7 +162,7 @@ def read_header(data: Data, verified: bool = False) -> dict:
     verified: the bytes already passed the store's read checksum (``service/store/checksum.py``),
     and the store checked this digest when they were put: the SHA-256 is not computed again.
     """
-    data = _Pieces(data)
+    data = _Pieces.of(data)
     if len(data) < _PREFIX.size + _DIGEST:
         raise CorruptCacheError(f"cache is truncated: {len(data)} bytes")
     magic, version, hlen = _PREFIX.unpack_from(data.read(0, _PREFIX.size))
@@ -182,9 +187,10 @@ def check(data: Data, verified: bool = False) -> dict:
     """``read_header`` plus the whole structure, before anything is stored or built: header fields,
     every tensor's name, dtype, shape and offset against the payload, and shapes consistent across
     layers. Returns the header; raises CorruptCacheError saying what is wrong."""
+    data = _Pieces.of(data)
     header = read_header(data, verified)
     try:
-        _check_structure(header, _payload_bytes(_Pieces(data)))
+        _check_structure(header, _payload_bytes(data))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CorruptCacheError(f"cache header is malformed: {e}") from None
     return header
@@ -263,7 +269,7 @@ def layer_shapes(header: dict) -> tuple[list[int], int]:
 
 def kept_tokens_per_layer(data: Data, header: dict) -> list[float]:
     """``CompressedKV.kept_tokens_per_layer`` from checked bytes, reading only the eviction masks."""
-    data = _Pieces(data)
+    data = _Pieces.of(data)
     start, payload_bytes = _payload_start(data), _payload_bytes(data)
     entries = {e["name"]: e for e in header["tensors"]}
     slots, _ = layer_shapes(header)
@@ -287,8 +293,8 @@ def decode(data: Data, device: torch.device | str = "cpu", verified: bool = Fals
     is half the bytes of float16 to move), and dequantised there.
     verified: the bytes passed the store's read checksum (see ``read_header``).
     """
+    data = _Pieces.of(data)
     header = check(data, verified)
-    data = _Pieces(data)
     try:
         start, payload_bytes = _payload_start(data), _payload_bytes(data)
         t = {e["name"]: _tensor(data, start, payload_bytes, e).to(device) for e in header["tensors"]}

@@ -430,7 +430,8 @@ def synthetic_8b_cache(tokens: int, kept: float = 0.25) -> bytes:
 
     n, g = max(1, int(tokens * kept)), torch.Generator().manual_seed(tokens)
     shape = (LLAMA_8B["kv_heads"], n, LLAMA_8B["head_dim"])
-    layers = [torch.randn(shape, generator=g, dtype=torch.float16) for _ in range(2 * LLAMA_8B["layers"])]
+    # on the CPU on purpose: these are stored bytes (codec.encode moves tensors to the CPU anyway)
+    layers = [torch.randn(shape, generator=g, dtype=torch.float16, device="cpu") for _ in range(2 * LLAMA_8B["layers"])]
     kv = CompressedKV(layers[::2], layers[1::2], [None] * LLAMA_8B["layers"],
                       CacheMeta(_LLAMA_8B_META["model_id"], "r", tokens, _LLAMA_8B_META["press"]))
     return codec.encode(kv, "int8")
