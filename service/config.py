@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # service.tls imports grpc, which the CLI's help must not loa
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
-CODECS = ("float16", "bfloat16", "float32", "int8")  # see service/codec.py
+CODECS = ("float16", "bfloat16", "float32", "int8")  # see service/cache/codec.py
 
 
 def _default_cache_dir() -> Path:
@@ -170,10 +170,10 @@ def api_auth_tokens(configured: dict) -> dict:
 
 @dataclass(frozen=True)
 class BatchLimits:
-    """A Decoder replica's decode loop (``service.batching``). max_batch: answers advanced together
+    """A Decoder replica's decode loop (``service.engine.batching``). max_batch: answers advanced together
     per step; max_waiting: requests queued beyond that; memory_bytes: cache copies of the active
     answers (with room for their tokens); cuda_graphs: on CUDA, replay each decode step as one CUDA
-    graph (``service.step_graph``; false: the same static steps, launched op by op)."""
+    graph (``service.engine.step_graph``; false: the same static steps, launched op by op)."""
 
     max_batch: int = 16
     max_waiting: int = 32
@@ -201,7 +201,7 @@ class StoreConfig:
     redis_cluster: ``redis_url`` names one node of a Redis Cluster (any node: the client discovers the
         rest and follows failovers), as redis-py's ``RedisCluster.from_url`` takes it.
     chunk_bytes: Redis value size of one chunk (1 MiB: the best of 256 KiB, 1 and 4 MiB measured in
-        benchmarks/store_throughput.py).
+        service/bench/store_throughput.py).
     default_ttl_s: lifetime of an entry, refreshed on every hit.
     max_entry_bytes: larger caches are refused (RESOURCE_EXHAUSTED).
     tenant_quota_bytes: live bytes one tenant may hold (0 = unlimited).

@@ -2,7 +2,7 @@
 transformers or kvpress), so the Ingress and the API layer load in a moment.
 
 The modules that do the work (``decode``, ``answerer``, ``compressor``, ``batching``, ``cancel``,
-``presses``) use these same types; the API layer (``service/api.py``) converts them to and from
+``presses``) use these same types; the API layer (``service/serve/messages.py``) converts them to and from
 the protos.
 """
 

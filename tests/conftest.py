@@ -15,10 +15,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from service.attention import use_per_layer_attention  # noqa: E402
+from service.cache.kvcache import CacheMeta  # noqa: E402
 from service.config import EngineConfig  # noqa: E402
-from service.kvcache import CacheMeta  # noqa: E402
-from service.models import LoadedModel, embedded_model_dir, tokenizer_digest  # noqa: E402
+from service.engine.attention import use_per_layer_attention  # noqa: E402
+from service.engine.models import LoadedModel, embedded_model_dir, tokenizer_digest  # noqa: E402
 
 TINY_VOCAB = 49152  # SmolLM2's tokenizer, so text round-trips through the tiny model too
 
@@ -61,14 +61,14 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny):
-    from service.engine import Engine
+    from service.engine.engine import Engine
 
     return Engine(EngineConfig(model="tiny-llama", codec="float32"), loaded=tiny)
 
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from service.engine import Engine
+    from service.engine.engine import Engine
 
     return Engine(EngineConfig())
 

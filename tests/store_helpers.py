@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import uuid
 
-from service import codec
+from service.cache import codec
+from service.cache.ids import CacheKey
 from service.config import StoreConfig
-from service.store.ids import CacheKey
 from service.store.redis_store import RedisStore, connect
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"

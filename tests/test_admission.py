@@ -6,9 +6,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from service.api import ApiError
 from service.config import TenantLimits
 from service.serve.admission import Admission
+from service.serve.messages import ApiError
 
 
 class Clock:

@@ -4,10 +4,10 @@ import pytest
 import torch
 from conftest import meta, plain_transformers_logits, random_ids, tiny_llama
 
-from service.decode import question_logits
-from service.kvcache import CompressedKV
-from service.prefill import prefill
-from service.presses import build
+from service.cache.kvcache import CompressedKV
+from service.engine.decode import question_logits
+from service.engine.prefill import prefill
+from service.engine.presses import build
 
 UNEVEN = [
     {"press": "kvcompose", "compression_ratio": 0.6},

@@ -10,8 +10,8 @@ import time
 import pytest
 from conftest import random_ids
 
-from service.batching import BatchLimits, DecodeLoop, Overloaded
-from service.decode import Sampling
+from service.engine.batching import BatchLimits, DecodeLoop, Overloaded
+from service.engine.decode import Sampling
 
 PRESSES = [{}, {"press": "kvcompose", "compression_ratio": 0.6},
            {"press": "adakv", "inner": {"press": "snapkv", "compression_ratio": 0.5, "window_size": 8}},
@@ -35,7 +35,7 @@ async def collect(loop: DecodeLoop, kv, question, sampling, stop=()):
 
 @pytest.mark.parametrize("static", [False, True], ids=["ragged", "static-steps"])
 def test_batched_answers_equal_answers_alone(tiny_engine, caches, static):
-    """Static steps are the CUDA-graph path (``service.step_graph``), run eagerly here."""
+    """Static steps are the CUDA-graph path (``service.engine.step_graph``), run eagerly here."""
     questions = ["What is it?", "Say more about the second part, please.", "Why?", "List three things.", "Hm"]
     settings = [Sampling(max_new_tokens=n) for n in (12, 5, 9, 16, 7)]
     settings[2] = Sampling(max_new_tokens=9, temperature=0.8, top_p=0.9, seed=11)  # sampled, seeded
@@ -90,7 +90,7 @@ def test_a_failing_answer_ends_alone_not_its_batch(tiny_engine, caches):
     broken = Sampling(max_new_tokens=12, temperature=1.0, seed=4242)  # marked by its seed
 
     async def main():
-        import service.batching as batching
+        import service.engine.batching as batching
 
         original = batching.pick_token
 

@@ -7,9 +7,9 @@ import torch
 from conftest import meta, random_ids, tiny_llama
 
 from service.bench.runner import AccuracyRun, label, record, run_press, with_ratio
-from service.prefill import collect, prefill
-from service.presses import build
-from service.presses.kvcompose import KVComposePress
+from service.engine.prefill import collect, prefill
+from service.engine.presses import build
+from service.engine.presses.kvcompose import KVComposePress
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,8 @@ def test_task_prompt_and_codec_rows(tiny_engine, tmp_path):
 
 
 def test_a_codec_row_answers_from_the_decoded_bytes(tiny_engine):
-    from service import codec
     from service.bench.runner import _through_codec
+    from service.cache import codec
 
     kv = prefill(tiny_engine.loaded.model, random_ids(64), None, meta(64))
     back = _through_codec(kv, "int8")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import random_ids
 
-from service.cancel import Cancelled, run_stoppable
+from service.engine.cancel import Cancelled, run_stoppable
 
 PRESS = {"press": "kvcompose", "compression_ratio": 0.5}
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import meta, random_ids, tiny_llama
 
-from service import codec
-from service.codec import CorruptCacheError
-from service.prefill import prefill
-from service.presses import build
+from service.cache import codec
+from service.cache.codec import CorruptCacheError
+from service.engine.prefill import prefill
+from service.engine.presses import build
 
 
 @pytest.fixture(scope="module")

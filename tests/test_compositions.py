@@ -11,9 +11,9 @@ import torch
 from conftest import meta, random_ids, tiny_llama
 from transformers import DynamicCache
 
-from service.decode import question_logits
-from service.prefill import prefill
-from service.presses import PressSpecError, build, canonical
+from service.engine.decode import question_logits
+from service.engine.prefill import prefill
+from service.engine.presses import PressSpecError, build, canonical
 
 LENGTH, LAYERS = 128, 4
 SNAP = {"press": "snapkv", "compression_ratio": 0.5, "window_size": 16}

@@ -10,7 +10,7 @@ import pytest
 from conftest import random_ids
 from store_helpers import with_store
 
-from service.compressor import CacheCompressor
+from service.serve.compressor import CacheCompressor
 from service.store.manifest import Manifest
 
 PRESS = {"press": "knorm", "compression_ratio": 0.5}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import random_ids
 
-from service.decode import Sampling, generate
+from service.engine.decode import Sampling, generate
 
 
 def test_questions_do_not_mutate_the_cache(tiny_engine):
@@ -37,7 +37,7 @@ def test_stop_token_ends_generation(tiny_engine):
 
 def test_positions_continue_from_the_original_length(tiny_engine):
     """A compressed cache answers as if the question sat after all original tokens (RoPE positions)."""
-    from service.decode import question_logits
+    from service.engine.decode import question_logits
 
     ids = random_ids(120)
     model = tiny_engine.loaded.model
@@ -59,7 +59,7 @@ def test_stop_strings_cut_the_answer(tiny_engine):
 
 def test_batched_answers_equal_one_cache_at_a_time(tiny_engine):
     """Caches of different per-layer lengths and head-wise evictions, padded into one batch."""
-    from service.decode import generate_batch
+    from service.engine.decode import generate_batch
 
     context = random_ids(240, seed=5)
     specs = [{}, {"press": "kvcompose", "compression_ratio": 0.6},
@@ -77,7 +77,7 @@ def test_batched_answers_equal_one_cache_at_a_time(tiny_engine):
 
 
 def test_batched_answers_need_one_context(tiny_engine):
-    from service.decode import generate_batch
+    from service.engine.decode import generate_batch
 
     a, _ = tiny_engine.compress(random_ids(100), {})
     b, _ = tiny_engine.compress(random_ids(120), {})
@@ -88,9 +88,9 @@ def test_batched_answers_need_one_context(tiny_engine):
 def test_static_attention_over_a_reserved_buffer_equals_attention_over_its_filled_part():
     """Static decode steps attend over a whole buffer with unwritten and evicted slots masked. A masked
     slot's weight (0) times uninitialised memory would be nan, so the room must start as zeros."""
-    from service.attention import decode_attention
-    from service.decode import ReservedLayer
-    from service.step_graph import hidden_slots
+    from service.engine.attention import decode_attention
+    from service.engine.decode import ReservedLayer
+    from service.engine.step_graph import hidden_slots
 
     keys, values = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
     layer = ReservedLayer(keys, values, room=7)

@@ -17,12 +17,12 @@ from conftest import meta, random_ids, tiny_llama
 from test_compositions import PARTS, refusal
 from test_registry import OFFLINE, spec_for
 
-from service import codec
-from service.batching import BatchLimits, DecodeLoop
+from service.cache import codec
 from service.config import CODECS
-from service.decode import Sampling, generate, generate_batch, question_logits
-from service.prefill import prefill
-from service.presses import build
+from service.engine.batching import BatchLimits, DecodeLoop
+from service.engine.decode import Sampling, generate, generate_batch, question_logits
+from service.engine.prefill import prefill
+from service.engine.presses import build
 
 KVCOMPOSE = {"press": "kvcompose", "compression_ratio": 0.5}
 OWN = {  # our own presses beyond the registry's defaults

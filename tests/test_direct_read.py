@@ -10,7 +10,7 @@ import redis
 from conftest import random_ids
 from store_helpers import ServerProcess, make_cache
 
-from service import codec
+from service.cache import codec
 from service.config import StoreConfig
 from service.store.acl import READER, reader_rules
 from service.store.direct import DirectReader, DirectReadFailed

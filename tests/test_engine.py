@@ -4,8 +4,8 @@ import pytest
 from conftest import random_ids, tiny_llama
 
 from service.config import EngineConfig
-from service.engine import Engine
-from service.models import load_model
+from service.engine.engine import Engine
+from service.engine.models import load_model
 
 
 def test_bad_contexts_are_refused_with_the_reason(tiny_engine):

@@ -10,9 +10,9 @@ import grpc
 import pytest
 from kvcompose.v1 import api_pb2 as api
 
-from service.api import ApiError
 from service.protocol import AnswerStats, CompressResult
 from service.serve.frontend import Frontend
+from service.serve.messages import ApiError
 from service.store.auth import Auth
 from service.store.errors import NotFound
 

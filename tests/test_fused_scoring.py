@@ -4,11 +4,11 @@ import pytest
 import torch
 from conftest import meta, random_ids, tiny_llama  # conftest sets TRITON_INTERPRET=1 before triton loads
 
-from service.prefill import prefill
-from service.presses.kvcompose import KVComposePress
-from service.presses.scoring import TaskAttention
+from service.engine.prefill import prefill
+from service.engine.presses.kvcompose import KVComposePress
+from service.engine.presses.scoring import TaskAttention
 
-fused_scoring = pytest.importorskip("service.presses.fused_scoring")
+fused_scoring = pytest.importorskip("service.engine.presses.fused_scoring")
 
 
 def scored(fused: bool, how: str, query, keys, n_context, softcap=None, over_context=False, causal=True, lse=None,
@@ -92,7 +92,7 @@ def test_kvcompose_keeps_the_same_positions_with_the_fused_scorer(variant):
 def test_replay_attention_on_gpus_equals_the_cpu_path(heads, kv_heads, q_len, cached):
     """The replay's attention with log-sum-exp on CUDA (two flash calls merged by the Triton lse) equals
     the CPU path's (torch's fused CPU kernel on repeated keys)."""
-    from service.attention import attention_with_lse, split_attention_with_lse
+    from service.engine.attention import attention_with_lse, split_attention_with_lse
 
     query = torch.randn(1, heads, q_len, 32)
     key, value = torch.randn(1, kv_heads, cached + q_len, 32), torch.randn(1, kv_heads, cached + q_len, 32)

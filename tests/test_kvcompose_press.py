@@ -5,11 +5,11 @@ import pytest
 import torch
 from conftest import meta, random_ids, tiny_llama
 
-from service.decode import question_logits
-from service.prefill import prefill
-from service.presses import build
-from service.presses.kvcompose import KVComposePress
-from service.presses.scoring import TaskAttention
+from service.engine.decode import question_logits
+from service.engine.prefill import prefill
+from service.engine.presses import build
+from service.engine.presses.kvcompose import KVComposePress
+from service.engine.presses.scoring import TaskAttention
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_composes_with_think(model):
 
 
 def test_kvpress_composition_refuses_the_reference_but_accepts_ours():
-    from service.presses import PressSpecError
+    from service.engine.presses import PressSpecError
 
     build({"compose": [{"press": "snapkv", "compression_ratio": 0.3}, {"press": "kvcompose"}]})
     with pytest.raises(PressSpecError, match="compose\\[0\\].press"):

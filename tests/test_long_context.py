@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from store_helpers import make_cache, with_store
 
-from service import codec
-from service.haystack import needle_document
+from service.bench.haystack import needle_document
+from service.cache import codec
 
 pytestmark = pytest.mark.model
 

@@ -11,15 +11,15 @@ import torch
 import transformers as tf
 from conftest import TINY_VOCAB, meta, random_ids
 
-from service import codec
-from service.attention import use_per_layer_attention
-from service.decode import generate, question_logits
-from service.engine import Engine
-from service.models import LoadedModel, UnsupportedModelError, check_family, tokenizer_digest
-from service.prefill import prefill
-from service.presses import build
-from service.presses.kvcompose import KVComposePress
-from service.presses.scoring import TaskAttention
+from service.cache import codec
+from service.engine.attention import use_per_layer_attention
+from service.engine.decode import generate, question_logits
+from service.engine.engine import Engine
+from service.engine.models import LoadedModel, UnsupportedModelError, check_family, tokenizer_digest
+from service.engine.prefill import prefill
+from service.engine.presses import build
+from service.engine.presses.kvcompose import KVComposePress
+from service.engine.presses.scoring import TaskAttention
 from service.protocol import Sampling
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.prompt import PromptFormat
-from service.store.ids import CacheKey
+from service.cache.ids import CacheKey
+from service.engine.prompt import PromptFormat
 
 KEY = CacheKey("smollm2-135m-instruct", "rev", "ab" * 32, {"press": "knorm", "compression_ratio": 0.5}, "float16")
 # Any Unicode (surrogates cannot be encoded as UTF-8 at all), biased towards the characters that
@@ -78,7 +78,7 @@ def test_the_same_document_has_the_same_id_in_another_process(tokenizer, smollm2
     prompt = PromptFormat(tokenizer)
     here = [KEY.cache_id(prompt.context_ids(d)) for d in docs]
     code = (
-        "import sys; from transformers import AutoTokenizer; from service.prompt import PromptFormat; "
+        "import sys; from transformers import AutoTokenizer; from service.engine.prompt import PromptFormat; "
         "from tests.test_prompt_identity import KEY; "
         f"p = PromptFormat(AutoTokenizer.from_pretrained({str(smollm2_dir)!r})); "
         f"print(' '.join(KEY.cache_id(p.context_ids(d)) for d in {docs!r}))"

@@ -15,14 +15,16 @@ def imported_after(module: str) -> list[str]:
 
 def test_the_ingress_and_the_api_layer_import_no_model_stack():
     assert imported_after("service.serve.app") == []
-    assert imported_after("service.api") == []
+    assert imported_after("service.serve.messages") == []
     assert imported_after("service.protocol") == []
 
 
 def test_the_work_modules_share_the_protocols_types():
     """One definition of each request and result type: the modules that do the work re-use them."""
-    from service import answerer, api, batching, cancel, compressor, decode, protocol
-    from service.presses import registry
+    from service import protocol
+    from service.engine import batching, cancel, decode
+    from service.engine.presses import registry
+    from service.serve import answerer, api, compressor
 
     assert decode.Sampling is api.Sampling is protocol.Sampling
     assert answerer.AnswerStats is protocol.AnswerStats and compressor.CompressResult is protocol.CompressResult

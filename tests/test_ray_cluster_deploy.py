@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from service.api_client import KVComposeClient
+from service.client import KVComposeClient
 from service.serve.launch import APP, CONFIG, StoreProcess, load_config
 from service.store.embedded import EmbeddedRedis, free_port
 

@@ -3,10 +3,10 @@
 import pytest
 from conftest import meta, random_ids, tiny_llama
 
-from service.decode import question_logits
-from service.prefill import prefill
-from service.presses import PressSpecError, build, canonical
-from service.presses.registry import PRESSES
+from service.engine.decode import question_logits
+from service.engine.prefill import prefill
+from service.engine.presses import PressSpecError, build, canonical
+from service.engine.presses.registry import PRESSES
 
 INNER = {"press": "snapkv", "compression_ratio": 0.5}
 EXTRA = {

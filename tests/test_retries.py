@@ -196,7 +196,7 @@ class FlakyAPI:
 def test_the_api_client_retries_unavailable_and_nothing_else():
     import grpc
 
-    from service.api_client import KVComposeClient
+    from service.client import KVComposeClient
 
     with FlakyAPI(2, grpc.StatusCode.UNAVAILABLE) as server, KVComposeClient(f"127.0.0.1:{server.port}",
                                                                                 timeout_s=30) as client:

@@ -1,6 +1,6 @@
 import torch
 
-from service import selection
+from service.engine import selection
 
 
 def test_allocate_keeps_the_global_budget_and_a_floor_per_layer():

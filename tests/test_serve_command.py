@@ -20,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from service.api_client import KVComposeClient
+from service.client import KVComposeClient
 from service.serve.launch import CONFIG
 from service.store.embedded import free_port
 from service.tls import TLSFiles

@@ -12,8 +12,8 @@ import uuid
 import grpc
 import pytest
 
-from service.api_client import KVComposeClient
-from service.haystack import needle_document
+from service.bench.haystack import needle_document
+from service.client import KVComposeClient
 from service.store.embedded import free_port
 
 pytestmark = pytest.mark.model
@@ -74,7 +74,7 @@ def document():
     from transformers import AutoTokenizer
 
     from service.config import EngineConfig
-    from service.models import embedded_model_dir
+    from service.engine.models import embedded_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(EngineConfig().cache_dir))
     return needle_document(tokenizer, 2000)
@@ -178,7 +178,7 @@ def test_a_cancelled_compress_does_not_break_the_next_ones(stack, document):
             client.stub.Compress(lookup, metadata=client.kw["metadata"], timeout=0.5)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # not stored: it must be computed again
     code = (
-        "import hashlib; from service import codec; from service.engine import Engine; "
+        "import hashlib; from service import codec; from service.engine.engine import Engine; "
         f"e = Engine(); print(' '.join(hashlib.sha256(codec.encode(e.compress(t, {press!r})[0], 'float16'))"
         f".hexdigest() for t in {small!r}))"
     )

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import plain_transformers_logits
 
-from service.haystack import needle_document
+from service.bench.haystack import needle_document
 
 pytestmark = pytest.mark.model
 
@@ -57,7 +57,7 @@ def test_cli_refuses_a_damaged_cache_file(tmp_path):
 
 def test_int8_codec_decodes_close_to_float16(smollm2, capsys):
     """The int8 codec's effect on answers: logits at every question position against float16."""
-    from service import codec
+    from service.cache import codec
 
     doc, question, needle = needle_document(smollm2.loaded.tokenizer, 600)
     kv, _ = smollm2.compress(doc, {"press": "kvcompose", "compression_ratio": 0.5})

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from service.store.ids import CacheKey
+from service.cache.ids import CacheKey
 
 KEY = CacheKey("smollm2-135m-instruct", "gguf-b179c9523d0e6a0f", "ab" * 32,
                {"press": "kvcompose", "compression_ratio": 0.5}, "float16", "tenant-a")
@@ -14,7 +14,7 @@ def test_same_inputs_give_the_same_id_in_another_process():
     import dataclasses
 
     fields = dataclasses.astuple(KEY)
-    code = f"from service.store.ids import CacheKey; print(CacheKey(*{fields!r}).cache_id({TOKENS!r}))"
+    code = f"from service.cache.ids import CacheKey; print(CacheKey(*{fields!r}).cache_id({TOKENS!r}))"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": "12345", "PATH": ""}).stdout.strip()
     assert other == KEY.cache_id(TOKENS)

@@ -10,7 +10,7 @@ import xxhash
 from conftest import random_ids
 from store_helpers import make_cache, store_for, wipe, with_store
 
-from service import codec
+from service.cache import codec
 from service.store.embedded import EmbeddedRedis
 from service.store.errors import DataLoss, InvalidArgument, NotFound, QuotaExceeded, Unavailable
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import random_ids
 from store_helpers import make_cache, with_store
 
-from service import codec
+from service.cache import codec
 from service.store.errors import InvalidArgument, QuotaExceeded
 
 

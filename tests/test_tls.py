@@ -15,7 +15,7 @@ import yaml
 from conftest import models_once_up, random_ids
 from store_helpers import SHARED_REDIS, ServerProcess, make_cache
 
-from service.api_client import KVComposeClient
+from service.client import KVComposeClient
 from service.config import StoreConfig
 from service.local_ca import LocalCA
 from service.serve.launch import CONFIG

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import models_once_up
 
-from service.api_client import KVComposeClient
+from service.client import KVComposeClient
 from service.serve.launch import CONFIG
 from service.store.embedded import free_port
 

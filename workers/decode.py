@@ -26,10 +26,10 @@ from grpc_reflection.v1alpha import reflection
 from kvcompose.v1 import api_pb2 as api
 from kvcompose.v1 import api_pb2_grpc as api_grpc
 
-from service import api as conv
-from service.answerer import Answerer
 from service.config import BatchLimits, EngineConfig, RequestLimits, StoreConfig, TenantLimits, api_auth_tokens
-from service.engine import Engine
+from service.engine.engine import Engine
+from service.serve import messages
+from service.serve.answerer import Answerer
 from service.serve.frontend import Frontend
 from service.store.auth import Auth
 from service.store.client import PrefixStoreClient
@@ -48,16 +48,16 @@ class DecodeWorker(api_grpc.KVComposeServicer):
         try:
             async for message in self.frontend.generate(request, context, self.answerer.answer):
                 yield message
-        except conv.ApiError as e:
+        except messages.ApiError as e:
             await context.abort(e.status, str(e), e.trailing_metadata())
 
     async def ListModels(self, request, context):
         async def handler(tenant: str) -> api.ListModelsResponse:
-            return conv.list_models_response(self.answerer.engine.info())
+            return messages.list_models_response(self.answerer.engine.info())
 
         try:
             return await self.frontend.call("ListModels", context, handler)
-        except conv.ApiError as e:
+        except messages.ApiError as e:
             await context.abort(e.status, str(e), e.trailing_metadata())
 
 

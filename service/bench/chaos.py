@@ -26,7 +26,7 @@ from pathlib import Path
 
 import grpc
 
-from service.api_client import KVComposeClient
+from service.client import KVComposeClient
 
 RETRYABLE = {"UNAVAILABLE", "RESOURCE_EXHAUSTED", "ABORTED"}
 FAULTS = ("redis-kill", "store-kill", "decoder-kill", "compressor-kill", "redis-full")

@@ -166,11 +166,11 @@ def _free(device: str) -> None:
 
 def _build(shape: str, device: str, dtype: str, tiny: bool) -> dict:
     """A random-weight model of ``shape`` built on ``device`` (the embedded SmolLM2 for needle rows)."""
-    from service.attention import use_per_layer_attention
+    from service.engine.attention import use_per_layer_attention
 
     if shape == "smollm2-135m":
         from service.config import EngineConfig
-        from service.engine import Engine
+        from service.engine.engine import Engine
 
         return {"engine": Engine(EngineConfig(device=device, compute_dtype=dtype, max_context_tokens=1 << 20))}
     import transformers
@@ -202,7 +202,7 @@ def _timed(device: str, fn):
 def _press(method: str, ratio: float):
     import kvpress
 
-    from service.presses.kvcompose import KVComposePress
+    from service.engine.presses.kvcompose import KVComposePress
 
     return {"plain": lambda: None, "kvcompose": lambda: KVComposePress(compression_ratio=ratio),
             "kvcompose-1pass": lambda: KVComposePress(compression_ratio=ratio, replay_context=False),
@@ -215,8 +215,8 @@ def _ids(model, n: int, seed: int = 0) -> list[int]:
 
 
 def _prefill(model, n: int, method: str, guard: Guard | None = None, ratio: float = RATIO):
-    from service.kvcache import CacheMeta
-    from service.prefill import prefill
+    from service.cache.kvcache import CacheMeta
+    from service.engine.prefill import prefill
 
     return prefill(model, _ids(model, n), _press(method, ratio), CacheMeta("bench", "random", n, {}),
                    guard.stop if guard else None)
@@ -266,9 +266,9 @@ class _RandomEngine:
 
 
 def _decode(row: Row, state: dict, guard: Guard) -> dict:
-    from service.batching import DecodeLoop
     from service.config import BatchLimits
-    from service.decode import Sampling
+    from service.engine.batching import DecodeLoop
+    from service.engine.decode import Sampling
 
     model = state["model"]
     key = (row.method, row.tokens)
@@ -302,7 +302,7 @@ def _decode(row: Row, state: dict, guard: Guard) -> dict:
 
 
 def _needle(row: Row, state: dict, guard: Guard) -> dict:
-    from service.haystack import needle_document
+    from service.bench.haystack import needle_document
 
     engine = state["engine"]
     doc, question, needle = needle_document(engine.loaded.tokenizer, row.tokens)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from service.api_client import KVComposeClient
+from service.client import KVComposeClient
 
 QUESTIONS = ["What is the special magic number mentioned in the text?", "Summarise the text in one sentence.",
              "Which city is mentioned first?", "List three topics the text covers.",

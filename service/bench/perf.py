@@ -219,9 +219,9 @@ def measure(case: Case, model: str, workdir: Path) -> dict:
     if case.kind == "reuse":
         return _reuse(case, workdir)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from service.bench.haystack import needle_document
     from service.config import EngineConfig
-    from service.engine import Engine
-    from service.haystack import needle_document
+    from service.engine.engine import Engine
 
     engine = Engine(EngineConfig(model=model, max_context_tokens=1 << 20))
     doc, question, needle = needle_document(engine.loaded.tokenizer, case.size)
@@ -232,10 +232,10 @@ def _compress(case: Case, engine, doc: str, question: str, needle: str, workdir:
     import kvpress
     import torch
 
-    from service import codec
-    from service.kvcache import CacheMeta
-    from service.prefill import prefill
-    from service.presses.kvcompose import KVComposePress
+    from service.cache import codec
+    from service.cache.kvcache import CacheMeta
+    from service.engine.prefill import prefill
+    from service.engine.presses.kvcompose import KVComposePress
 
     ids = engine.context_ids(doc)
     r = case.ratio
@@ -261,10 +261,10 @@ def _compress(case: Case, engine, doc: str, question: str, needle: str, workdir:
 
 
 def _ttft(case: Case, engine, doc: str, question: str, needle: str, workdir: Path) -> dict:
-    from service import codec
-    from service.decode import generate
-    from service.kvcache import CacheMeta
-    from service.prefill import prefill
+    from service.cache import codec
+    from service.cache.kvcache import CacheMeta
+    from service.engine.decode import generate
+    from service.engine.prefill import prefill
     from service.protocol import Sampling
 
     sampling = Sampling(max_new_tokens=_DECODE_TOKENS)  # no stop tokens: every answer is as long
@@ -303,8 +303,8 @@ def _ttft(case: Case, engine, doc: str, question: str, needle: str, workdir: Pat
 
 def _stored_cache(engine, doc: str, workdir: Path):
     """The document's default-press cache bytes, compressed once per run (kept in ``workdir``)."""
-    from service import codec
-    from service.store.ids import CacheKey
+    from service.cache import codec
+    from service.cache.ids import CacheKey
 
     ids = engine.context_ids(doc)
     path = workdir / f"{engine.model_id.replace('/', '_')}-{len(ids)}.kvc"
@@ -324,8 +324,8 @@ def _fetch(case: Case) -> dict:
     Returns each fetch row's figures under ``rows``."""
     import redis
 
+    from service.cache.ids import CacheKey
     from service.store.direct import READ_BYTES
-    from service.store.ids import CacheKey
 
     ids, data = synthetic_cache(case.size)
     n = _FETCH_ITERATIONS.get(case.size, 3)
@@ -391,8 +391,8 @@ def _reuse(case: Case, workdir: Path) -> dict:
     0.75 + int8 cache of ``case.size`` context tokens."""
     import torch
 
-    from service import codec
-    from service.store.ids import CacheKey
+    from service.cache import codec
+    from service.cache.ids import CacheKey
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = workdir / f"llama-8b-{case.size}.kvc"
@@ -425,8 +425,8 @@ def synthetic_8b_cache(tokens: int, kept: float = 0.25) -> bytes:
     ``kept`` of them kept (compression 0.75)."""
     import torch
 
-    from service import codec
-    from service.kvcache import CacheMeta, CompressedKV
+    from service.cache import codec
+    from service.cache.kvcache import CacheMeta, CompressedKV
 
     n, g = max(1, int(tokens * kept)), torch.Generator().manual_seed(tokens)
     shape = (LLAMA_8B["kv_heads"], n, LLAMA_8B["head_dim"])
@@ -445,8 +445,8 @@ def synthetic_cache(mib: int) -> tuple[list[int], bytes]:
     """(context ids, codec bytes) of a random SmolLM2-shaped float16 cache of about ``mib`` MiB."""
     import torch
 
-    from service import codec
-    from service.kvcache import CacheMeta, CompressedKV
+    from service.cache import codec
+    from service.cache.kvcache import CacheMeta, CompressedKV
 
     tokens, g = _tokens_of(mib), torch.Generator().manual_seed(mib)
     layers = [torch.randn(3, tokens, 64, generator=g).half() for _ in range(60)]

@@ -24,14 +24,14 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from service import codec
 from service.bench import metrics, ruler
-from service.decode import generate_batch
-from service.engine import Engine
-from service.kvcache import CacheMeta, CompressedKV
-from service.prefill import collect
-from service.presses import build, canonical, presses_in
-from service.presses.kvcompose import KVComposePress
+from service.cache import codec
+from service.cache.kvcache import CacheMeta, CompressedKV
+from service.engine.decode import generate_batch
+from service.engine.engine import Engine
+from service.engine.prefill import collect
+from service.engine.presses import build, canonical, presses_in
+from service.engine.presses.kvcompose import KVComposePress
 
 TASK_AWARE = "kvcompose-aware"  # KVCompose scored by the sample's question (its row label)
 TASK_PROMPTS = {  # --task-prompts value -> row label of KVCompose scored by that prompt

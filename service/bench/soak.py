@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import psutil
 
-from service.api_client import KVComposeClient
+from service.client import KVComposeClient
 
 # kind -> (weight, statuses that are right for it)
 KINDS = {

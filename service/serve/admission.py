@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from service.api import ApiError
 from service.config import TenantLimits
+from service.serve.messages import ApiError
 
 KINDS = {"prefills": "max_prefills", "decodes": "max_decodes"}
 

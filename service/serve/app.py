@@ -19,8 +19,8 @@ from kvcompose.v1 import store_pb2 as store_pb
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from service import api as conv
 from service.config import BatchLimits, EngineConfig, RequestLimits, StoreConfig, TenantLimits, api_auth_tokens
+from service.serve import messages
 from service.serve.frontend import Frontend
 from service.store.auth import Auth
 
@@ -57,8 +57,8 @@ class Compressor:
     """Prefill + compress + store. Replicas are GPU actors in production (``num_gpus`` in the config)."""
 
     def __init__(self, engine: EngineConfig, store: dict):
-        from service.compressor import CacheCompressor
-        from service.engine import Engine
+        from service.engine.engine import Engine
+        from service.serve.compressor import CacheCompressor
         from service.serve.metrics import ServiceMetrics
         from service.store.redis_store import RedisStore, connect
 
@@ -71,7 +71,7 @@ class Compressor:
         try:
             r = await self.worker.compress(tenant, **kwargs)
         except Exception as e:  # noqa: BLE001 - errors cross the handle as data
-            return conv.error_dict(e)
+            return messages.error_dict(e)
         self.metrics.compress_s.observe(r.seconds, tags={"reused": str(r.reused).lower()})
         self.metrics.cache.inc(tags={"result": "hit" if r.reused else "miss"})
         if not r.reused:
@@ -92,8 +92,8 @@ class Decoder:
 
     def __init__(self, engine: EngineConfig, store: dict, store_address: str, lru_bytes: int,
                  decode_batch: BatchLimits):
-        from service.answerer import Answerer
-        from service.engine import Engine
+        from service.engine.engine import Engine
+        from service.serve.answerer import Answerer
         from service.serve.metrics import ServiceMetrics
 
         self.worker = Answerer(Engine(engine), _store_client(store, store_address), lru_bytes, batch=decode_batch)
@@ -111,7 +111,7 @@ class Decoder:
                         self._export_reads()
                     yield {"stats": item}
         except Exception as e:  # noqa: BLE001
-            yield conv.error_dict(e)
+            yield messages.error_dict(e)
 
     def _export_reads(self) -> None:
         """The store client's fetch paths since the last export (on the replica's loop: no race)."""
@@ -154,26 +154,27 @@ class Ingress:
 
     async def _compress(self, tenant: str, req: api.CompressRequest):
         model = await self._model_info()
-        out = await self.compressor.compress.remote(tenant, conv.compress_args(req, model["id"], self.frontend.limits))
-        conv.raise_error(out)
+        args = messages.compress_args(req, model["id"], self.frontend.limits)
+        out = await self.compressor.compress.remote(tenant, args)
+        messages.raise_error(out)
         return out["result"]
 
     async def _answer(self, tenant: str, cache_id: str, question: str, sampling, stop) -> AsyncIterator:
         stream = self.decoder.options(stream=True).generate.remote(tenant, cache_id, question, sampling, stop)
         async for item in stream:
-            conv.raise_error(item)
+            messages.raise_error(item)
             yield item["text"] if "text" in item else item["stats"]
 
     async def _unary(self, method: str, grpc_context, handler, empty):
         try:
             return await self.frontend.call(method, grpc_context, handler)
-        except conv.ApiError as e:
+        except messages.ApiError as e:
             _send_error(grpc_context, e)
             return empty
 
     async def Compress(self, request: api.CompressRequest, grpc_context) -> api.CompressResponse:
         async def handler(tenant: str) -> api.CompressResponse:
-            return conv.compress_response(await self._compress(tenant, request))
+            return messages.compress_response(await self._compress(tenant, request))
 
         return await self._unary("Compress", grpc_context, handler, api.CompressResponse())
 
@@ -181,13 +182,13 @@ class Ingress:
         try:
             async for message in self.frontend.generate(request, grpc_context, self._answer, self._compress):
                 yield message
-        except conv.ApiError as e:
+        except messages.ApiError as e:
             _send_error(grpc_context, e)
             raise  # a streaming method must raise for Serve's proxy to send the code set above
 
     async def ListModels(self, request: api.ListModelsRequest, grpc_context) -> api.ListModelsResponse:
         async def handler(tenant: str) -> api.ListModelsResponse:
-            return conv.list_models_response(await self._model_info())
+            return messages.list_models_response(await self._model_info())
 
         return await self._unary("ListModels", grpc_context, handler, api.ListModelsResponse())
 
@@ -208,7 +209,7 @@ class Ingress:
         return {"compressor": await self.compressor.counters.remote(), "decoder": await self.decoder.counters.remote()}
 
 
-def _send_error(grpc_context, e: conv.ApiError) -> None:
+def _send_error(grpc_context, e: messages.ApiError) -> None:
     grpc_context.set_code(e.status)
     grpc_context.set_details(str(e))
     if e.trailing_metadata():

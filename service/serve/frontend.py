@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import grpc
 from kvcompose.v1 import api_pb2 as api
 
-from service import api as conv
 from service.config import RequestLimits, TenantLimits
+from service.serve import messages
 from service.serve.admission import Admission
 from service.store.auth import Auth
 from service.store.keys import CACHE_ID
@@ -90,22 +90,22 @@ class Frontend:
 
     async def _generate(self, request: api.GenerateRequest, tenant: str, started: float, answer: AnswerFn,
                         compress: CompressFn | None) -> AsyncIterator[api.GenerateResponse]:
-        sampling, stop = conv.sampling_args(request, self.limits)
+        sampling, stop = messages.sampling_args(request, self.limits)
         compressed = None
         source = request.WhichOneof("source")
         if source == "context":
             if compress is None:
-                raise conv.ApiError(grpc.StatusCode.INVALID_ARGUMENT, "this server answers from stored caches "
+                raise messages.ApiError(grpc.StatusCode.INVALID_ARGUMENT, "this server answers from stored caches "
                                     "only: send cache_id (Compress first)")
             compressed = await self._compress_held(compress, tenant, request.context)
             cache_id = compressed.cache_id
         elif request.cache_id:
             if not CACHE_ID.match(request.cache_id):
-                raise conv.ApiError(grpc.StatusCode.INVALID_ARGUMENT,
+                raise messages.ApiError(grpc.StatusCode.INVALID_ARGUMENT,
                                     "cache_id must be 64 lowercase hex characters")
             cache_id = request.cache_id
         else:
-            raise conv.ApiError(grpc.StatusCode.INVALID_ARGUMENT, "send cache_id or context")
+            raise messages.ApiError(grpc.StatusCode.INVALID_ARGUMENT, "send cache_id or context")
         first = None
         for attempt in (1, 2):
             try:
@@ -120,7 +120,7 @@ class Frontend:
                         self.metrics.ttft_s.observe(item.time_to_first_token_s)
                         self.metrics.decode_s.observe(item.seconds)
                     hit = compressed is None or compressed.reused
-                    yield api.GenerateResponse(stats=conv.stats_message(item, hit, compressed))
+                    yield api.GenerateResponse(stats=messages.stats_message(item, hit, compressed))
                 break
             except Exception as e:  # noqa: BLE001
                 # Asked by text, the entry vanished between Compress and fetch (expired, deleted,
@@ -129,18 +129,18 @@ class Frontend:
                 if compressed is None or first is not None or not _not_found(e):
                     raise
                 if attempt == 2:
-                    raise conv.ApiError(grpc.StatusCode.ABORTED, "the document's cache was evicted again between "
+                    raise messages.ApiError(grpc.StatusCode.ABORTED, "the document's cache was evicted again between "
                                         "compressing it and reading it (the store is short of memory); "
                                         "retry") from None
                 compressed = await self._compress_held(compress, tenant, request.context)
                 cache_id = compressed.cache_id
 
-    def _failed(self, method: str, e: BaseException, request_id: str) -> conv.ApiError:
-        status, message = conv.to_status(e, request_id)
+    def _failed(self, method: str, e: BaseException, request_id: str) -> messages.ApiError:
+        status, message = messages.to_status(e, request_id)
         self._count(method, status.name)
         log.info("request=%s method=%s status=%s", request_id, method, status.name)
         cause = getattr(e, "cause", None) or e
-        return conv.ApiError(status, message, getattr(cause, "retry_after_s", None))
+        return messages.ApiError(status, message, getattr(cause, "retry_after_s", None))
 
     def _ok(self, method: str, request_id: str, started: float) -> None:
         self._count(method, "OK")

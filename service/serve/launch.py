@@ -226,7 +226,7 @@ class LocalStack:
     def start(self) -> LocalStack:
         import ray
 
-        from service.models import model_shape
+        from service.engine.models import model_shape
 
         token = secrets.token_urlsafe(32)
         replica_env = {"KVCOMPOSE_STORE_SERVICE_TOKEN": token}

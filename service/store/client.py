@@ -24,11 +24,11 @@ import grpc
 from kvcompose.v1 import store_pb2 as pb
 from kvcompose.v1 import store_pb2_grpc as pb_grpc
 
+from service.cache.ids import CacheKey
 from service.config import StoreConfig
 from service.store.checksum import read_check
 from service.store.direct import DirectReader, DirectReadFailed
 from service.store.errors import BY_STATUS, DataLoss, StoreError, Unavailable, Unimplemented
-from service.store.ids import CacheKey
 from service.store.manifest import key_to_proto
 from service.store.retry import retry_policy
 from service.tls import TLSFiles, channel

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
+from service.cache.ids import CacheKey
 from service.store.checksum import Hasher, read_check
-from service.store.ids import CacheKey
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from service.codec import FORMAT_VERSION, CorruptCacheError, check, kept_tokens_per_layer, layer_shapes
+from service.cache.codec import FORMAT_VERSION, CorruptCacheError, check, kept_tokens_per_layer, layer_shapes
+from service.cache.ids import CacheKey
 from service.config import StoreConfig
 from service.store.checksum import xxh3_128
 from service.store.errors import (
@@ -38,7 +39,6 @@ from service.store.errors import (
     is_transient,
     unavailable,
 )
-from service.store.ids import CacheKey
 from service.store.keys import CACHE_ID, Keys, check_tenant
 from service.store.manifest import Manifest
 from service.store.retry import redis_retry_policy

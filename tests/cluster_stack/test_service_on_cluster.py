@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from service.api_client import KVComposeClient
+from service.client import KVComposeClient
 from tests.reliability.conftest import DOCUMENT, MAX_NEW, QUESTION, tiny_stack
 
 

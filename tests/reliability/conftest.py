@@ -7,7 +7,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from service.api_client import KVComposeClient
+from service.client import KVComposeClient
 from service.store.embedded import free_port
 
 SERVICERS = ["kvcompose.v1.api_pb2_grpc.add_KVComposeServicer_to_server"]

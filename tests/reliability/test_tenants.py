@@ -17,7 +17,7 @@ import time
 
 import grpc
 
-from service.api_client import KVComposeClient
+from service.client import KVComposeClient
 
 from .conftest import DOCUMENT, FLOOD, FLOOD_LIMITS, QUESTION
 

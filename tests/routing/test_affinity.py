@@ -9,7 +9,7 @@ import time
 
 import grpc
 
-from service.api_client import KVComposeClient
+from service.client import KVComposeClient
 
 DEFAULT_ROUTER = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
 

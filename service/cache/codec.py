@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service.cache.kvcache import CacheMeta, CompressedKV, kept_tokens
 from service.config import CODECS
-from service.kvcache import CacheMeta, CompressedKV, kept_tokens
 
 MAGIC = b"KVCPRS\r\n"
 FORMAT_VERSION = 1

@@ -1,5 +1,5 @@
 """Scoring and eviction: kvpress presses built from JSON specs, and the project's KVCompose."""
 
-from service.presses.registry import PressSpecError, build, canonical, presses_in
+from service.engine.presses.registry import PressSpecError, build, canonical, presses_in
 
 __all__ = ["PressSpecError", "build", "canonical", "presses_in"]

@@ -8,7 +8,7 @@ and TGI do).
 
 - **Any caches together.** Rows may answer from different documents, with different original
   lengths, per-layer lengths and head-wise evictions: each row keeps its own cache and the
-  attention function attends row by row (``service.attention``), while the projections and MLPs,
+  attention function attends row by row (``service.engine.attention``), while the projections and MLPs,
   where the weights are read, run once for the whole batch. Nothing is padded or copied when a
   row joins or leaves.
 - **Question prefill as its own step.** The questions of the requests admitted together (tens of
@@ -36,13 +36,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from service.cache.kvcache import CompressedKV
 from service.config import BatchLimits
-from service.decode import Sampling, padded_cache, pick_token, ragged_cache
-from service.engine import Engine
-from service.kvcache import CompressedKV
+from service.engine.decode import Sampling, padded_cache, pick_token, ragged_cache
+from service.engine.engine import Engine
+from service.engine.step_graph import StepGraph
+from service.engine.text_stream import TextStream
 from service.protocol import Overloaded
-from service.step_graph import StepGraph
-from service.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -93,7 +93,7 @@ class DecodeLoop:
     ``peak_joining`` (most questions prefilled in one forward) are for metrics and tests."""
 
     def __init__(self, engine: Engine, limits: BatchLimits | None = None, static_steps: bool | None = None):
-        """static_steps: decode steps over fixed buffers (``service.step_graph``), replayed as CUDA
+        """static_steps: decode steps over fixed buffers (``service.engine.step_graph``), replayed as CUDA
         graphs on CUDA (unless ``decode_batch.cuda_graphs`` is false); None = on CUDA only."""
         self.engine = engine
         self.limits = limits or BatchLimits()

@@ -8,7 +8,7 @@ use the published shapes (Llama-3.1-8B: 32 x 8 x 128, Qwen3-8B: 36 x 8 x 128, Ll
 per stored byte (chunk keys, manifest, index), and prints, for a document of --tokens tokens, its
 entry size and how many such entries one GB of Redis memory holds at each compression ratio.
 
-    python benchmarks/capacity.py [--tokens 2048] [--ratios 0,0.5,0.75,0.9]
+    python -m service.bench.capacity [--tokens 2048] [--ratios 0,0.5,0.75,0.9]
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import uuid
 
 import torch
 
-from service import codec
+from service.cache import codec
+from service.cache.ids import CacheKey
+from service.cache.kvcache import CacheMeta, CompressedKV
 from service.config import StoreConfig
-from service.kvcache import CacheMeta, CompressedKV
 from service.store.embedded import EmbeddedRedis
-from service.store.ids import CacheKey
 from service.store.redis_store import RedisStore, connect
 
 MODELS = {  # name: (layers, kv heads, head dim)

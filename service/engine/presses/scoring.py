@@ -3,7 +3,7 @@
 SDPA does not return attention weights, and eager attention materialises (heads, L, L) per layer.
 KVCompose needs, per query head and context position, the max (or mean) over task tokens of the
 softmax weight exp(l_ij - lse_i). Given each query's log-sum-exp ``lse_i`` (from the fused
-attention kernel, see ``service.attention``), a block of queries at a time is enough: for max,
+attention kernel, see ``service.engine.attention``), a block of queries at a time is enough: for max,
 max_i exp(l_ij - lse_i) = exp(max_i (l_ij - lse_i)), so only (heads, L) values are exponentiated.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.attention import attention_with_lse, cap_logits, causal_mask, triton_runs_on
+from service.engine.attention import attention_with_lse, cap_logits, causal_mask, triton_runs_on
 
 
 @dataclass
@@ -43,7 +43,7 @@ class TaskAttention:
         heads, t_len, dim = query.shape
         fused = triton_runs_on(query.device) if self.fused is None else self.fused
         if fused:
-            from service.presses import fused_scoring
+            from service.engine.presses import fused_scoring
 
             part = fused_scoring.task_attention(
                 query, keys, self.n_context, scale, self.how, lse=None if self.over_context else lse,

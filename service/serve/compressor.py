@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-from service import codec
-from service.cancel import run_stoppable
-from service.engine import Engine
-from service.presses import canonical
+from service.cache import codec
+from service.cache.ids import CacheKey
+from service.engine.cancel import run_stoppable
+from service.engine.engine import Engine
+from service.engine.presses import canonical
 from service.protocol import CompressResult
-from service.store.ids import CacheKey
 from service.store.redis_store import RedisStore
 
 

@@ -4,7 +4,7 @@ A cancelled asyncio task cannot stop a thread, and a model lock released while t
 runs lets the next request share the model mid-forward. So a prefill gets a stop flag, checked
 before every decoder layer (``stop_between_layers``), and the caller keeps waiting, lock held,
 until the thread has really ended (``run_stoppable``). Decoding needs neither: an answer that is
-cancelled leaves the decode loop's batch at the next step (``service.batching``).
+cancelled leaves the decode loop's batch at the next step (``service.engine.batching``).
 """
 
 from __future__ import annotations

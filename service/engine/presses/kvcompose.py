@@ -36,9 +36,9 @@ from torch import nn
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
-from service import selection
-from service.models import position_limit
-from service.presses.scoring import TaskAttention
+from service.engine import selection
+from service.engine.models import position_limit
+from service.engine.presses.scoring import TaskAttention
 
 SCORE_BLOCK_BYTES = 8 * 2**20  # memory for one block of attention weights while scoring
 

@@ -1,7 +1,7 @@
 """Decode: answer questions from a compressed cache, never mutating it.
 
 Question tokens take positions from the original context length on (as kvpress's pipeline), each
-layer attends under its own causal mask (``service.attention``), and head-wise evictions are
+layer attends under its own causal mask (``service.engine.attention``), and head-wise evictions are
 passed to the attention function per call.
 """
 
@@ -13,7 +13,7 @@ import torch
 from transformers import Cache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from service.kvcache import CompressedKV
+from service.cache.kvcache import CompressedKV
 from service.protocol import MIN_TEMPERATURE, Sampling  # noqa: F401 - the decode settings live in protocol
 
 
@@ -142,7 +142,7 @@ class ReservedLayer(DynamicLayer):
 class RaggedLayer(DynamicLayer):
     """One layer of a ragged batch: each row keeps its own ``ReservedLayer`` (its own length, no
     padding, no copy when rows join or leave); ``update`` returns per-row lists, which the
-    attention function (``service.attention``) attends row by row."""
+    attention function (``service.engine.attention``) attends row by row."""
 
     def __init__(self, rows: list[ReservedLayer]):
         super().__init__()

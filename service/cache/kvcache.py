@@ -122,26 +122,3 @@ class CompressedKV:
         values = [layer.values[0] for layer in cache.layers]
         return cls(keys=keys, values=values, evicted=evicted, meta=meta)
 
-
-def compact(kv: CompressedKV) -> CompressedKV:
-    """Drop head-wise evicted slots: each head's kept slots packed densely, in position order.
-
-    kvpress's head-wise presses (AdaKV, CriticalAdaKV, ...) only mask evicted slots, which saves no
-    memory. Attention does not depend on the order of keys (positions are inside the rotated keys),
-    so each layer can shrink to its busiest head's count; shorter heads' spare slots stay evicted.
-    """
-    from service.selection import select
-
-    keys, values, evicted = [], [], []
-    for k, v, e in zip(kv.keys, kv.values, kv.evicted):
-        if e is None:
-            keys.append(k), values.append(v), evicted.append(None)
-            continue
-        kept = ~e.to(k.device)
-        positions, padding = select(kept.float(), kept.sum(dim=1).clamp(min=1))
-        index = positions.unsqueeze(-1).expand(-1, -1, k.shape[-1])
-        keys.append(k.gather(1, index)), values.append(v.gather(1, index))
-        still = kept.gather(1, positions) == 0  # a head that kept nothing keeps one evicted slot
-        mask = still if padding is None else (padding | still)
-        evicted.append(mask if bool(mask.any()) else None)
-    return CompressedKV(keys=keys, values=values, evicted=evicted, meta=kv.meta)

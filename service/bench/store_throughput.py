@@ -6,7 +6,7 @@ Starts a throwaway redis-server and one store server per chunk size, stores real
 - gRPC: ``PrefixStoreClient.fetch`` (manifest + chunks over gRPC, verified on both ends).
 Prints MiB/s (median of --repeats) and the ratio gRPC / raw. Target (issue #3): >= 0.7.
 
-    python benchmarks/store_throughput.py [--sizes-mib 1,16,64] [--chunk-kib 256,1024,4096]
+    python -m service.bench.store_throughput [--sizes-mib 1,16,64] [--chunk-kib 256,1024,4096]
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import time
 import redis
 
 from service.bench.perf import synthetic_cache
+from service.cache.ids import CacheKey
 from service.store.client import PrefixStoreClient
 from service.store.embedded import EmbeddedRedis, free_port
-from service.store.ids import CacheKey
 
 TOKEN = secrets.token_urlsafe(24)
 

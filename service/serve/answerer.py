@@ -16,12 +16,12 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
-from service import codec
-from service.batching import DecodeLoop
+from service.cache import codec
+from service.cache.kvcache import CompressedKV
 from service.config import BatchLimits
-from service.decode import Sampling
-from service.engine import Engine
-from service.kvcache import CompressedKV
+from service.engine.batching import DecodeLoop
+from service.engine.decode import Sampling
+from service.engine.engine import Engine
 from service.malloc import keep_freed_memory
 from service.protocol import AnswerStats
 from service.store.client import PrefixStoreClient
@@ -137,7 +137,7 @@ class Answerer:
     async def answer(self, tenant: str, cache_id: str, question: str, sampling: Sampling,
                      stop: tuple[str, ...] = ()) -> AsyncIterator[str | AnswerStats]:
         """Yield answer text pieces, then one AnswerStats. The answer is decoded in the replica's
-        batch (``service.batching``); a full decoder refuses at once (``Overloaded``)."""
+        batch (``service.engine.batching``); a full decoder refuses at once (``Overloaded``)."""
         start = time.perf_counter()
         self.decoder.check_capacity()  # before fetching anything
         kv, source, fetched = await self.cache(tenant, cache_id)

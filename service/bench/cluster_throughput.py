@@ -6,7 +6,7 @@ SmolLM2-shaped caches of --mib MiB each through ``RedisStore`` (what the store s
 fetches all of them --parallel at a time, SHA-256-verified, and prints MiB/s (median of
 --repeats) on one Redis and on the cluster, and the ratio cluster / single.
 
-    python benchmarks/cluster_throughput.py [--entries 12] [--mib 16] [--parallel 1,4,12]
+    python -m service.bench.cluster_throughput [--entries 12] [--mib 16] [--parallel 1,4,12]
 
 On a machine with fewer cores than masters the cluster cannot run faster: every redis-server and
 the client share the same cores. The figure that carries over is the ratio on real hardware.
@@ -21,10 +21,10 @@ import time
 import uuid
 
 from service.bench.perf import synthetic_cache
+from service.cache.ids import CacheKey
 from service.config import StoreConfig
 from service.store.embedded import EmbeddedRedis
 from service.store.embedded_cluster import EmbeddedRedisCluster
-from service.store.ids import CacheKey
 from service.store.redis_store import RedisStore, connect
 
 

@@ -75,12 +75,12 @@ def per_layer_sdpa(
 ) -> tuple[torch.Tensor, None]:
     """Scaled dot-product attention; query (b, heads, q, d), key/value (b, kv_heads, k, d).
 
-    Ragged batches (continuous batching, ``service.batching``): key and value are lists with one
+    Ragged batches (continuous batching, ``service.engine.batching``): key and value are lists with one
     (1, kv_heads, k_r, d) tensor per row and ``kvc_evicted[layer]`` a list of per-row masks; each
     row attends to its own cache exactly as it would alone (the same call on the same tensors).
     """
     evicted = kvc_evicted[module.layer_idx] if kvc_evicted is not None else None
-    if kvc_static:  # a static decode step (``service.step_graph``): whole buffers, slots hidden by ``evicted``
+    if kvc_static:  # a static decode step (``service.engine.step_graph``): whole buffers, slots hidden by ``evicted``
         rows = [decode_attention(query[r : r + 1], k, v, evicted[r], scaling, softcap)
                 for r, (k, v) in enumerate(zip(key, value))]
         return torch.cat(rows).transpose(1, 2).contiguous(), None
@@ -135,7 +135,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """One row's new queries (1, heads, q, d) over a whole fixed cache buffer (1, kv_heads, C, d), with
     ``hidden`` (1, kv_heads, C) True where a slot is not attended (not yet written, or evicted).
 
-    Fixed shapes and no host sync, so a CUDA graph can hold it (``service.step_graph``). A GQA group's
+    Fixed shapes and no host sync, so a CUDA graph can hold it (``service.engine.step_graph``). A GQA group's
     query heads share one key matrix, so the cache is read once, never repeated per query head. As
     transformers' eager attention: logits in the model's dtype, softmax in float32.
     """
@@ -203,7 +203,7 @@ def split_attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torc
     attended by the flash kernel, and merged by their log-sum-exps, which the fused scorer's Triton
     kernel computes (``fused_scoring.log_sum_exp``; GQA without copies); the scorer then reuses them.
     """
-    from service.presses.fused_scoring import log_sum_exp
+    from service.engine.presses.fused_scoring import log_sum_exp
 
     split = key.shape[2] - query.shape[2]
     scale = scale if scale is not None else query.shape[-1] ** -0.5

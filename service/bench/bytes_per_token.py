@@ -5,7 +5,7 @@ project's codec (what the prefix store holds), and prints bytes per original con
 ratio to uncompressed float16 (23,040 bytes/token for SmolLM2), and whether the needle is still
 answered.
 
-    python benchmarks/bytes_per_token.py [--tokens 2000]
+    python -m service.bench.bytes_per_token [--tokens 2000]
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from service import codec  # noqa: E402
-from service.engine import Engine  # noqa: E402
-from service.haystack import needle_document  # noqa: E402
+from service.bench.haystack import needle_document  # noqa: E402
+from service.cache import codec  # noqa: E402
+from service.engine.engine import Engine  # noqa: E402
 
 KVCOMPOSE = {"press": "kvcompose", "compression_ratio": 0.5}
 CONFIGS = [

@@ -3,7 +3,7 @@
 Each sample is prefilled once; every variant scores the same recorded prefill, then compresses at
 each ratio and answers greedily. Prints mean scores per variant and ratio and writes a CSV.
 
-    python benchmarks/task_aware_variants.py --samples 2 --out bench/task-aware-2k/results.csv
+    python -m service.bench.task_aware_variants --samples 2 --out bench/task-aware-2k/results.csv
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from pathlib import Path
 
 from service.bench import metrics, ruler
 from service.bench.runner import AccuracyRun, record, run_press
+from service.cache.kvcache import CacheMeta
 from service.config import EngineConfig
-from service.engine import Engine
-from service.kvcache import CacheMeta
-from service.prefill import collect
-from service.presses import build
-from service.presses.kvcompose import KVComposePress
-from service.presses.scoring import TaskAttention
+from service.engine.engine import Engine
+from service.engine.prefill import collect
+from service.engine.presses import build
+from service.engine.presses.kvcompose import KVComposePress
+from service.engine.presses.scoring import TaskAttention
 
 
 class ContextSoftmaxKVCompose(KVComposePress):

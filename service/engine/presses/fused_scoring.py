@@ -14,7 +14,7 @@ fused-attention tutorial), each program keeps one block in registers and walks t
 
 GQA: query head h reads KV head h // groups, so the cache is never repeated. Products accumulate in
 float32 (bfloat16 inputs multiply exactly in float32; float32 inputs use IEEE, not TF32), so the
-result equals the reference scorer (``service.presses.scoring``) up to summation order.
+result equals the reference scorer (``service.engine.presses.scoring``) up to summation order.
 
 This module imports Triton; ``scoring`` imports it only where it is used (``available``), so CPU
 machines without Triton use the reference scorer. Tests run the kernels on the CPU with Triton's

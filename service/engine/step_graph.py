@@ -29,7 +29,7 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
-from service.decode import ReservedLayer
+from service.engine.decode import ReservedLayer
 
 log = logging.getLogger(__name__)
 

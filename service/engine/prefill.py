@@ -9,8 +9,9 @@ import torch
 from kvpress import BasePress
 from transformers import DynamicCache, PreTrainedModel
 
-from service.cancel import stop_between_layers
-from service.kvcache import CacheMeta, CompressedKV, compact
+from service.cache.kvcache import CacheMeta, CompressedKV
+from service.engine.cancel import stop_between_layers
+from service.engine.selection import select
 
 
 def prefill(model: PreTrainedModel, context_ids: list[int], press: BasePress | None, meta: CacheMeta,
@@ -56,3 +57,25 @@ def _evicted_mask(indices: tuple[torch.Tensor, ...] | None, layer) -> torch.Tens
     _, head, position = indices
     mask[head, position] = True
     return mask
+
+
+def compact(kv: CompressedKV) -> CompressedKV:
+    """Drop head-wise evicted slots: each head's kept slots packed densely, in position order.
+
+    kvpress's head-wise presses (AdaKV, CriticalAdaKV, ...) only mask evicted slots, which saves no
+    memory. Attention does not depend on the order of keys (positions are inside the rotated keys),
+    so each layer can shrink to its busiest head's count; shorter heads' spare slots stay evicted.
+    """
+    keys, values, evicted = [], [], []
+    for k, v, e in zip(kv.keys, kv.values, kv.evicted):
+        if e is None:
+            keys.append(k), values.append(v), evicted.append(None)
+            continue
+        kept = ~e.to(k.device)
+        positions, padding = select(kept.float(), kept.sum(dim=1).clamp(min=1))
+        index = positions.unsqueeze(-1).expand(-1, -1, k.shape[-1])
+        keys.append(k.gather(1, index)), values.append(v.gather(1, index))
+        still = kept.gather(1, positions) == 0  # a head that kept nothing keeps one evicted slot
+        mask = still if padding is None else (padding | still)
+        evicted.append(mask if bool(mask.any()) else None)
+    return CompressedKV(keys=keys, values=values, evicted=evicted, meta=kv.meta)

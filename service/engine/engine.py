@@ -14,16 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from service.codec import memory_dtype
+from service.cache.codec import memory_dtype
+from service.cache.kvcache import CacheMeta, CompressedKV
 from service.config import CODECS, EngineConfig
-from service.decode import Sampling, generate, question_logits
-from service.kvcache import CacheMeta, CompressedKV
-from service.models import LoadedModel, load_model, position_limit
-from service.prefill import prefill
-from service.presses import build, canonical, presses_in
-from service.prompt import PromptFormat
+from service.engine.decode import Sampling, generate, question_logits
+from service.engine.models import LoadedModel, load_model, position_limit
+from service.engine.prefill import prefill
+from service.engine.presses import build, canonical, presses_in
+from service.engine.prompt import PromptFormat
+from service.engine.text_stream import TextStream
 from service.protocol import kept_fraction
-from service.text_stream import TextStream
 
 
 @dataclass(frozen=True)

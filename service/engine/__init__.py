@@ -1,0 +1,1 @@
+"""Everything that runs the model: prefill, scoring presses, selection, generation."""
