@@ -8,6 +8,7 @@ import uuid
 from service.cache import codec
 from service.cache.ids import CacheKey
 from service.config import StoreConfig
+from service.engine.selection import SELECTION_REVISION
 from service.store.redis_store import RedisStore, connect
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
@@ -18,7 +19,8 @@ def make_cache(engine, ids: list[int], codec_name: str = "float16", tenant: str 
     press = {"press": "knorm", "compression_ratio": 0.5} if press is None else press
     kv, _ = engine.compress(ids, press, codec=codec_name)
     loaded = engine.loaded
-    key = CacheKey(loaded.model_id, loaded.revision, loaded.tokenizer_digest, kv.meta.press, codec_name, tenant)
+    key = CacheKey(loaded.model_id, loaded.revision, loaded.tokenizer_digest, kv.meta.press, codec_name, tenant,
+                   selection_revision=SELECTION_REVISION)
     return key, codec.encode(kv, codec_name)
 
 

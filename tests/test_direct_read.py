@@ -11,6 +11,7 @@ from conftest import random_ids
 from store_helpers import ServerProcess, make_cache
 
 from service.cache import codec
+from service.cache.format import check, kept_tokens_per_layer
 from service.config import StoreConfig
 from service.store.acl import READER, reader_rules
 from service.store.direct import DirectReader, DirectReadFailed
@@ -187,7 +188,7 @@ def test_a_cluster_entry_is_read_from_the_node_holding_its_slot(tiny_engine, red
 def test_decode_reads_any_split_of_the_bytes(tiny_engine, press):
     """Dense, and head-wise (eviction masks, read by the store for kept tokens too)."""
     _, data = make_cache(tiny_engine, random_ids(200, seed=8), "int8", press=press)
-    whole, header = codec.decode(data), codec.check(data)
+    whole, header = codec.decode(data), check(data)
     rng = random.Random(0)
     for _ in range(5):  # cuts anywhere: inside the prefix, the header, a tensor, the digest; empty pieces
         cuts = sorted(rng.sample(range(1, len(data)), 12) + [0, 0, 5, len(data)])
@@ -195,7 +196,7 @@ def test_decode_reads_any_split_of_the_bytes(tiny_engine, press):
         kv = codec.decode(pieces)
         assert all((a == b).all() for a, b in zip(kv.keys + kv.values, whole.keys + whole.values))
         assert all((a is None and b is None) or (a == b).all() for a, b in zip(kv.evicted, whole.evicted))
-        assert codec.kept_tokens_per_layer(pieces, header) == codec.kept_tokens_per_layer(data, header)
+        assert kept_tokens_per_layer(pieces, header) == kept_tokens_per_layer(data, header)
     assert (press is not None) == any(e is not None for e in whole.evicted)
     damaged = bytearray(data)
     damaged[len(data) // 2] ^= 1

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from service.cache.ids import CacheKey
 from service.engine.prompt import PromptFormat
 
-KEY = CacheKey("smollm2-135m-instruct", "rev", "ab" * 32, {"press": "knorm", "compression_ratio": 0.5}, "float16")
+KEY = CacheKey("smollm2-135m-instruct", "rev", "ab" * 32, {"press": "knorm", "compression_ratio": 0.5}, "float16",
+               selection_revision=2)
 # Any Unicode (surrogates cannot be encoded as UTF-8 at all), biased towards the characters that
 # broke identity before: '#' runs, template markers and control characters.
 TRICKY = st.sampled_from(["#", "###", "<|im_end|>", "<|im_start|>", "<|endoftext|>", "\n", "\r\n", "\x00", "\t",

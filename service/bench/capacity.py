@@ -68,7 +68,7 @@ def redis_overhead(entry_bytes: int, entries: int = 8) -> float:
         store = RedisStore(connect(config, url), config)
         before = (await store.redis.info("memory"))["used_memory"]
         for i in range(entries):
-            key = CacheKey("capacity", "r", "t", {}, "float16", f"t{i}")
+            key = CacheKey("capacity", "r", "t", {}, "float16", f"t{i}", selection_revision=1)
             await store.put(key, ids, data)
         after = (await store.redis.info("memory"))["used_memory"]
         await store.close()

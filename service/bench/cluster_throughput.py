@@ -49,7 +49,7 @@ async def measure(url: str, cluster: bool, entries: int, mib: int, parallels: li
     config = StoreConfig(redis_url=url, redis_cluster=cluster, key_prefix=f"bench-{uuid.uuid4().hex[:6]}")
     store = RedisStore(connect(config, url), config)
     ids, data = synthetic_cache(mib)
-    key = CacheKey("bench", "r", "t", {}, "float16", "default")
+    key = CacheKey("bench", "r", "t", {}, "float16", "default", selection_revision=1)
     cache_ids = [(await store.put(key, [i, *ids[1:]], data))[0].cache_id for i in range(entries)]
     rates = {p: await fetch_rate(store, cache_ids, p, repeats, len(data)) for p in parallels}
     await store.close()

@@ -305,6 +305,7 @@ def _stored_cache(engine, doc: str, workdir: Path):
     """The document's default-press cache bytes, compressed once per run (kept in ``workdir``)."""
     from service.cache import codec
     from service.cache.ids import CacheKey
+    from service.engine.selection import SELECTION_REVISION
 
     ids = engine.context_ids(doc)
     path = workdir / f"{engine.model_id.replace('/', '_')}-{len(ids)}.kvc"
@@ -315,7 +316,7 @@ def _stored_cache(engine, doc: str, workdir: Path):
     meta = codec.decode(data).meta  # the codec checks the file (format, digest) before anything is used
     loaded = engine.loaded
     return data, ids, CacheKey(loaded.model_id, loaded.revision, loaded.tokenizer_digest, meta.press,
-                               engine.config.codec, "default")
+                               engine.config.codec, "default", selection_revision=SELECTION_REVISION)
 
 
 def _fetch(case: Case) -> dict:
@@ -330,7 +331,8 @@ def _fetch(case: Case) -> dict:
     ids, data = synthetic_cache(case.size)
     n = _FETCH_ITERATIONS.get(case.size, 3)
     with StoreStack(maxmemory="2gb") as stack:
-        manifest, _ = stack.client.put(CacheKey("bench", "r", "t", {}, "float16", "default"), ids, data)
+        manifest, _ = stack.client.put(CacheKey("bench", "r", "t", {}, "float16", "default", selection_revision=1),
+                                       ids, data)
         _, names = stack.client.grant(manifest.cache_id)  # the entry's own chunks: the same bytes
         raw = redis.Redis.from_url(stack.redis_url, socket_read_size=READ_BYTES)  # as the reader reads
         raw.set("bench:raw", data)
@@ -393,6 +395,7 @@ def _reuse(case: Case, workdir: Path) -> dict:
 
     from service.cache import codec
     from service.cache.ids import CacheKey
+    from service.engine.selection import SELECTION_REVISION
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = workdir / f"llama-8b-{case.size}.kvc"
@@ -402,7 +405,8 @@ def _reuse(case: Case, workdir: Path) -> dict:
     data = path.read_bytes()
     ids = list(range(case.size))
     with StoreStack(maxmemory="3gb") as stack:
-        key = CacheKey(_LLAMA_8B_META["model_id"], "r", "t", _LLAMA_8B_META["press"], "int8", "default")
+        key = CacheKey(_LLAMA_8B_META["model_id"], "r", "t", _LLAMA_8B_META["press"], "int8", "default",
+                       selection_revision=SELECTION_REVISION)
         manifest, _ = stack.client.put(key, ids, data)
         figures = {}
         for method in ("grpc", "grant"):

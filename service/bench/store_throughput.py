@@ -69,7 +69,7 @@ def main() -> None:
             try:
                 with PrefixStoreClient(target, token=TOKEN) as client:
                     for mib, (ids, data) in caches.items():
-                        key = CacheKey("bench", "r", "t", {}, "float16", "default")
+                        key = CacheKey("bench", "r", "t", {}, "float16", "default", selection_revision=1)
                         m, _ = client.put(key, ids, data)
                         raw.set("bench:raw", data)
                         assert raw.get("bench:raw") == data and client.fetch(m.cache_id)[1] == data

@@ -7,46 +7,17 @@ Batch size is always 1: one cache is one document.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+
+from service.cache.format import CacheMeta
 
 
 def kept_tokens(slots: int, evicted: torch.Tensor | None) -> float:
     """A layer's kept tokens: its slots, minus each head's evicted ones, averaged over KV heads."""
     return float(slots) if evicted is None else float((~evicted.bool()).sum(dim=1).float().mean())
-
-
-@dataclass(frozen=True)
-class CacheMeta:
-    """What decode needs to know besides the tensors.
-
-    original_length: context tokens before compression; question positions continue from it.
-    press: canonical press spec (JSON object) that produced the cache, ``{}`` for none.
-    """
-
-    model_id: str
-    model_revision: str
-    original_length: int
-    press: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {
-            "model_id": self.model_id,
-            "model_revision": self.model_revision,
-            "original_length": self.original_length,
-            "press": self.press,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict) -> CacheMeta:
-        return cls(
-            model_id=str(data["model_id"]),
-            model_revision=str(data["model_revision"]),
-            original_length=int(data["original_length"]),
-            press=dict(data["press"]),
-        )
 
 
 @dataclass

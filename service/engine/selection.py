@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import torch
 
+# Bumped when a press keeps other tokens for the same spec, so that caches stored by the old
+# selection are never served as the new one's (they expire unused): it is an input of the cache id
+# (``cache/ids.py``). 2: KVCompose scores inside the model's window (contexts longer than half of it
+# lost needles with revision 1).
+SELECTION_REVISION = 2
+
 BOOST = 1e9  # added to the first keep_token_lower_bound composite scores, as kvpress does
 
 

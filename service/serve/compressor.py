@@ -15,6 +15,7 @@ from service.cache.ids import CacheKey
 from service.engine.cancel import run_stoppable
 from service.engine.engine import Engine
 from service.engine.presses import canonical
+from service.engine.selection import SELECTION_REVISION
 from service.protocol import CompressResult
 from service.store.redis_store import RedisStore
 
@@ -33,7 +34,8 @@ class CacheCompressor:
         spec = dict(press)
         if task_prompts:  # task-aware scoring changes the cache: part of its identity
             spec["task_prompts"] = list(task_prompts)
-        return CacheKey(loaded.model_id, loaded.revision, loaded.tokenizer_digest, spec, codec_name, tenant)
+        return CacheKey(loaded.model_id, loaded.revision, loaded.tokenizer_digest, spec, codec_name, tenant,
+                        selection_revision=SELECTION_REVISION)
 
     async def compress(self, tenant: str, context: str | list[int], press: str | dict | None = None,
                        codec_name: str | None = None, task_prompts: list[str] | None = None,

@@ -48,7 +48,8 @@ class Manifest:
         data = {k: v for k, v in data.items() if k in known}  # a newer store's fields are skipped
         data["sha256"] = bytes.fromhex(data["sha256"])
         data["xxh3_128"] = bytes.fromhex(data.get("xxh3_128", ""))
-        data["key"] = CacheKey(**data["key"])
+        # manifests written before the revision was part of the key were written at revision 2
+        data["key"] = CacheKey(**{"selection_revision": 2, **data["key"]})
         data["kept_tokens_per_layer"] = tuple(data.get("kept_tokens_per_layer", ()))
         return cls(**data)
 
@@ -70,7 +71,8 @@ class Manifest:
 def key_to_proto(key: CacheKey, pb):
     return pb.CacheKey(model_id=key.model_id, model_revision=key.model_revision,
                        tokenizer_digest=key.tokenizer_digest,
-                       press_json=json.dumps(key.press, sort_keys=True, separators=(",", ":")), codec=key.codec)
+                       press_json=json.dumps(key.press, sort_keys=True, separators=(",", ":")), codec=key.codec,
+                       selection_revision=key.selection_revision)
 
 
 def key_from_proto(msg, tenant: str) -> CacheKey:
@@ -78,4 +80,7 @@ def key_from_proto(msg, tenant: str) -> CacheKey:
         press = json.loads(msg.press_json or "{}")
     except ValueError:
         raise ValueError("key.press_json is not valid JSON") from None
-    return CacheKey(msg.model_id, msg.model_revision, msg.tokenizer_digest, press, msg.codec, tenant)
+    if not msg.selection_revision:
+        raise ValueError("key.selection_revision is not set: send the engine's SELECTION_REVISION")
+    return CacheKey(msg.model_id, msg.model_revision, msg.tokenizer_digest, press, msg.codec, tenant,
+                    selection_revision=msg.selection_revision)

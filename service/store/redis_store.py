@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from service.cache.codec import FORMAT_VERSION, CorruptCacheError, check, kept_tokens_per_layer, layer_shapes
+from service.cache.format import FORMAT_VERSION, CorruptCacheError, check, kept_tokens_per_layer, layer_shapes
 from service.cache.ids import CacheKey
 from service.config import StoreConfig
 from service.store.checksum import xxh3_128

@@ -1,0 +1,261 @@
+"""The cache byte format, version 1, read without torch: framing, digest, structure and the facts the
+store records (slots, kept tokens). ``codec.py`` writes and decodes the tensors.
+
+Layout (all integers little-endian)::
+
+    magic    8 bytes   b"KVCPRS\\r\\n"
+    version  u32       FORMAT_VERSION
+    hlen     u32       length of the header
+    header   hlen      UTF-8 JSON: {"meta": {...}, "codec": "int8", "layers": 30, "tensors": [
+                           {"name": "k.0", "dtype": "int8", "shape": [812, 96], "offset": 0, "nbytes": ...}, ...]}
+    payload  ...       the tensors' raw bytes, C order, at the header's offsets
+    digest   32 bytes  SHA-256 of everything before it
+
+See ``codec.py`` for the tensors of each layer and the codecs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.config import CODECS
+
+MAGIC = b"KVCPRS\r\n"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<8sII")
+_DIGEST = 32
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """What decode needs to know besides the tensors.
+
+    original_length: context tokens before compression; question positions continue from it.
+    press: canonical press spec (JSON object) that produced the cache, ``{}`` for none.
+    """
+
+    model_id: str
+    model_revision: str
+    original_length: int
+    press: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "model_id": self.model_id,
+            "model_revision": self.model_revision,
+            "original_length": self.original_length,
+            "press": self.press,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> CacheMeta:
+        return cls(
+            model_id=str(data["model_id"]),
+            model_revision=str(data["model_revision"]),
+            original_length=int(data["original_length"]),
+            press=dict(data["press"]),
+        )
+
+
+
+class CorruptCacheError(ValueError):
+    """The bytes are not a complete, intact cache of a known format version."""
+
+
+Data = bytes | memoryview | Sequence[bytes]  # one buffer, or the chunks a fetch returns in order
+
+
+class Pieces:
+    """A cache's bytes as the pieces they arrived in (a fetch's chunks), read without joining them:
+    a 512 MiB join is a copy into fresh pages that costs about a third of the fetch itself."""
+
+    def __init__(self, data: Data):
+        pieces = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+        self.pieces = [memoryview(p).cast("B") for p in pieces]
+        self.starts = list(itertools.accumulate((len(p) for p in self.pieces), initial=0))
+
+    @classmethod
+    def of(cls, data: Data | Pieces) -> Pieces:
+        """``data`` as pieces, made once per read however many steps look at it."""
+        return data if isinstance(data, Pieces) else cls(data)
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def read(self, start: int, stop: int) -> memoryview:
+        """Bytes [start, stop): a view when one piece holds them, else a copy."""
+        i = bisect.bisect_right(self.starts, start) - 1
+        if stop <= self.starts[i + 1]:
+            return self.pieces[i][start - self.starts[i] : stop - self.starts[i]]
+        out = np.empty(stop - start, dtype=np.uint8)
+        self.copy_into(out, start)
+        return memoryview(out)
+
+    def copy_into(self, out: np.ndarray, start: int) -> None:
+        """Fill ``out`` (uint8) with the bytes from ``start``."""
+        done, i = 0, bisect.bisect_right(self.starts, start) - 1
+        while done < len(out):
+            offset = start + done - self.starts[i]
+            piece = self.pieces[i][offset : offset + len(out) - done]
+            out[done : done + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+            done, i = done + len(piece), i + 1
+
+    def sha256(self, stop: int) -> bytes:
+        digest = hashlib.sha256()
+        for piece, start in zip(self.pieces, self.starts):
+            if start < stop:
+                digest.update(piece[: stop - start])
+        return digest.digest()
+
+
+def read_header(data: Data, verified: bool = False) -> dict:
+    """Check framing and digest, then return the parsed header. Raises CorruptCacheError.
+
+    verified: the bytes already passed the store's read checksum (``service/store/checksum.py``),
+    and the store checked this digest when they were put: the SHA-256 is not computed again.
+    """
+    data = Pieces.of(data)
+    if len(data) < _PREFIX.size + _DIGEST:
+        raise CorruptCacheError(f"cache is truncated: {len(data)} bytes")
+    magic, version, hlen = _PREFIX.unpack_from(data.read(0, _PREFIX.size))
+    if magic != MAGIC:
+        raise CorruptCacheError("not a KVCompose cache (bad magic bytes)")
+    if version != FORMAT_VERSION:
+        raise CorruptCacheError(f"cache format version {version} is not supported (this build reads {FORMAT_VERSION})")
+    if not verified and data.sha256(len(data) - _DIGEST) != bytes(data.read(len(data) - _DIGEST, len(data))):
+        raise CorruptCacheError("cache checksum mismatch: the bytes were truncated or altered")
+    if _PREFIX.size + hlen > len(data) - _DIGEST:
+        raise CorruptCacheError(f"cache header length {hlen} runs past the end")
+    try:
+        return json.loads(bytes(data.read(_PREFIX.size, _PREFIX.size + hlen)))
+    except ValueError as e:
+        raise CorruptCacheError(f"cache header is not JSON: {e}") from None
+
+
+_ITEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1, "int8": 1}
+
+
+def check(data: Data, verified: bool = False) -> dict:
+    """``read_header`` plus the whole structure, before anything is stored or built: header fields,
+    every tensor's name, dtype, shape and offset against the payload, and shapes consistent across
+    layers. Returns the header; raises CorruptCacheError saying what is wrong."""
+    data = Pieces.of(data)
+    header = read_header(data, verified)
+    try:
+        _check_structure(header, payload_bytes(data))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CorruptCacheError(f"cache header is malformed: {e}") from None
+    return header
+
+
+def _check_structure(header: dict, payload_bytes: int) -> None:
+    if not isinstance(header, dict) or not isinstance(header.get("meta"), dict):
+        raise ValueError("no 'meta' object")
+    meta = CacheMeta.from_json(header["meta"])
+    if meta.original_length < 1:
+        raise ValueError("meta.original_length must be >= 1")
+    codec = header.get("codec")
+    if codec not in CODECS:
+        raise ValueError(f"codec {codec!r} is not one of {CODECS}")
+    layers = header.get("layers")
+    if not isinstance(layers, int) or layers < 1:
+        raise ValueError("'layers' must be a positive integer")
+    tensors = header.get("tensors")
+    if not isinstance(tensors, list) or not tensors:
+        raise ValueError("no tensors")
+    by_name, end = {}, 0
+    for t in sorted(tensors, key=lambda t: t["offset"]):
+        name, dtype, shape = t["name"], t["dtype"], t["shape"]
+        if name in by_name:
+            raise ValueError(f"tensor {name} appears twice")
+        if dtype not in _ITEM_BYTES or not isinstance(shape, list) or not all(
+                isinstance(n, int) and n >= 0 for n in shape):
+            raise ValueError(f"tensor {name}: bad dtype or shape")
+        if t["offset"] != end or t["nbytes"] != int(np.prod(shape)) * _ITEM_BYTES[dtype]:
+            raise ValueError(f"tensor {name} does not sit where the payload says")
+        end += t["nbytes"]
+        by_name[name] = (dtype, shape)
+    if end != payload_bytes:
+        raise ValueError(f"tensors cover {end} bytes; the payload has {payload_bytes}")
+    stored = "int8" if codec == "int8" else codec
+    expected: dict[str, tuple[str, list[int] | None]] = {}
+    if len(by_name.get("v.0", (None, []))[1]) != 3:
+        raise ValueError("layer 0: values missing or not (heads, slots, head_dim)")
+    heads, _, dim = by_name["v.0"][1]
+    for i in range(layers):
+        v_shape = by_name.get(f"v.{i}", (None, []))[1]
+        if len(v_shape) != 3 or [v_shape[0], v_shape[2]] != [heads, dim]:
+            raise ValueError(f"layer {i}: values missing or not (heads, slots, head_dim) like layer 0")
+        n = v_shape[1]
+        if not 1 <= n <= meta.original_length:
+            raise ValueError(f"layer {i} has {n} slots for a {meta.original_length}-token context")
+        cols = by_name.get(f"k.{i}", (None, [0, -1]))[1]
+        kc = f"kc.{i}" in by_name
+        if len(cols) != 2 or cols[0] != n or not (cols[1] <= heads * dim if kc else cols[1] == heads * dim):
+            raise ValueError(f"layer {i}: keys missing or not (slots, kept channels)")
+        expected |= {f"k.{i}": (stored, None), f"v.{i}": (stored, None)}
+        if kc:
+            expected[f"kc.{i}"] = ("uint8", [heads, dim])
+        if codec == "int8":
+            expected |= {f"ks.{i}": ("float16", [cols[1]]), f"vs.{i}": ("float16", [heads, n])}
+        if f"e.{i}" in by_name:
+            expected[f"e.{i}"] = ("uint8", [heads, n])
+    for name, (dtype, shape) in by_name.items():
+        if name not in expected:
+            raise ValueError(f"unexpected tensor {name}")
+        want_dtype, want_shape = expected.pop(name)
+        if dtype != want_dtype or (want_shape is not None and shape != want_shape):
+            raise ValueError(f"tensor {name} is {dtype} {shape}; expected {want_dtype} {want_shape or ''}".strip())
+    if expected:
+        raise ValueError(f"missing tensors {sorted(expected)}")
+
+
+def layer_shapes(header: dict) -> tuple[list[int], int]:
+    """From a header: KV slots per layer, and float16 bytes per token of the uncompressed cache."""
+    shapes = {t["name"]: t["shape"] for t in header["tensors"]}
+    layers = range(int(header["layers"]))
+    slots = [int(shapes[f"v.{i}"][1]) for i in layers]
+    per_token = sum(2 * 2 * int(shapes[f"v.{i}"][0]) * int(shapes[f"v.{i}"][2]) for i in layers)
+    return slots, per_token
+
+
+def kept_tokens_per_layer(data: Data, header: dict) -> list[float]:
+    """``CompressedKV.kept_tokens_per_layer`` from checked bytes, reading only the eviction masks."""
+    data = Pieces.of(data)
+    start, size = payload_start(data), payload_bytes(data)
+    entries = {e["name"]: e for e in header["tensors"]}
+    slots, _ = layer_shapes(header)
+    return [_kept_tokens(n, _array(data, start, size, entries[f"e.{i}"])) if f"e.{i}" in entries else float(n)
+            for i, n in enumerate(slots)]
+
+
+def payload_start(data: Pieces) -> int:
+    return _PREFIX.size + _PREFIX.unpack_from(data.read(0, _PREFIX.size))[2]
+
+
+def payload_bytes(data: Pieces) -> int:
+    return len(data) - payload_start(data) - _DIGEST
+
+
+def _kept_tokens(slots: int, evicted: np.ndarray) -> float:
+    """``kvcache.kept_tokens`` on a stored uint8 mask: slots kept per KV head, averaged (float32, as torch does)."""
+    return float((evicted == 0).sum(axis=1).astype(np.float32).mean()) if slots else 0.0
+
+
+def _array(data: Pieces, start: int, size: int, entry: dict) -> np.ndarray:
+    """One stored tensor as a numpy array (dtypes numpy has; used for the uint8 masks)."""
+    offset, n = int(entry["offset"]), int(entry["nbytes"])
+    shape = [int(s) for s in entry["shape"]]
+    if offset < 0 or offset + n > size or n != int(np.prod(shape)) * _ITEM_BYTES[entry["dtype"]]:
+        raise ValueError(f"tensor {entry['name']} does not fit the payload")
+    out = np.empty(n, dtype=np.uint8)
+    data.copy_into(out, start + offset)
+    return out.view(entry["dtype"]).reshape(shape) if entry["dtype"] != "bfloat16" else out.reshape(-1)
