@@ -19,14 +19,22 @@ def test_the_ingress_and_the_api_layer_import_no_model_stack():
     assert imported_after("service.protocol") == []
 
 
-def test_the_work_modules_share_the_protocols_types():
-    """One definition of each request and result type: the modules that do the work re-use them."""
-    from service import protocol
-    from service.engine import batching, cancel, decode
-    from service.engine.presses import registry
-    from service.serve import answerer, api, compressor
+def test_an_engine_error_reaches_the_client_as_its_status():
+    """The engine raises the protocol's types and the edge maps them: a bad press spec (raised deep in
+    the press registry) is INVALID_ARGUMENT naming the press, an overloaded decode loop is
+    RESOURCE_EXHAUSTED, a cancelled request CANCELLED; an unknown error never leaks its text."""
+    import grpc
+    import pytest
 
-    assert decode.Sampling is api.Sampling is protocol.Sampling
-    assert answerer.AnswerStats is protocol.AnswerStats and compressor.CompressResult is protocol.CompressResult
-    assert batching.Overloaded is protocol.Overloaded and cancel.Cancelled is protocol.Cancelled
-    assert registry.PressSpecError is protocol.PressSpecError
+    from service import protocol
+    from service.engine.presses import canonical
+    from service.serve import messages
+
+    with pytest.raises(protocol.PressSpecError) as bad:
+        canonical({"press": "nope"})
+    assert messages.to_status(bad.value, "r1") == (grpc.StatusCode.INVALID_ARGUMENT, str(bad.value))
+    assert "nope" in str(bad.value)
+    assert messages.to_status(protocol.Overloaded("full"), "r2")[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert messages.to_status(protocol.Cancelled("gone"), "r3")[0] == grpc.StatusCode.CANCELLED
+    status, text = messages.to_status(RuntimeError("secret detail"), "r4")
+    assert status == grpc.StatusCode.INTERNAL and "secret" not in text and "r4" in text
