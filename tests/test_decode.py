@@ -1,10 +1,15 @@
-"""Decoding from a compressed cache: positions, no mutation, sampling, stops."""
+"""Decoding from a compressed cache: positions, no mutation, sampling, stops, and one loop for
+every caller (an answer alone and inside a batch are the same tokens)."""
 
-import pytest
 import torch
 from conftest import random_ids
 
-from service.engine.decode import Sampling, generate
+from service.engine.batching import Request, decode_tokens
+from service.engine.decode import Sampling
+
+
+def generate(model, kv, question, sampling) -> list[int]:
+    return decode_tokens(model, [Request(kv, question, sampling)])[0]
 
 
 def test_questions_do_not_mutate_the_cache(tiny_engine):
@@ -58,31 +63,36 @@ def test_stop_strings_cut_the_answer(tiny_engine):
 
 
 def test_batched_answers_equal_one_cache_at_a_time(tiny_engine):
-    """Caches of different per-layer lengths and head-wise evictions, padded into one batch."""
-    from service.engine.decode import generate_batch
-
+    """Caches of different per-layer lengths and head-wise evictions, and of another context, in one
+    batch of the decode loop: each answers as it does alone."""
     context = random_ids(240, seed=5)
     specs = [{}, {"press": "kvcompose", "compression_ratio": 0.6},
              {"press": "adakv", "inner": {"press": "snapkv", "compression_ratio": 0.5, "window_size": 8}},
              {"press": "pyramidkv", "compression_ratio": 0.7, "window_size": 8}]
     kvs = [tiny_engine.compress(context, spec)[0] for spec in specs]
+    kvs.append(tiny_engine.compress(random_ids(130, seed=9), {"press": "knorm", "compression_ratio": 0.5})[0])
     assert len({tuple(kv.layer_lengths) for kv in kvs}) == len(kvs)
     model, q = tiny_engine.loaded.model, random_ids(6, seed=3)
     alone = [list(generate(model, kv, q, Sampling(max_new_tokens=10))) for kv in kvs]
     assert len({tuple(a) for a in alone}) > 1  # the caches really answer differently
-    assert generate_batch(model, kvs, q, 10) == alone
-    # a row that is finished leaves the batch; the others go on unchanged
-    cut = generate_batch(model, kvs, q, 10, finished=lambda row, tokens: row == 1 and len(tokens) == 3)
-    assert cut == [alone[0], alone[1][:3], *alone[2:]]
+    ten = Sampling(max_new_tokens=10)
+    assert decode_tokens(model, [Request(kv, q, ten) for kv in kvs]) == alone
+    # a row that is finished leaves the batch; the others go on unchanged, also when rows wait their turn
+    requests = [Request(kv, q, ten, until=(lambda tokens: len(tokens) == 3) if i == 1 else None)
+                for i, kv in enumerate(kvs)]
+    from service.config import BatchLimits
+
+    for limits in (None, BatchLimits(max_batch=2, memory_bytes=1 << 40)):
+        assert decode_tokens(model, requests, limits) == [alone[0], alone[1][:3], *alone[2:]]
 
 
-def test_batched_answers_need_one_context(tiny_engine):
-    from service.engine.decode import generate_batch
-
-    a, _ = tiny_engine.compress(random_ids(100), {})
-    b, _ = tiny_engine.compress(random_ids(120), {})
-    with pytest.raises(ValueError, match="same original length"):
-        generate_batch(tiny_engine.loaded.model, [a, b], [1, 2], 4)
+def test_the_engine_answers_through_the_loop_with_text_as_the_tokens_say(tiny_engine):
+    """``Engine.answer`` (the CLI's path) is the loop's answer decoded: the same tokens as a batch row."""
+    kv, _ = tiny_engine.compress(random_ids(90), {"press": "kvcompose", "compression_ratio": 0.5})
+    question_ids, sampling = tiny_engine.prepare(kv, "What is it?", Sampling(max_new_tokens=9))
+    tokens = decode_tokens(tiny_engine.loaded.model, [Request(kv, question_ids, sampling)])[0]
+    assert tiny_engine.answer(kv, "What is it?", Sampling(max_new_tokens=9)) == \
+        tiny_engine.loaded.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def test_static_attention_over_a_reserved_buffer_equals_attention_over_its_filled_part():

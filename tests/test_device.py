@@ -19,8 +19,8 @@ from test_registry import OFFLINE, spec_for
 
 from service.cache import codec
 from service.config import CODECS
-from service.engine.batching import BatchLimits, DecodeLoop
-from service.engine.decode import Sampling, generate, generate_batch, question_logits
+from service.engine.batching import BatchLimits, DecodeLoop, Request, decode_tokens
+from service.engine.decode import Sampling, question_logits
 from service.engine.prefill import prefill
 from service.engine.presses import build
 
@@ -103,18 +103,19 @@ def headwise_kv(model):
     return compress(model, OWN["kvcompose-headwise"])
 
 
-def test_generate(model, headwise_kv):
+def test_decode_alone(model, headwise_kv):
     question = random_ids(4, seed=5)
     for sampling in (Sampling(max_new_tokens=6), Sampling(max_new_tokens=6, temperature=0.9, top_p=0.8, seed=3)):
-        assert on_meta(lambda s=sampling: list(generate(model, headwise_kv, question, s))) == \
-            list(generate(model, headwise_kv, question, sampling))
+        one = [Request(headwise_kv, question, sampling)]
+        assert on_meta(decode_tokens, model, one) == decode_tokens(model, one)
 
 
-def test_generate_batch(model, headwise_kv):
+def test_decode_in_a_batch(model, headwise_kv):
     other = compress(model, KVCOMPOSE)
-    args = (model, [headwise_kv, other, headwise_kv], random_ids(4, seed=5), 6)
-    assert on_meta(generate_batch, *args, finished=lambda row, tokens: row == 1 and len(tokens) == 2) == \
-        generate_batch(*args, finished=lambda row, tokens: row == 1 and len(tokens) == 2)
+    q, six = random_ids(4, seed=5), Sampling(max_new_tokens=6)
+    rows = [Request(headwise_kv, q, six), Request(other, q, six, until=lambda t: len(t) == 2),
+            Request(headwise_kv, q, six)]
+    assert on_meta(decode_tokens, model, rows) == decode_tokens(model, rows)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["ragged", "static-steps"])

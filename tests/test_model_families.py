@@ -13,7 +13,8 @@ from conftest import TINY_VOCAB, meta, random_ids
 
 from service.cache import codec
 from service.engine.attention import use_per_layer_attention
-from service.engine.decode import generate, question_logits
+from service.engine.batching import Request, decode_tokens
+from service.engine.decode import question_logits
 from service.engine.engine import Engine
 from service.engine.models import LoadedModel, UnsupportedModelError, check_family, tokenizer_digest
 from service.engine.prefill import prefill
@@ -123,7 +124,8 @@ def test_compressed_cache_is_causal_per_layer_and_survives_the_codec(family, whi
     stored = kv.to(dtype=torch.float16)
     back = codec.decode(codec.encode(stored, "float16"))
     greedy = Sampling(max_new_tokens=6)
-    assert list(generate(model, back, question, greedy)) == list(generate(model, stored, question, greedy))
+    assert decode_tokens(model, [Request(back, question, greedy)]) == \
+        decode_tokens(model, [Request(stored, question, greedy)])
 
 
 def test_sliding_window_bounds_every_position(tokenizer):

@@ -263,7 +263,7 @@ def _compress(case: Case, engine, doc: str, question: str, needle: str, workdir:
 def _ttft(case: Case, engine, doc: str, question: str, needle: str, workdir: Path) -> dict:
     from service.cache import codec
     from service.cache.kvcache import CacheMeta
-    from service.engine.decode import generate
+    from service.engine.batching import Request
     from service.engine.prefill import prefill
     from service.protocol import Sampling
 
@@ -289,15 +289,16 @@ def _ttft(case: Case, engine, doc: str, question: str, needle: str, workdir: Pat
         kv = codec.decode(fetched, verified=True)
         figures["load_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    tokens = generate(engine.loaded.model, kv, question_ids, sampling)
-    answer = [next(tokens)]
+    pieces = engine.decode_loop().stream_here(Request(kv, question_ids, sampling))
+    first_count, answer = next(pieces)
     figures["question_s"] = time.perf_counter() - start
-    first = time.perf_counter()
-    answer += list(tokens)
-    figures["decode_tok_s"] = (len(answer) - 1) / (time.perf_counter() - first)
+    first, count = time.perf_counter(), first_count
+    for count, piece in pieces:  # noqa: B007 - the last count is the answer's length
+        answer += piece
+    figures["decode_tok_s"] = (count - first_count) / (time.perf_counter() - first)
     figures["ttft_s"] = figures.get("prefill_s", 0) + figures.get("fetch_s", 0) + figures.get("load_s", 0) \
         + figures["question_s"]
-    figures["needle"] = needle in engine.loaded.tokenizer.decode(answer)
+    figures["needle"] = needle in answer
     return figures
 
 

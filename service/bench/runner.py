@@ -6,9 +6,10 @@ layer by layer, without another model forward: compression in one layer does not
 layer's prefill input, so this is exactly what the press computes alone (a test checks it).
 KVCompose (alone or after other presses, e.g. ThinK) scores once per sample (its replay runs once)
 and selects per ratio. All (press, ratio) caches then answer the sample's question together, one
-batched greedy decode (``decode.generate_batch``): a CPU decode step costs about the same for one
-cache as for twenty. A row stops early once its score can no longer change (every reference
-found), which leaves every score exactly as a full-length answer would. Rows are appended to a
+batched greedy decode through the service's own loop (``batching.DecodeLoop.answer``): a CPU
+decode step costs about the same for one cache as for twenty. A row stops early once its score
+can no longer change (every reference found), which leaves every score exactly as a full-length
+answer would. Rows are appended to a
 CSV per sample; a rerun skips rows already there, so an interrupted run resumes.
 """
 
@@ -27,11 +28,13 @@ from transformers import DynamicCache
 from service.bench import metrics, ruler
 from service.cache import codec
 from service.cache.kvcache import CacheMeta, CompressedKV
-from service.engine.decode import generate_batch
+from service.config import BatchLimits
+from service.engine.batching import DecodeLoop, Request
 from service.engine.engine import Engine
 from service.engine.prefill import collect
 from service.engine.presses import build, canonical, presses_in
 from service.engine.presses.kvcompose import KVComposePress
+from service.protocol import Sampling
 
 TASK_AWARE = "kvcompose-aware"  # KVCompose scored by the sample's question (its row label)
 TASK_PROMPTS = {  # --task-prompts value -> row label of KVCompose scored by that prompt
@@ -39,7 +42,7 @@ TASK_PROMPTS = {  # --task-prompts value -> row label of KVCompose scored by tha
     "paraphrase": TASK_AWARE + "-paraphrase",  # the question reworded: an imperfect expected question
     "unrelated": TASK_AWARE + "-unrelated",  # a prompt about something else: the wrong expected question
 }
-ANSWER_BATCH = 16  # caches decoded together; bounds the padded batch's memory at long contexts
+ANSWER_BATCH = 16  # caches decoded together (the decode loop's max_batch)
 
 FIELDS = ["model", "length", "task", "sample", "press", "ratio", "kept_fraction", "bytes_float16", "bytes_int8",
           "score", "prediction", "answers", "press_json"]
@@ -214,15 +217,11 @@ class AccuracyRun:
         def finished(tokens: list[int]) -> bool:
             return metric([tokenizer.decode(tokens, skip_special_tokens=True)], [sample.answers]) == 100
 
-        # Batches of similar sizes: each layer is padded to the batch's longest cache.
-        order = sorted(range(len(kvs)), key=lambda i: sum(kvs[i].layer_lengths))
-        answers: dict[int, list[int]] = {}
-        for start in range(0, len(order), ANSWER_BATCH):
-            rows = order[start : start + ANSWER_BATCH]
-            batch = generate_batch(self.engine.loaded.model, [kvs[i] for i in rows], question, sample.max_new_tokens,
-                                   self.engine.stop_token_ids(), lambda r, tokens: finished(tokens))
-            answers.update(zip(rows, batch))
-        return [tokenizer.decode(answers[i], skip_special_tokens=True) for i in range(len(kvs))]
+        # The service's decode loop, in this thread: ANSWER_BATCH rows at a time, a row leaving frees its place.
+        sampling = Sampling(max_new_tokens=sample.max_new_tokens, stop_token_ids=self.engine.stop_token_ids())
+        loop = DecodeLoop(self.engine, BatchLimits(max_batch=ANSWER_BATCH, memory_bytes=1 << 50))
+        answers = loop.answer([Request(kv, question, sampling, until=finished) for kv in kvs])
+        return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in answers]
 
 
 def _through_codec(kv: CompressedKV, codec_name: str) -> CompressedKV:

@@ -19,6 +19,9 @@ and TGI do).
   thus costs one forward, not one per request, and every answer stays token-for-token what it
   would be alone (tested). Mixing question tokens into the decode step itself (chunked prefill)
   would save little more at these question lengths.
+- **One loop for every caller.** The service streams through ``stream`` (the loop runs in its own
+  thread); the CLI and the benchmarks call ``answer`` / ``stream_here``, which drive the same rounds
+  in the caller's thread. An answer is the same alone and inside any batch (tested).
 - **Bounded.** At most ``max_batch`` rows run; at most ``max_waiting`` more wait (admitted in
   arrival order as rows retire or memory frees); beyond that a request is refused at once with
   ``Overloaded`` (RESOURCE_EXHAUSTED: retry). A row's memory (its cache copy with room for the
@@ -31,21 +34,36 @@ import asyncio
 import collections
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from service.cache.kvcache import CompressedKV
 from service.config import BatchLimits
 from service.engine.decode import Sampling, padded_cache, pick_token, ragged_cache
-from service.engine.engine import Engine
 from service.engine.step_graph import StepGraph
 from service.engine.text_stream import TextStream
 from service.protocol import Overloaded
 
+if TYPE_CHECKING:  # the engine answers through this loop (``Engine.stream``): no import at run time
+    from service.engine.engine import Engine
+
 log = logging.getLogger(__name__)
 _DONE = object()
+
+
+@dataclass(frozen=True)
+class Request:
+    """One answer to decode. ``question_ids`` and ``sampling`` as ``Engine.prepare`` returns them;
+    ``until``: ends the answer once true of its tokens (the accuracy bench stops at a right answer)."""
+
+    kv: CompressedKV
+    question_ids: list[int]
+    sampling: Sampling
+    stop_strings: tuple[str, ...] = ()
+    until: Callable[[list[int]], bool] | None = None
 
 
 @dataclass(eq=False)
@@ -64,6 +82,7 @@ class _Answer:
     position: int = 0
     last: int = -1
     generator: torch.Generator | None = None
+    until: Callable[[list[int]], bool] | None = None
     done: bool = False
 
     def take(self, token: int) -> None:
@@ -73,7 +92,8 @@ class _Answer:
         piece = self.text.add(token)
         if piece:
             self.emit((len(self.text.tokens), piece))
-        if self.text.stopped or len(self.text.tokens) >= self.sampling.max_new_tokens:
+        if self.text.stopped or len(self.text.tokens) >= self.sampling.max_new_tokens or (
+                self.until is not None and self.until(self.text.tokens)):
             return self.finish()
         self.last = token
 
@@ -109,6 +129,7 @@ class DecodeLoop:
         self._memory = 0
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._here = threading.Lock()  # one caller at a time drives the loop in its own thread
 
     def load(self) -> dict:
         with self._cond:
@@ -136,13 +157,7 @@ class DecodeLoop:
         cancelled or disconnected client) takes the answer out of the batch at the next step."""
         question_ids, sampling = await asyncio.to_thread(self.engine.prepare, kv, question, sampling)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        answer = _Answer(kv, question_ids, sampling, TextStream(self.engine.loaded.tokenizer, stop_strings),
-                         _emitter(loop, queue),
-                         self._row_bytes(kv, _padded_width(len(question_ids)) + sampling.max_new_tokens))
-        if answer.nbytes > self.limits.memory_bytes:  # retrying cannot help: a client error
-            raise ValueError(f"this answer needs {answer.nbytes} bytes of cache; the decoder's budget is "
-                             f"{self.limits.memory_bytes} (decode_batch.memory_bytes): ask for fewer "
-                             "max_new_tokens or a shorter question")
+        answer = self._answer(Request(kv, question_ids, sampling, stop_strings), _emitter(loop, queue))
         with self._cond:
             self._check_locked()
             self._waiting.append(answer)
@@ -161,6 +176,58 @@ class DecodeLoop:
             with self._cond:
                 if answer in self._waiting:  # not admitted yet: free its place now
                     self._waiting.remove(answer)
+
+    def answer(self, requests: list[Request]) -> list[list[int]]:
+        """Decode ``requests`` to their ends in the caller's thread, batched as the service batches
+        them; each answer's token ids (stop tokens not included)."""
+        errors: list[BaseException] = []
+        answers = [self._answer(r, lambda item: errors.append(item) if isinstance(item, BaseException) else None)
+                   for r in requests]
+        for _ in self._drive(answers):
+            pass
+        if errors:
+            raise errors[0]
+        return [a.text.tokens for a in answers]
+
+    def stream_here(self, request: Request) -> Iterator[tuple[int, str]]:
+        """(tokens so far, text piece) of one answer, decoded in the caller's thread."""
+        out: collections.deque = collections.deque()
+        answer = self._answer(request, out.append)
+        for _ in self._drive([answer]):
+            while out:
+                item = out.popleft()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is not _DONE:
+                    yield item
+
+    def _drive(self, answers: list[_Answer]) -> Iterator[None]:
+        """Run rounds here until ``answers`` are done; yields after each round."""
+        if self._thread is not None:
+            raise RuntimeError("this decode loop runs in its own thread (the service's): use stream()")
+        with self._here:
+            with self._cond:
+                self._waiting.extend(answers)
+            try:
+                while not all(a.done for a in answers):
+                    self._round()
+                    yield
+            finally:  # a caller that stops reading leaves no answer behind
+                for a in answers:
+                    a.cancelled.set()
+                self._retire()
+                with self._cond:
+                    self._waiting.clear()
+
+    def _answer(self, r: Request, emit: Callable[[object], None]) -> _Answer:
+        answer = _Answer(r.kv, r.question_ids, r.sampling, TextStream(self.engine.loaded.tokenizer, r.stop_strings),
+                         emit, self._row_bytes(r.kv, _padded_width(len(r.question_ids)) + r.sampling.max_new_tokens),
+                         until=r.until)
+        if answer.nbytes > self.limits.memory_bytes:  # retrying cannot help: a client error
+            raise ValueError(f"this answer needs {answer.nbytes} bytes of cache; the decoder's budget is "
+                             f"{self.limits.memory_bytes} (decode_batch.memory_bytes): ask for fewer "
+                             "max_new_tokens or a shorter question")
+        return answer
 
     def _row_bytes(self, kv: CompressedKV, room: int) -> int:
         size = self.engine.loaded.model.dtype.itemsize
@@ -183,13 +250,18 @@ class DecodeLoop:
             with self._cond:
                 while not self._waiting and not self._active:
                     self._cond.wait()
-                joining = self._admit_locked()
-            for group in _by_length(joining):
-                self._guarded(group, self._prefill)
+            self._round()
+
+    def _round(self) -> None:
+        """Admit what fits, prefill the newcomers' questions, then one token for every answer."""
+        with self._cond:
+            joining = self._admit_locked()
+        for group in _by_length(joining):
+            self._guarded(group, self._prefill)
+        self._retire()
+        if self._active:
+            self._guarded(list(self._active), self._step)
             self._retire()
-            if self._active:
-                self._guarded(list(self._active), self._step)
-                self._retire()
 
     def _admit_locked(self) -> list[_Answer]:
         joining = []
@@ -278,6 +350,24 @@ class DecodeLoop:
                     past_key_values=ragged_cache([a.cache for a in answers]),
                     kvc_evicted=[[a.evicted[i] for a in answers] for i in range(layers)], logits_to_keep=1)
         return out.logits[:, -1]
+
+
+class _TokensOnly:
+    """What the loop needs of an engine when only token ids matter: a model, and no text."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.loaded, self.tokenizer, self.model = self, self, model
+
+    @staticmethod
+    def decode(tokens: list[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+def decode_tokens(model: torch.nn.Module, requests: list[Request],
+                  limits: BatchLimits | None = None) -> list[list[int]]:
+    """The loop over a bare model, token ids in and out (benchmarks and tests on random models):
+    ``DecodeLoop.answer`` without an engine."""
+    return DecodeLoop(_TokensOnly(model), limits or BatchLimits(memory_bytes=1 << 50)).answer(requests)
 
 
 def _padded_width(question_tokens: int) -> int:

@@ -16,13 +16,13 @@ import torch
 
 from service.cache.codec import memory_dtype
 from service.cache.kvcache import CacheMeta, CompressedKV
-from service.config import CODECS, EngineConfig
-from service.engine.decode import Sampling, generate, question_logits
+from service.config import CODECS, BatchLimits, EngineConfig
+from service.engine.batching import DecodeLoop, Request
+from service.engine.decode import Sampling, question_logits
 from service.engine.models import LoadedModel, load_model, position_limit
 from service.engine.prefill import prefill
 from service.engine.presses import build, canonical, presses_in
 from service.engine.prompt import PromptFormat
-from service.engine.text_stream import TextStream
 from service.protocol import kept_fraction
 
 
@@ -62,6 +62,15 @@ class Engine:
         self.max_context_tokens = min(self.config.max_context_tokens, self.window)
         # read once: the tokenizer is not safe to touch from several threads while another encodes
         self._stop_token_ids = self._model_stop_token_ids()
+        self._loops = threading.local()  # each calling thread drives its own loop (see ``decode_loop``)
+
+    def decode_loop(self) -> DecodeLoop:
+        """The decode loop this thread answers through (the CLI, benchmarks, tests): the service's
+        own loop code, driven in the caller's thread, one per thread; no memory budget but the host's."""
+        loop = getattr(self._loops, "loop", None)
+        if loop is None:
+            loop = self._loops.loop = DecodeLoop(self, BatchLimits(memory_bytes=1 << 50))
+        return loop
 
     @property
     def device(self) -> torch.device:
@@ -179,23 +188,10 @@ class Engine:
 
     def stream_counted(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
                        stop_strings: tuple[str, ...] = ()) -> Iterator[tuple[int, str]]:
-        """As ``stream``, with the number of tokens generated so far beside each piece (one answer
-        alone; the service decodes in ``service.batching.DecodeLoop``, which gives the same tokens)."""
+        """As ``stream``, with the number of tokens generated so far beside each piece (through the
+        service's decode loop, ``batching.DecodeLoop``, driven in this thread)."""
         question_ids, sampling = self.prepare(kv, question, sampling)
-        yield from self._pieces(generate(self.loaded.model, kv, question_ids, sampling), stop_strings)
-
-    def _pieces(self, token_ids: Iterator[int], stop_strings: tuple[str, ...]) -> Iterator[tuple[int, str]]:
-        """Generated tokens -> (tokens so far, text piece)."""
-        text = TextStream(self.loaded.tokenizer, stop_strings)
-        for token in token_ids:
-            piece = text.add(token)
-            if piece:
-                yield len(text.tokens), piece
-            if text.stopped:
-                return
-        piece = text.finish()
-        if piece:
-            yield len(text.tokens), piece
+        yield from self.decode_loop().stream_here(Request(kv, question_ids, sampling, stop_strings))
 
     def answer(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
                stop_strings: tuple[str, ...] = ()) -> str:
