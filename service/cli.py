@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from service.config import CODECS
+from service.protocol import DEFAULT_MAX_NEW_TOKENS
 
 
 def press_spec(text: str) -> dict:
@@ -153,15 +154,44 @@ def cmd_remote_ask(args: argparse.Namespace) -> int:
                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                      top_p=args.top_p, seed=args.seed, stop=args.stop or ())
             first = next(stream, None)
+        answer = ""
         for msg in itertools.chain([first] if first is not None else [], stream):
+            answer += msg.text
             sys.stdout.write(msg.text)
             sys.stdout.flush()
             if msg.HasField("stats"):
                 stats = msg.stats
         print()
         if stats is not None:
-            print(json.dumps(MessageToDict(stats), indent=2), file=sys.stderr)
+            line = stats_line(stats, answer, args.max_new_tokens)
+            print(json.dumps(MessageToDict(stats), indent=2) if args.json else line, file=sys.stderr)
     return 0
+
+
+def stats_line(stats, answer: str, max_new_tokens: int) -> str:
+    """One line for people: which cache, where it came from, what it kept, how fast, and whether the
+    answer ran to the length limit or repeats itself (decoding has no hidden repetition penalty)."""
+    source = {"memory": "decoder memory", "store": "prefix store"}.get(stats.cache_source, stats.cache_source)
+    parts = [f"cache {stats.cache_id[:12]}", source if stats.cache_hit else "compressed for this question"]
+    if stats.context_tokens:
+        parts.append(f"kept {stats.kept_fraction:.0%} of {stats.context_tokens:,} tokens")
+    ttft = stats.time_to_first_token_s
+    parts.append(f"first token {ttft * 1000:.0f} ms" if ttft < 1 else f"first token {ttft:.2f} s")
+    rate = (stats.new_tokens - 1) / (stats.seconds - ttft) if stats.new_tokens > 1 and stats.seconds > ttft else 0
+    parts.append(f"{stats.new_tokens} tokens, {rate:.1f} tok/s")
+    if stats.new_tokens >= max_new_tokens:
+        parts.append("cut at --max-new-tokens")
+    repeated = repetition(answer)
+    if repeated >= 0.25:
+        parts.append(f"repetitive: {repeated:.0%} of its 4-word runs repeat")
+    return " · ".join(parts)
+
+
+def repetition(text: str, n: int = 4) -> float:
+    """The share of the text's n-word runs that already appeared earlier in it (0 = none)."""
+    words = text.split()
+    runs = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(runs)) / len(runs) if runs else 0.0
 
 
 DEFAULT_BENCH_PRESSES = json.dumps([
@@ -380,7 +410,9 @@ PRESS_HELP = 'JSON press spec, e.g. \'{"press": "kvcompose", "compression_ratio"
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help=f"longest answer, in tokens (default {DEFAULT_MAX_NEW_TOKENS}); answers end at the "
+                   "model's end token")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher samples more freely")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1)")
     p.add_argument("--seed", type=int, help="sampling seed, for reproducible sampled answers")
@@ -445,6 +477,8 @@ def parser() -> argparse.ArgumentParser:
             source.add_argument("--document", help="text file: compressed first unless already stored")
             _sampling_flags(r)
             r.add_argument("--stop", action="append", help="stop the answer at this string (not included); repeatable")
+            r.add_argument("--json", action="store_true", help="all of the answer's statistics as JSON on stderr "
+                           "(default: one line)")
             r.set_defaults(func=cmd_remote_ask)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)

@@ -12,13 +12,16 @@ import math
 from dataclasses import dataclass, field
 
 MIN_TEMPERATURE = 1e-3
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """Decoding settings. temperature 0 = greedy; top_p in (0, 1]; seed makes sampling repeatable."""
+    """Decoding settings. temperature 0 = greedy; top_p in (0, 1]; seed makes sampling repeatable.
+    Answers end at the model's end token, a stop string, or ``max_new_tokens`` (128 by default: room
+    for an answer to a question, not an essay). No repetition penalty: what the model says is shown."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -72,6 +75,8 @@ class AnswerStats:
     new_tokens: int
     seconds: float
     fetched_bytes: int
+    context_tokens: int = 0  # the document's tokens before compression
+    kept_fraction: float = 1.0  # of them, what each KV head still attends to (``kept_fraction``)
 
 
 class PressSpecError(ValueError):

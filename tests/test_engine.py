@@ -1,6 +1,7 @@
 """The engine facade: input validation, model compatibility, and loading models from a local path."""
 
 import pytest
+import torch
 from conftest import random_ids, tiny_llama
 
 from service.config import EngineConfig
@@ -40,5 +41,11 @@ def test_any_local_model_directory_loads(tmp_path, tokenizer):
     assert loaded.model.config._attn_implementation == "kvcompose_sdpa"
     assert loaded.revision.startswith("local-") and len(loaded.tokenizer_digest) == 64
     engine = Engine(EngineConfig(model=str(tmp_path)), loaded=loaded)
-    kv, _ = engine.compress("A short document about nothing much.", {"press": "knorm", "compression_ratio": 0.5})
-    assert isinstance(engine.answer(kv, "What?"), str)
+    document = "A short document about nothing much, long enough to halve. " * 4
+    kv, stats = engine.compress(document, {"press": "knorm", "compression_ratio": 0.5})
+    assert stats.original_tokens == len(engine.context_ids(document)) > 40
+    assert kv.layer_lengths == [stats.original_tokens // 2] * 2  # knorm 0.5 keeps half of every layer
+    # the directory is the model: loaded again, it gives the same logits for the same cache
+    again = Engine(EngineConfig(model=str(tmp_path)))
+    question = engine.prompt.question_ids("What?")
+    assert torch.equal(engine.question_logits(kv, question), again.question_logits(kv, question))

@@ -23,7 +23,7 @@ from service.engine.batching import DecodeLoop
 from service.engine.decode import Sampling
 from service.engine.engine import Engine
 from service.malloc import keep_freed_memory
-from service.protocol import AnswerStats
+from service.protocol import AnswerStats, kept_fraction
 from service.store.client import PrefixStoreClient
 from service.store.errors import NotFound
 
@@ -106,7 +106,7 @@ class Answerer:
     async def _fetch(self, tenant: str, cache_id: str) -> tuple[CompressedKV, int]:
         key = (tenant, cache_id)
         checked_at = time.monotonic()  # the entry was live when the fetch began: the staleness clock starts here
-        manifest, chunks = await asyncio.to_thread(self.client.fetch_chunks, cache_id, tenant)
+        manifest, chunks = await asyncio.to_thread(self.client.fetch_chunks, cache_id, tenant=tenant)
         # onto the model's device once (as stored: int8 moves half the bytes), not on every answer;
         # the chunks were verified as they were read: the codec does not hash them again
         kv = await asyncio.to_thread(codec.decode, chunks, self.engine.device, verified=True)
@@ -123,7 +123,7 @@ class Answerer:
         if time.monotonic() - checked_at <= self.revalidate_s:
             return True
         try:
-            manifest = await asyncio.to_thread(self.client.stat, key[1], key[0], True)
+            manifest = await asyncio.to_thread(self.client.stat, key[1], tenant=key[0], touch=True)
         except NotFound:
             self.lru.drop(key)
             self._checked.pop(key, None)
@@ -148,4 +148,6 @@ class Answerer:
                 first = time.perf_counter() - start
             yield piece
         total = time.perf_counter() - start
-        yield AnswerStats(cache_id, source, first if first is not None else total, tokens, total, fetched)
+        context = kv.meta.original_length
+        yield AnswerStats(cache_id, source, first if first is not None else total, tokens, total, fetched,
+                          context, kept_fraction(kv.kept_tokens_per_layer(), context))

@@ -15,7 +15,15 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from service.config import RequestLimits
-from service.protocol import AnswerStats, Cancelled, CompressResult, Overloaded, PressSpecError, Sampling
+from service.protocol import (
+    DEFAULT_MAX_NEW_TOKENS,
+    AnswerStats,
+    Cancelled,
+    CompressResult,
+    Overloaded,
+    PressSpecError,
+    Sampling,
+)
 from service.store.errors import StoreError, is_transient, unavailable
 
 log = logging.getLogger(__name__)
@@ -137,7 +145,7 @@ def sampling_args(req: api.GenerateRequest, limits: RequestLimits) -> tuple[Samp
     if not req.question.strip():
         raise _invalid("question is empty")
     _check_text("question", req.question, limits.max_question_bytes, "max_question_bytes")
-    max_new = req.max_new_tokens or 64
+    max_new = req.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     if max_new > limits.max_new_tokens:
         raise _invalid(f"max_new_tokens must be <= {limits.max_new_tokens} (limits.max_new_tokens), got {max_new}")
     if req.temperature > limits.max_temperature:
@@ -163,6 +171,7 @@ def stats_message(s: AnswerStats, cache_hit: bool, compressed: CompressResult | 
     return api.GenerateStats(
         cache_id=s.cache_id, cache_hit=cache_hit, cache_source=s.cache_source,
         time_to_first_token_s=s.time_to_first_token_s, new_tokens=s.new_tokens, seconds=s.seconds,
+        context_tokens=s.context_tokens, kept_fraction=s.kept_fraction,
         compressed=compress_response(compressed) if compressed else None)
 
 

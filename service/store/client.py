@@ -40,6 +40,11 @@ UPLOAD_CHUNK_BYTES = 1 << 20
 
 
 class PrefixStoreClient:
+    """The PrefixStore over gRPC, for one tenant at a time. ``RedisStore`` (behind the server) serves
+    every tenant and takes ``(tenant, cache_id)``; a client's tenant comes from its token, so its calls
+    take the cache id, and ``tenant=`` (keyword only, never positional) where a development store has
+    no tokens. Errors are the store's exceptions (``errors.py``), after the retry policy (``retry.py``)."""
+
     def __init__(self, target: str, token: str | None = None, tenant: str | None = None,
                  deadline_s: float = StoreConfig.client_deadline_s,
                  retries: int = StoreConfig.client_retries, tls: TLSFiles | None = None,
@@ -94,7 +99,7 @@ class PrefixStoreClient:
             metadata.append(("x-tenant", tenant))
         return {"timeout": self.deadline_s, "metadata": tuple(metadata)}
 
-    def put(self, key: CacheKey, context_ids: Sequence[int], data: bytes, ttl_s: int = 0,
+    def put(self, key: CacheKey, context_ids: Sequence[int], data: bytes, ttl_s: int = 0, *,
             tenant: str | None = None) -> tuple[pb.Manifest, bool]:
         """Upload cache bytes; returns (manifest, existed)."""
         header = pb.PutHeader(key=key_to_proto(key, pb), context_ids=list(context_ids), total_bytes=len(data),
@@ -109,18 +114,18 @@ class PrefixStoreClient:
         reply = self._call(lambda: self._put(requests(), **self._kw(tenant)))
         return reply.manifest, reply.existed
 
-    def fetch(self, cache_id: str, tenant: str | None = None) -> tuple[pb.Manifest, bytes]:
+    def fetch(self, cache_id: str, *, tenant: str | None = None) -> tuple[pb.Manifest, bytes]:
         """The cache bytes, verified, or an exception; never partial bytes."""
-        manifest, chunks = self.fetch_chunks(cache_id, tenant)
+        manifest, chunks = self.fetch_chunks(cache_id, tenant=tenant)
         return manifest, b"".join(chunks)
 
-    def fetch_chunks(self, cache_id: str, tenant: str | None = None) -> tuple[pb.Manifest, list[bytes]]:
+    def fetch_chunks(self, cache_id: str, *, tenant: str | None = None) -> tuple[pb.Manifest, list[bytes]]:
         """The cache bytes as the chunks they are stored in (no copy into one buffer), verified
         against the manifest's read checksum (``checksum.py``): read directly after a grant when
         this client has a reader, else (or when that fails) streamed by the store's Fetch."""
         if self.direct is not None and self.direct.usable():
             try:
-                m, names = self.grant(cache_id, tenant)
+                m, names = self.grant(cache_id, tenant=tenant)
                 chunks = self.direct.read(names, m.total_bytes, m.xxh3_128, m.sha256)
                 self._count("direct")
                 return m, chunks
@@ -135,7 +140,7 @@ class PrefixStoreClient:
         with self._reads_lock:
             self.reads[path] += 1
 
-    def grant(self, cache_id: str, tenant: str | None = None) -> tuple[pb.Manifest, list[str]]:
+    def grant(self, cache_id: str, *, tenant: str | None = None) -> tuple[pb.Manifest, list[str]]:
         """A read grant: (manifest, chunk key names) of the tenant's live entry (raises NotFound)."""
         reply = self._call(lambda: self.stub.Grant(pb.GrantRequest(cache_id=cache_id), **self._kw(tenant)))
         return reply.manifest, list(reply.chunk_keys)
@@ -155,20 +160,20 @@ class PrefixStoreClient:
             raise DataLoss(f"cache {cache_id} arrived damaged")
         return manifest, parts
 
-    def stat(self, cache_id: str, tenant: str | None = None, touch: bool = False) -> pb.Manifest:
+    def stat(self, cache_id: str, *, tenant: str | None = None, touch: bool = False) -> pb.Manifest:
         """The live entry's manifest (raises NotFound); ``touch`` refreshes its TTL as a hit does."""
         request = pb.StatRequest(cache_id=cache_id, touch=touch)
         return self._call(lambda: self.stub.Stat(request, **self._kw(tenant))).manifest
 
     def lookup(self, key: CacheKey, token_ids: Sequence[int], longest_prefix: bool = False,
-               tenant: str | None = None) -> tuple[pb.Manifest, int]:
+               *, tenant: str | None = None) -> tuple[pb.Manifest, int]:
         """(manifest, matched tokens); raises NotFound."""
         reply = self._call(lambda: self.stub.Lookup(
             pb.LookupRequest(key=key_to_proto(key, pb), token_ids=list(token_ids), longest_prefix=longest_prefix),
             **self._kw(tenant)))
         return reply.manifest, reply.matched_tokens
 
-    def delete(self, cache_id: str, tenant: str | None = None) -> bool:
+    def delete(self, cache_id: str, *, tenant: str | None = None) -> bool:
         return self._call(lambda: self.stub.Delete(pb.DeleteRequest(cache_id=cache_id), **self._kw(tenant))).deleted
 
 
