@@ -66,6 +66,23 @@ def test_any_flipped_byte_is_refused(kv):
             codec.decode(bytes(bad))
 
 
+def test_one_pass_digests_check_what_two_passes_would(kv):
+    """A Put hashes its bytes once (``format.digests``): the body's digest checks the format's trailer,
+    the whole digest is the manifest's; a flipped byte fails the check without hashing again."""
+    import hashlib
+
+    from service.cache import format
+
+    data = codec.encode(kv)
+    body, whole = format.digests(data)
+    assert body == data[-32:] == hashlib.sha256(data[:-32]).digest() and whole == hashlib.sha256(data).digest()
+    assert format.check(data, body_sha256=body)["layers"] == len(kv.keys)
+    bad = bytearray(data)
+    bad[len(data) // 2] ^= 0x01
+    with pytest.raises(CorruptCacheError, match="checksum"):
+        format.check(bytes(bad), body_sha256=format.digests(bytes(bad))[0])
+
+
 def test_unknown_version_and_foreign_files_are_refused(kv):
     data = bytearray(codec.encode(kv))
     struct.pack_into("<I", data, 8, 99)

@@ -1,7 +1,7 @@
 """8k contexts with the real embedded model (SmolLM2's window is 8,192 positions): a 7,699-token
 document is prefilled and compressed with the default KVCompose, stored in Redis, fetched
 verified, and its needle is still answered; what does not fit the window is refused with a message. Time and
-memory at 8k are measured by ``kvcompose bench perf`` (README), not here."""
+memory at 8k are measured by ``kvcompose bench perf`` (docs/performance.md), not here."""
 
 from __future__ import annotations
 

@@ -92,3 +92,20 @@ def test_presses_that_need_downloads_are_refused_clearly(name):
 def test_decoding_time_presses_are_refused_for_stored_caches():
     with pytest.raises(PressSpecError, match="compresses during generation"):
         build({"press": "decoding", "base_press": INNER})
+
+
+def test_task_prompts_go_into_every_task_aware_press_at_construction():
+    """Task prompts are a construction argument, reaching a KVCompose nested in a composition; a spec
+    with no press that scores by them is refused, not silently task-agnostic."""
+    from service.engine.presses import build, presses_in
+    from service.engine.presses.kvcompose import KVComposePress
+    from service.protocol import PressSpecError
+
+    ids = [[5, 6, 7], [8, 9]]
+    composed = build({"compose": [{"press": "think", "key_channel_compression_ratio": 0.5},
+                                  {"press": "kvcompose", "compression_ratio": 0.5}]}, ids)
+    scorers = [p for p in presses_in(composed) if isinstance(p, KVComposePress)]
+    assert len(scorers) == 1 and scorers[0].task_ids == ids
+    assert build({"press": "kvcompose", "compression_ratio": 0.5}).task_ids is None
+    with pytest.raises(PressSpecError, match="task-aware press"):
+        build({"press": "snapkv", "compression_ratio": 0.5}, ids)

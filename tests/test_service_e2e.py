@@ -178,7 +178,7 @@ def test_a_cancelled_compress_does_not_break_the_next_ones(stack, document):
             client.stub.Compress(lookup, metadata=client.kw["metadata"], timeout=0.5)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # not stored: it must be computed again
     code = (
-        "import hashlib; from service import codec; from service.engine.engine import Engine; "
+        "import hashlib; from service.cache import codec; from service.engine.engine import Engine; "
         f"e = Engine(); print(' '.join(hashlib.sha256(codec.encode(e.compress(t, {press!r})[0], 'float16'))"
         f".hexdigest() for t in {small!r}))"
     )

@@ -30,7 +30,7 @@ busy spell of a shared machine hits every row alike:
   (Llama-3.1-8B: 32 layers, 8 KV heads, head dim 128) compressed to 0.75 (a quarter of the tokens
   kept) and stored as int8: the read grant's fetch, the decode of the bytes and the move to the
   model's device (CUDA when there is one), against the prefill of the same context it replaces.
-  That prefill is the H200's measured figure (``H200_PREFILL_32K_S``, from the README), not this
+  That prefill is the H200's measured figure (``H200_PREFILL_32K_S``, from docs/performance.md#on-a-gpu), not this
   machine's: the row's ``ratio`` is reuse / that prefill.
 
 Every row prints and writes median and spread (min..max over repeats); ``results.csv`` keeps each
@@ -54,7 +54,7 @@ SMOLLM2_KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2  # layers x (K, V) x KV heads x
 _FETCH_ITERATIONS = {1: 36, 16: 18, 64: 12, 256: 6}  # multiples of the 6 ways: each order as often
 _MGET_BATCHES = (8, 16, 64)
 # Llama-3.1-8B's shape, and a plain bfloat16 prefill of 32,768 tokens on one H200 (1.39 s), measured
-# by the project's first GPU run (README, "On a GPU"): the reuse row's reference
+# by the project's first GPU run (docs/performance.md, "On a GPU"): the reuse row's reference
 LLAMA_8B = {"layers": 32, "kv_heads": 8, "head_dim": 128}
 H200_PREFILL_32K_S = 1.39
 _LLAMA_8B_META = {"model_id": "bench-llama-3.1-8b", "press": {"press": "kvcompose", "compression_ratio": 0.75}}

@@ -116,11 +116,23 @@ class Pieces:
         return digest.digest()
 
 
-def read_header(data: Data, verified: bool = False) -> dict:
+def digests(data: bytes) -> tuple[bytes, bytes]:
+    """(SHA-256 of the body, as the format's trailer should hold it; SHA-256 of all the bytes, as a
+    manifest records it), in one pass over the bytes: a Put hashes what it stores once."""
+    view = memoryview(data)
+    split = max(0, len(view) - _DIGEST)
+    digest = hashlib.sha256(view[:split])
+    body = digest.digest()
+    digest.update(view[split:])
+    return body, digest.digest()
+
+
+def read_header(data: Data, verified: bool = False, body_sha256: bytes | None = None) -> dict:
     """Check framing and digest, then return the parsed header. Raises CorruptCacheError.
 
     verified: the bytes already passed the store's read checksum (``service/store/checksum.py``),
     and the store checked this digest when they were put: the SHA-256 is not computed again.
+    body_sha256: the body's digest, computed by the caller (``digests``): compared, not recomputed.
     """
     data = Pieces.of(data)
     if len(data) < _PREFIX.size + _DIGEST:
@@ -130,7 +142,9 @@ def read_header(data: Data, verified: bool = False) -> dict:
         raise CorruptCacheError("not a KVCompose cache (bad magic bytes)")
     if version != FORMAT_VERSION:
         raise CorruptCacheError(f"cache format version {version} is not supported (this build reads {FORMAT_VERSION})")
-    if not verified and data.sha256(len(data) - _DIGEST) != bytes(data.read(len(data) - _DIGEST, len(data))):
+    if body_sha256 is None and not verified:
+        body_sha256 = data.sha256(len(data) - _DIGEST)
+    if body_sha256 is not None and body_sha256 != bytes(data.read(len(data) - _DIGEST, len(data))):
         raise CorruptCacheError("cache checksum mismatch: the bytes were truncated or altered")
     if _PREFIX.size + hlen > len(data) - _DIGEST:
         raise CorruptCacheError(f"cache header length {hlen} runs past the end")
@@ -143,12 +157,12 @@ def read_header(data: Data, verified: bool = False) -> dict:
 _ITEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1, "int8": 1}
 
 
-def check(data: Data, verified: bool = False) -> dict:
+def check(data: Data, verified: bool = False, body_sha256: bytes | None = None) -> dict:
     """``read_header`` plus the whole structure, before anything is stored or built: header fields,
     every tensor's name, dtype, shape and offset against the payload, and shapes consistent across
     layers. Returns the header; raises CorruptCacheError saying what is wrong."""
     data = Pieces.of(data)
-    header = read_header(data, verified)
+    header = read_header(data, verified, body_sha256)
     try:
         _check_structure(header, payload_bytes(data))
     except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -21,7 +21,7 @@ from service.engine.batching import DecodeLoop, Request
 from service.engine.decode import Sampling, question_logits
 from service.engine.models import LoadedModel, load_model, position_limit
 from service.engine.prefill import prefill
-from service.engine.presses import build, canonical, presses_in
+from service.engine.presses import build, canonical
 from service.engine.prompt import PromptFormat
 from service.protocol import kept_fraction
 
@@ -117,13 +117,8 @@ class Engine:
         start = time.perf_counter()
         ids = self.context_ids(context)
         spec = canonical(self.config.default_press if press is None else press)
-        built = build(spec)
-        if task_prompts:
-            scorers = [p for p in presses_in(built) if hasattr(p, "task_ids")]
-            if not scorers:
-                raise ValueError("task_prompts need a task-aware press (kvcompose)")
-            for p in scorers:
-                p.task_ids = [self.prompt.question_ids(q) for q in task_prompts]
+        # Task prompts go into the press as it is built, not set on it afterwards.
+        built = build(spec, [self.prompt.question_ids(q) for q in task_prompts] if task_prompts else None)
         meta = CacheMeta(self.loaded.model_id, self.loaded.revision, len(ids), spec)
         dtype = memory_dtype(codec)
         kv = prefill(self.loaded.model, ids, built, meta, stop).to(dtype=dtype)

@@ -194,13 +194,14 @@ class Ingress:
 
     async def Stat(self, request: store_pb.StatRequest, grpc_context) -> store_pb.StatResponse:
         async def handler(tenant: str) -> store_pb.StatResponse:
-            return store_pb.StatResponse(manifest=await asyncio.to_thread(self.store.stat, request.cache_id, tenant))
+            manifest = await asyncio.to_thread(self.store.stat, request.cache_id, tenant=tenant)
+            return store_pb.StatResponse(manifest=manifest)
 
         return await self._unary("Stat", grpc_context, handler, store_pb.StatResponse())
 
     async def Delete(self, request: store_pb.DeleteRequest, grpc_context) -> store_pb.DeleteResponse:
         async def handler(tenant: str) -> store_pb.DeleteResponse:
-            deleted = await asyncio.to_thread(self.store.delete, request.cache_id, tenant)
+            deleted = await asyncio.to_thread(self.store.delete, request.cache_id, tenant=tenant)
             return store_pb.DeleteResponse(deleted=deleted)
 
         return await self._unary("Delete", grpc_context, handler, store_pb.DeleteResponse())

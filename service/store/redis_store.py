@@ -15,7 +15,6 @@ counted). Tenants are namespaces: a tenant's id never resolves in another tenant
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 import time
@@ -26,7 +25,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from service.cache.format import FORMAT_VERSION, CorruptCacheError, check, kept_tokens_per_layer, layer_shapes
+from service.cache.format import FORMAT_VERSION, CorruptCacheError, check, digests, kept_tokens_per_layer, layer_shapes
 from service.cache.ids import CacheKey
 from service.config import StoreConfig
 from service.store.checksum import xxh3_128
@@ -117,10 +116,11 @@ class RedisStore:
         ttl_s = self._ttl(ttl_s)
         if len(data) > self.config.max_entry_bytes:
             raise QuotaExceeded(f"cache is {len(data)} bytes; the store accepts at most {self.config.max_entry_bytes}")
-        digest, fast = await asyncio.to_thread(lambda: (hashlib.sha256(data).digest(), xxh3_128(data)))  # off the loop
+        # One SHA-256 pass gives the format's body digest and the manifest's, then XXH3 for readers; off the loop.
+        (body, digest), fast = await asyncio.to_thread(lambda: (digests(data), xxh3_128(data)))
         if expected_sha256 and digest != expected_sha256:
             raise InvalidArgument("uploaded bytes do not match the header's sha256")
-        header = self._validate(key, context_ids, data)
+        header = self._validate(key, context_ids, data, body)
         cache_id = key.cache_id(context_ids)
         async with self._redis_errors():
             existing = await self._manifest(tenant, cache_id)
@@ -157,11 +157,11 @@ class RedisStore:
             self.counters["puts"] += 1
             return manifest, False
 
-    def _validate(self, key: CacheKey, context_ids: Sequence[int], data: bytes) -> dict:
+    def _validate(self, key: CacheKey, context_ids: Sequence[int], data: bytes, body_sha256: bytes) -> dict:
         """The whole structure of a Put, against its key and the model it names; nothing malformed is stored."""
         self._check_tokens(context_ids)
         try:
-            header = check(data)
+            header = check(data, body_sha256=body_sha256)
         except CorruptCacheError as e:
             raise InvalidArgument(f"uploaded bytes are not a valid cache: {e}") from None
         meta = header["meta"]
