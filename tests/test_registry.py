@@ -97,9 +97,8 @@ def test_decoding_time_presses_are_refused_for_stored_caches():
 def test_task_prompts_go_into_every_task_aware_press_at_construction():
     """Task prompts are a construction argument, reaching a KVCompose nested in a composition; a spec
     with no press that scores by them is refused, not silently task-agnostic."""
-    from service.engine.presses import build, presses_in
+    from service.engine.presses import presses_in
     from service.engine.presses.kvcompose import KVComposePress
-    from service.protocol import PressSpecError
 
     ids = [[5, 6, 7], [8, 9]]
     composed = build({"compose": [{"press": "think", "key_channel_compression_ratio": 0.5},

@@ -208,34 +208,28 @@ def build(spec: str | dict | None, task_ids: list[list[int]] | None = None) -> B
     them (a ``task_ids`` field: KVCompose); refused when no press in the spec takes them.
     """
     spec = canonical(spec)
-    taken: list[BasePress] = []
-    press = _build(spec, "", task_ids, taken) if spec else None
-    if task_ids and not taken:
+    press = _build(spec, "", task_ids) if spec else None
+    if task_ids and not any(getattr(p, "task_ids", None) for p in presses_in(press)):
         raise PressSpecError("task prompts need a task-aware press (kvcompose)")
     return press
 
 
-def _build(spec: dict, where: str, task_ids: list[list[int]] | None = None,
-           taken: list[BasePress] | None = None) -> BasePress:
+def _build(spec: dict, where: str, task_ids: list[list[int]] | None) -> BasePress:
     if "compose" in spec:
-        return ComposedPress([_build(p, f"{where}compose[{i}].", task_ids, taken)
-                              for i, p in enumerate(spec["compose"])])
+        return ComposedPress([_build(p, f"{where}compose[{i}].", task_ids) for i, p in enumerate(spec["compose"])])
     cls = PRESSES[spec["press"]]
     kwargs = {}
     for key, value in spec.items():
         if key == "press":
             continue
         name = "press" if key == "inner" else key
-        kwargs[name] = _build(value, f"{where}{key}.", task_ids, taken) if isinstance(value, dict) else value
+        kwargs[name] = _build(value, f"{where}{key}.", task_ids) if isinstance(value, dict) else value
     if task_ids and "task_ids" in getattr(cls, "__dataclass_fields__", {}):
         kwargs["task_ids"] = task_ids
     try:
-        press = cls(**kwargs)
+        return cls(**kwargs)
     except (AssertionError, ValueError, TypeError) as e:
         raise PressSpecError(f"{where}{spec['press']}: {e or 'invalid parameters'}") from None
-    if "task_ids" in kwargs and taken is not None:
-        taken.append(press)
-    return press
 
 
 def presses_in(press: BasePress | None) -> list[BasePress]:
