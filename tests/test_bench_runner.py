@@ -29,7 +29,8 @@ def model():
 def test_a_press_on_recorded_inputs_equals_the_press_alone(model, spec):
     ids = random_ids(300, seed=12)
     alone = prefill(model, ids, build(spec), meta(300))
-    replayed = collect(model, run_press(model, build(spec), record(model, ids)), meta(300))
+    press = build(spec)
+    replayed = collect(model, run_press(model, press, record(model, ids)), meta(300), press)
     assert alone.layer_lengths == replayed.layer_lengths
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(alone.keys + alone.values,
                                                                 replayed.keys + replayed.values))
@@ -42,9 +43,9 @@ def test_kvcompose_scores_once_and_selects_per_ratio(model, ratio):
     scorer = KVComposePress(compression_ratio=0.5)
     run_press(model, scorer, rec)
     cache = rec.cache()
-    KVComposePress(compression_ratio=ratio).compress_with_scores(scorer.last_selection["scores"], cache,
-                                                                 model.model.layers)
-    fast = collect(model, cache, meta(300))
+    selector = KVComposePress(compression_ratio=ratio)
+    selector.compress_with_scores(scorer.last_selection["scores"], cache)
+    fast = collect(model, cache, meta(300), selector)
     alone = prefill(model, ids, KVComposePress(compression_ratio=ratio), meta(300))
     assert fast.layer_lengths == alone.layer_lengths
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast.keys, alone.keys))

@@ -12,7 +12,7 @@ from conftest import meta, random_ids, tiny_llama
 from transformers import DynamicCache
 
 from service.engine.decode import question_logits
-from service.engine.prefill import prefill
+from service.engine.prefill import collect, prefill
 from service.engine.presses import PressSpecError, build, canonical
 
 LENGTH, LAYERS = 128, 4
@@ -84,17 +84,20 @@ def test_declared_ratio_is_the_product(model):
 def test_a_press_leaves_the_model_as_it_found_it_and_can_be_reused(model):
     press = build({"press": "kvcompose", "compression_ratio": 0.5, "structured": False})
     ids = random_ids(LENGTH, seed=3)
+    cache = DynamicCache()
     with torch.inference_mode(), press(model):
-        model.model(input_ids=torch.tensor([ids]), past_key_values=DynamicCache(), use_cache=True)
-        masks = [layer.self_attn.masked_key_indices for layer in model.model.layers]
+        model.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
     assert not model.model._forward_pre_hooks  # the context-ids hook went with the block
     assert press._state == {}
-    assert any(m is not None for m in masks)
-    # head masks stay for decoding after the block (as kvpress uses them); entering again clears them
-    with press(model):
-        assert all(layer.self_attn.masked_key_indices is None for layer in model.model.layers)
-    for layer in model.model.layers:
-        layer.self_attn.masked_key_indices = None
+    # the head masks are the press's result, shaped like each layer's cache; none is left on the model
+    assert press.head_masks
+    for i, mask in press.head_masks.items():
+        assert mask.dtype == torch.bool and mask.shape == cache.layers[i].keys.shape[1:3]
+    assert all(getattr(layer.self_attn, "masked_key_indices", None) is None for layer in model.model.layers)
+    kv = collect(model, cache, meta(LENGTH), press)
+    assert any(e is not None for e in kv.evicted)  # collect moved them into the cache
+    with press(model):  # entering again starts a new document
+        assert press.head_masks == {}
     first = prefill(model, ids, press, meta(LENGTH))
     again = prefill(model, ids, press, meta(LENGTH))
     assert first.layer_lengths == again.layer_lengths

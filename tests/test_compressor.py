@@ -67,3 +67,26 @@ def test_manifests_of_dense_presses_keep_their_old_form_and_newer_fields_are_ski
     assert manifest.kept_tokens() == [float(n) for n in manifest.layer_slots]
     newer = json.dumps({**data, "a_later_field": 1}).encode()
     assert Manifest.from_json(newer) == manifest
+
+
+def test_a_request_makes_its_press_spec_canonical_once(tiny_engine, monkeypatch):
+    """The compressor, the engine and ``build`` all take the spec; only the first one works it out."""
+    from service.engine.presses import registry
+
+    made = []
+    real = registry._canonical
+
+    def counted(spec, where):
+        if not where:  # the top of a spec, not its nested parts
+            made.append(spec)
+        return real(spec, where)
+
+    monkeypatch.setattr(registry, "_canonical", counted)
+
+    async def go(store):
+        return await CacheCompressor(tiny_engine, store).compress("default", random_ids(64, seed=84),
+                                                                  {"press": "KVCompose", "compression_ratio": 0.5})
+
+    result = with_store(go)
+    assert len(made) == 1
+    assert result.press["press"] == "kvcompose" and "agg_head" in result.press  # the canonical form was used

@@ -195,20 +195,19 @@ class AccuracyRun:
             if name not in scored:
                 before = parts[0] if len(parts) == 2 else {"compose": parts[:-1]} if len(parts) > 2 else None
                 base = run_press(model, build(before), rec) if before else rec.cache()
-                scorer = build(parts[-1])
                 prompt = {TASK_PROMPTS["question"]: sample.question, TASK_PROMPTS["paraphrase"]: sample.paraphrase,
                           TASK_PROMPTS["unrelated"]: ruler.UNRELATED}.get(name)
-                if prompt:
-                    scorer.task_ids = [self.engine.prompt.question_ids(prompt)]
+                scorer = build(parts[-1], [self.engine.prompt.question_ids(prompt)] if prompt else None)
                 run_press(model, scorer, rec, _copy(base))
                 scored[name] = (base, scorer.last_selection["scores"])
             base, scores = scored[name]
             cache = _copy(base)
-            build(parts[-1]).compress_with_scores(scores, cache, model.model.layers)
-            return collect(model, cache, meta)
+            selector = build(parts[-1])
+            selector.compress_with_scores(scores, cache)
+            return collect(model, cache, meta, selector)
         press = build(spec)
         cache = run_press(model, press, rec) if press is not None else rec.cache()
-        return collect(model, cache, meta)
+        return collect(model, cache, meta, press)
 
     def _answer(self, kvs: list[CompressedKV], question: list[int], sample) -> list[str]:
         """Every cache's greedy answer; a row ends once all its references are found (score final)."""

@@ -85,9 +85,9 @@ def main() -> None:
                 for name, per_layer in scores.items():
                     for ratio in RATIOS:
                         cache = rec.cache()
-                        build({"press": "kvcompose", "compression_ratio": ratio}).compress_with_scores(
-                            per_layer, cache, model.model.layers)
-                        kvs.append(collect(model, cache, CacheMeta(engine.model_id, "", len(ids), {})))
+                        selector = build({"press": "kvcompose", "compression_ratio": ratio})
+                        selector.compress_with_scores(per_layer, cache)
+                        kvs.append(collect(model, cache, CacheMeta(engine.model_id, "", len(ids), {}), selector))
                         rows.append((name, ratio))
                 for (name, ratio), prediction in zip(rows, answerer._answer(kvs, asked, sample)):
                     score = metrics.metric_for(task)([prediction], [sample.answers])

@@ -11,6 +11,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from service.cache.kvcache import CacheMeta, CompressedKV
 from service.engine.cancel import stop_between_layers
+from service.engine.presses.registry import presses_in
 from service.engine.selection import select
 
 
@@ -20,9 +21,8 @@ def prefill(model: PreTrainedModel, context_ids: list[int], press: BasePress | N
 
     stop: when set, the work ends before the next decoder layer with ``Cancelled``.
 
-    Head-wise presses leave ``masked_key_indices`` on the attention modules; they are moved into
-    the returned cache's ``evicted`` masks and cleared, so the model keeps no per-document state,
-    and the evicted slots are dropped (``compact``), so head-wise eviction saves real memory.
+    Head-wise evictions become the returned cache's ``evicted`` masks (``collect``), and the
+    evicted slots are dropped (``compact``), so head-wise eviction saves real memory.
     """
     ids = torch.tensor([context_ids], device=model.device)
     cache = DynamicCache()
@@ -33,18 +33,28 @@ def prefill(model: PreTrainedModel, context_ids: list[int], press: BasePress | N
         with torch.inference_mode(), stop_between_layers(model, stop), \
                 (press(model) if press is not None else contextlib.nullcontext()):
             model.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        return collect(model, cache, meta)
+        return collect(model, cache, meta, press)
     finally:  # also after a failure or a cancellation midway: the model keeps no per-request state
         for module in attn:
             module.masked_key_indices = None
 
 
-def collect(model: PreTrainedModel, cache: DynamicCache, meta: CacheMeta) -> CompressedKV:
-    """The compressed cache, with head-wise evictions taken from the attention modules (and cleared)."""
+def collect(model: PreTrainedModel, cache: DynamicCache, meta: CacheMeta,
+            press: BasePress | None = None) -> CompressedKV:
+    """The compressed cache, with the head-wise evictions of ``press`` (and of presses nested in it).
+
+    Our presses return their head masks as a value (``head_masks``). kvpress's own head-wise presses
+    (AdaKV, CriticalAdaKV) can only leave them as ``masked_key_indices`` on the attention modules,
+    which its attention patch reads: those are taken from there and cleared, so the model keeps no
+    per-document state.
+    """
     attn = [layer.self_attn for layer in model.model.layers]
     evicted = [_evicted_mask(getattr(m, "masked_key_indices", None), layer) for m, layer in zip(attn, cache.layers)]
     for module in attn:
         module.masked_key_indices = None
+    for part in presses_in(press):
+        for i, mask in getattr(part, "head_masks", {}).items():
+            evicted[i] = mask if evicted[i] is None else evicted[i] | mask
     return compact(CompressedKV.from_cache(cache, evicted, meta))
 
 

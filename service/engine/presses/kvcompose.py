@@ -96,6 +96,9 @@ class KVComposePress(BasePress):
     replay_context: bool = True
     task_ids: list[list[int]] | None = None
     last_selection: dict[str, list] | None = field(default=None, init=False, repr=False, compare=False)
+    # (kv_heads, slots) bool masks of the slots each head left empty, by layer (structured=False):
+    # a result of the compression, read by ``prefill.collect``, never left on the model's modules.
+    head_masks: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
     _state: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
     _input_hook: Any = field(default=None, init=False, repr=False, compare=False)
 
@@ -115,15 +118,14 @@ class KVComposePress(BasePress):
     # kvpress calls this when the press (or a composition holding it) is entered.
     def post_init_from_model(self, model: nn.Module) -> None:
         self.release()
+        self.head_masks = {}  # an earlier document's masks must not apply to this one
         decoder = model.model
-        for layer in decoder.layers:  # head masks of an earlier document must not apply to this one
-            layer.self_attn.masked_key_indices = None
         # The context ids are needed to replay it, and an attention hook only sees hidden states.
         self._input_hook = decoder.register_forward_pre_hook(self._remember_input, with_kwargs=True)
         self._state = {"model": model, "num_layers": len(decoder.layers)}
 
     def release(self) -> None:
-        """Remove the context-ids hook and drop per-document state (the head masks stay for decoding)."""
+        """Remove the context-ids hook and drop per-document state (the head masks stay, for ``collect``)."""
         if self._input_hook is not None:
             self._input_hook.remove()
             self._input_hook = None
@@ -264,10 +266,10 @@ class KVComposePress(BasePress):
             s = selection.group_scores(state["scores"][i].result(), kv_heads, self.agg_group)
             values = layer.values[0, :, : s.shape[1]] if self.add_v_norm else None
             scores.append(selection.enhance(s, values, self.add_mean_across_heads))
-        self.compress_with_scores(scores, cache, state["model"].model.layers)
+        self.compress_with_scores(scores, cache)
         self.last_selection["replayed"] = state["replay"]
 
-    def compress_with_scores(self, scores: list[torch.Tensor], cache: Cache, layers: nn.ModuleList) -> None:
+    def compress_with_scores(self, scores: list[torch.Tensor], cache: Cache) -> None:
         """Select and gather with given per-layer (kv_heads, len) scores: one scoring, many ratios."""
         if self.structured:
             composite = selection.composite_scores(scores, self.agg_head, self.keep_token_lower_bound)
@@ -282,5 +284,4 @@ class KVComposePress(BasePress):
             layer.keys = layer.keys.gather(2, index)
             layer.values = layer.values.gather(2, index)
             if padding is not None:
-                head, slot = padding.nonzero(as_tuple=True)
-                layers[i].self_attn.masked_key_indices = (torch.zeros_like(head), head, slot)
+                self.head_masks[i] = padding.to(layer.keys.device)

@@ -122,12 +122,17 @@ def parse(spec: str | dict) -> dict:
     return spec
 
 
-def canonical(spec: str | dict | None) -> dict:
+class CanonicalSpec(dict):
+    """A spec as ``canonical`` made it. ``canonical`` passes one through as it is, so a request's spec
+    is made canonical once, however many layers (compressor, engine, ``build``) it passes."""
+
+
+def canonical(spec: str | dict | None) -> CanonicalSpec:
     """The spec with names normalised and every default filled in; ``{}`` means no press."""
-    if spec is None:
-        return {}
-    spec = parse(spec)
-    return _canonical(spec, "") if spec else {}
+    if isinstance(spec, CanonicalSpec):
+        return spec
+    spec = parse(spec) if spec is not None else {}
+    return CanonicalSpec(_canonical(spec, "") if spec else {})
 
 
 def _canonical(spec: dict, where: str) -> dict:
