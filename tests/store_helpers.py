@@ -46,6 +46,11 @@ def with_store(test, url: str = SHARED_REDIS, **overrides):
     return asyncio.run(main())
 
 
+async def fetched_bytes(store, cache_id: str, *, tenant: str) -> bytes:
+    """A ``PrefixStore``'s verified bytes of one entry, joined."""
+    return b"".join((await store.fetch(cache_id, tenant=tenant))[1])
+
+
 async def wipe(store: RedisStore) -> None:
     async for name in store.redis.scan_iter(match=f"{store.config.key_prefix}:*", count=1000):
         await store.redis.delete(name)

@@ -44,7 +44,7 @@ def test_kept_tokens_mean_the_same_in_the_engine_the_api_and_the_store(tiny_engi
         compressor = CacheCompressor(tiny_engine, store)
         made = await compressor.compress("default", ids, headwise)
         again = await compressor.compress("default", ids, headwise)
-        manifest = await store.stat("default", made.cache_id)
+        manifest = await store.stat(made.cache_id, tenant="default")
         return made, again, manifest
 
     made, again, manifest = with_store(go)
@@ -59,7 +59,7 @@ def test_kept_tokens_mean_the_same_in_the_engine_the_api_and_the_store(tiny_engi
 def test_manifests_of_dense_presses_keep_their_old_form_and_newer_fields_are_skipped(tiny_engine):
     async def go(store):
         made = await CacheCompressor(tiny_engine, store).compress("default", random_ids(200, seed=84), PRESS)
-        return await store.stat("default", made.cache_id)
+        return await store.stat(made.cache_id, tenant="default")
 
     manifest = with_store(go)
     data = json.loads(manifest.to_json())

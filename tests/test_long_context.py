@@ -6,7 +6,7 @@ memory at 8k are measured by ``kvcompose bench perf`` (docs/performance.md), not
 from __future__ import annotations
 
 import pytest
-from store_helpers import make_cache, with_store
+from store_helpers import fetched_bytes, make_cache, with_store
 
 from service.bench.haystack import needle_document
 from service.cache import codec
@@ -24,7 +24,7 @@ def test_an_8k_document_is_compressed_stored_fetched_and_answered(smollm2):
 
     async def round_trip(store):
         manifest, _ = await store.put(key, ids, data)
-        return (await store.get(key.tenant, manifest.cache_id))[1]
+        return await fetched_bytes(store, manifest.cache_id, tenant=key.tenant)
 
     fetched = with_store(round_trip)
     assert fetched == data

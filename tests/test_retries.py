@@ -10,7 +10,7 @@ import time
 
 import pytest
 from conftest import random_ids
-from store_helpers import make_cache
+from store_helpers import fetched_bytes, make_cache
 
 from service.config import StoreConfig
 from service.store.embedded import EmbeddedRedis
@@ -62,7 +62,7 @@ async def across_a_restart(redis: EmbeddedRedis, retries: int, caches, started: 
         while time.monotonic() < end:
             try:
                 try:
-                    await store.stat("acme", stored.cache_id)  # found before the restart, a miss after
+                    await store.stat(stored.cache_id, tenant="acme")  # found before the restart, a miss after
                 except NotFound:
                     pass
                 outcome["reads"] += 1
@@ -70,7 +70,7 @@ async def across_a_restart(redis: EmbeddedRedis, retries: int, caches, started: 
                 outcome["writes"] += 1
             except Unavailable as e:
                 outcome["errors"].append(str(e))
-        outcome["fetched_b"] = (await store.get("acme", m.cache_id))[1] if outcome["writes"] else None
+        outcome["fetched_b"] = await fetched_bytes(store, m.cache_id, tenant="acme") if outcome["writes"] else None
     finally:
         await store.close()
     return outcome

@@ -169,7 +169,7 @@ def test_a_cluster_that_cannot_be_reached_is_unavailable_not_internal():
         store = store_for(f"redis://127.0.0.1:{free_port()}/0", redis_cluster=True)
         try:
             with pytest.raises(Unavailable):
-                await store.stat("default", "0" * 64)
+                await store.stat("0" * 64, tenant="default")
         finally:
             await store.close()
 

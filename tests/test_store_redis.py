@@ -8,11 +8,12 @@ import threading
 import pytest
 import xxhash
 from conftest import random_ids
-from store_helpers import make_cache, store_for, wipe, with_store
+from store_helpers import fetched_bytes, make_cache, store_for, wipe, with_store
 
 from service.cache import codec
 from service.store.embedded import EmbeddedRedis
 from service.store.errors import DataLoss, InvalidArgument, NotFound, QuotaExceeded, Unavailable
+from service.store.metered import MeteredStore
 
 
 def run(coro):
@@ -34,8 +35,7 @@ def test_round_trip_is_bit_exact_for_every_codec(tiny_engine, codec_name, redis_
     async def go(store):
         m, existed = await store.put(key, ids, data)
         assert not existed and m.chunk_count == -(-len(data) // 4096)
-        got = await store.get("acme", m.cache_id)
-        assert got[1] == data
+        assert await fetched_bytes(store, m.cache_id, tenant="acme") == data
         again, existed = await store.put(key, ids, data)
         assert existed and again.cache_id == m.cache_id
 
@@ -62,7 +62,7 @@ def test_a_write_killed_midway_leaves_nothing_readable(cache, redis_target):
         assert chunks, "chunks were written before the crash"
         assert all([await store.redis.ttl(k) > 0 for k in chunks])  # orphans expire by themselves
         with pytest.raises(NotFound):
-            await store.stat("acme", key.cache_id(ids))
+            await store.stat(key.cache_id(ids), tenant="acme")
         with pytest.raises(NotFound):
             await store.lookup(key, ids, longest_prefix=False)
 
@@ -81,16 +81,17 @@ def test_a_flipped_byte_is_data_loss_and_the_entry_is_gone(cache, redis_target, 
             raw = json.loads(await store.redis.get(store.keys.manifest("acme", m.cache_id)))
             del raw["xxh3_128"]
             await store.redis.set(store.keys.manifest("acme", m.cache_id), json.dumps(raw), keepttl=True)
-            assert (await store.get("acme", m.cache_id))[1] == data
+            assert await fetched_bytes(store, m.cache_id, tenant="acme") == data
         name = store.keys.chunk("acme", m.cache_id, m.write_id, 1)
         chunk = bytearray(await store.redis.get(name))
         chunk[100] ^= 0x10
         await store.redis.set(name, bytes(chunk))
+        metered = MeteredStore(store)
         with pytest.raises(DataLoss, match="checksum"):
-            await store.get("acme", m.cache_id)
-        assert store.counters["corrupt_deleted"] == 1
+            await metered.fetch(m.cache_id, tenant="acme")
+        assert metered.outcomes["corrupt_deleted"] == 1 and metered.outcomes["hit"] == 0
         with pytest.raises(NotFound):
-            await store.stat("acme", m.cache_id)
+            await store.stat(m.cache_id, tenant="acme")
 
     with_store(go, **redis_target, chunk_bytes=2048)
 
@@ -101,9 +102,10 @@ def test_an_evicted_chunk_is_a_miss_and_the_entry_is_deleted(cache, redis_target
     async def go(store):
         m, _ = await store.put(key, ids, data)
         await store.redis.delete(store.keys.chunk("acme", m.cache_id, m.write_id, 2))
+        metered = MeteredStore(store)
         with pytest.raises(NotFound, match="evicted"):
-            await store.get("acme", m.cache_id)
-        assert store.counters["missing_chunk_deleted"] == 1
+            await metered.fetch(m.cache_id, tenant="acme")
+        assert metered.outcomes["missing_chunk_deleted"] == metered.outcomes["miss"] == 1
         assert await store.redis.exists(store.keys.manifest("acme", m.cache_id)) == 0
 
     with_store(go, **redis_target, chunk_bytes=2048)
@@ -115,17 +117,17 @@ def test_tenants_cannot_see_each_other(cache, tiny_engine, redis_target):
     async def go(store):
         m, _ = await store.put(key, ids, data)
         with pytest.raises(NotFound):
-            await store.stat("other", m.cache_id)
+            await store.stat(m.cache_id, tenant="other")
         with pytest.raises(NotFound):
-            await store.get("other", m.cache_id)
-        assert not await store.delete("other", m.cache_id)
+            await store.fetch(m.cache_id, tenant="other")
+        assert not await store.delete(m.cache_id, tenant="other")
         import dataclasses
 
         other = dataclasses.replace(key, tenant="other")
         assert other.cache_id(ids) != m.cache_id
         with pytest.raises(NotFound):
             await store.lookup(other, ids, longest_prefix=True)
-        assert (await store.stat("acme", m.cache_id)).cache_id == m.cache_id
+        assert (await store.stat(m.cache_id, tenant="acme")).cache_id == m.cache_id
 
     with_store(go, **redis_target)
 
@@ -137,7 +139,7 @@ def test_hits_refresh_the_ttl(cache, redis_target):
         m, _ = await store.put(key, ids, data, ttl_s=100)
         name = store.keys.manifest("acme", m.cache_id)
         await store.redis.expire(name, 5)
-        await store.get("acme", m.cache_id)
+        await store.fetch(m.cache_id, tenant="acme")
         for _ in range(50):  # the refresh runs after the reply
             if await store.redis.ttl(name) > 90:
                 break
@@ -207,12 +209,12 @@ def test_redis_down_is_unavailable_and_the_store_recovers(cache):
             m, _ = await store.put(key, ids, data)
             redis.stop()
             with pytest.raises(Unavailable):
-                await store.stat("acme", m.cache_id)
+                await store.stat(m.cache_id, tenant="acme")
             redis.start()  # empty again: it keeps nothing on disk
             with pytest.raises(NotFound):
-                await store.stat("acme", m.cache_id)
+                await store.stat(m.cache_id, tenant="acme")
             m2, existed = await store.put(key, ids, data)
-            assert not existed and (await store.get("acme", m2.cache_id))[1] == data
+            assert not existed and await fetched_bytes(store, m2.cache_id, tenant="acme") == data
 
         with_store(go, redis.url)
 
@@ -278,6 +280,6 @@ def test_a_full_redis_refuses_writes_as_resource_exhausted_never_internal(tiny_e
                 await store.put(key, ids, data)
             plain.delete(*[f"fill:{i}" for i in range(filler)])
             m, existed = await store.put(key, ids, data)
-            assert not existed and (await store.get("acme", m.cache_id))[1] == data
+            assert not existed and await fetched_bytes(store, m.cache_id, tenant="acme") == data
 
         with_store(full, url=server.url)

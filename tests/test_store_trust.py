@@ -32,7 +32,7 @@ def test_a_hit_refreshes_the_prefix_index_and_the_usage_record(cache, redis_targ
         ends = store.keys.prefix_ends("acme", m.prefix_id)
         for _ in range(4):  # 4 s of hits on a 3 s TTL
             await asyncio.sleep(1)
-            await store.get("acme", m.cache_id)
+            await store.fetch(m.cache_id, tenant="acme")
             await asyncio.sleep(0.05)  # the refresh runs off the reply's path
         assert await store.redis.ttl(ends) >= 2
         found, matched = await store.lookup(key, ids + [7, 8], longest_prefix=True)

@@ -32,7 +32,7 @@ from service.serve import messages
 from service.serve.answerer import Answerer
 from service.serve.frontend import Frontend
 from service.store.auth import Auth
-from service.store.client import PrefixStoreClient
+from service.store.client import AsyncPrefixStoreClient, PrefixStoreClient
 from service.tls import TLSFiles, add_port
 from service.wire import api_server_options
 
@@ -70,7 +70,8 @@ async def serve(store: str, address: str, config_path: Path, store_token: str | 
     limits = RequestLimits(**args.limits)
     engine = Engine(EngineConfig.from_env(**args.engine))
     store_config = StoreConfig.from_env(**{**args.store, "service_token": store_token})  # None: from the env
-    answerer = Answerer(engine, PrefixStoreClient.from_config(store, store_config), args.decode_lru_bytes,
+    answerer = Answerer(engine, AsyncPrefixStoreClient(PrefixStoreClient.from_config(store, store_config)),
+                        args.decode_lru_bytes,
                         batch=BatchLimits(**args.decode_batch))
     worker = DecodeWorker(answerer, Frontend(Auth(api_auth_tokens(args.auth_tokens)), limits,
                                              allow_unauthenticated=args.allow_unauthenticated,

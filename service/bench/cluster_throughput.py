@@ -33,7 +33,7 @@ async def fetch_rate(store: RedisStore, cache_ids: list[str], parallel: int, rep
 
     async def one(cache_id: str) -> None:
         async with gate:
-            _, chunks = await store.fetch("default", cache_id)
+            _, chunks = await store.stream(cache_id, tenant="default")
             async for _ in chunks:
                 pass
 

@@ -1,8 +1,8 @@
 """Fetch + decode: answer questions from caches fetched over gRPC from the prefix store.
 
-A decode worker never sees a compress replica's memory: it fetches the cache bytes by id through
-``PrefixStoreClient`` (verified), decodes them, and keeps a small LRU of decoded caches (bounded
-in bytes) so follow-up questions on the same document skip the fetch.
+A decode worker never sees a compress replica's memory: it fetches the cache bytes by id through a
+``PrefixStore`` (``AsyncPrefixStoreClient`` in the service; verified), decodes them, and keeps a
+small LRU of decoded caches (bounded in bytes) so follow-up questions on the same document skip the fetch.
 
 An in-memory copy is used only while its store entry is live: a hit older than ``revalidate_s``
 (0.25 s) asks the store (``Stat``, which also refreshes the entry's TTL as any hit does), so a
@@ -24,8 +24,8 @@ from service.engine.decode import Sampling
 from service.engine.engine import Engine
 from service.malloc import keep_freed_memory
 from service.protocol import AnswerStats, kept_fraction
-from service.store.client import PrefixStoreClient
 from service.store.errors import NotFound
+from service.store.interface import PrefixStore
 
 
 class DecodedLRU:
@@ -59,12 +59,12 @@ class DecodedLRU:
 
 
 class Answerer:
-    """Engine + store client + LRU. ``fetches`` counts caches fetched from the store."""
+    """Engine + prefix store + LRU. ``fetches`` counts caches fetched from the store."""
 
-    def __init__(self, engine: Engine, client: PrefixStoreClient, lru_bytes: int = 256 << 20,
+    def __init__(self, engine: Engine, store: PrefixStore, lru_bytes: int = 256 << 20,
                  revalidate_s: float = 0.25, batch: BatchLimits | None = None):
         self.engine = engine
-        self.client = client
+        self.store = store
         self.lru = DecodedLRU(lru_bytes)
         self.revalidate_s = revalidate_s
         self.fetches = 0
@@ -106,7 +106,7 @@ class Answerer:
     async def _fetch(self, tenant: str, cache_id: str) -> tuple[CompressedKV, int]:
         key = (tenant, cache_id)
         checked_at = time.monotonic()  # the entry was live when the fetch began: the staleness clock starts here
-        manifest, chunks = await asyncio.to_thread(self.client.fetch_chunks, cache_id, tenant=tenant)
+        manifest, chunks = await self.store.fetch(cache_id, tenant=tenant)
         # onto the model's device once (as stored: int8 moves half the bytes), not on every answer;
         # the chunks were verified as they were read: the codec does not hash them again
         kv = await asyncio.to_thread(codec.decode, chunks, self.engine.device, verified=True)
@@ -123,7 +123,7 @@ class Answerer:
         if time.monotonic() - checked_at <= self.revalidate_s:
             return True
         try:
-            manifest = await asyncio.to_thread(self.client.stat, key[1], tenant=key[0], touch=True)
+            manifest = await self.store.stat(key[1], tenant=key[0], touch=True)
         except NotFound:
             self.lru.drop(key)
             self._checked.pop(key, None)

@@ -10,7 +10,6 @@ typed settings, ``deployments`` carry replicas, autoscaling and ``ray_actor_opti
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -96,9 +95,11 @@ class Decoder:
         from service.serve.answerer import Answerer
         from service.serve.metrics import ServiceMetrics
 
-        self.worker = Answerer(Engine(engine), _store_client(store, store_address), lru_bytes, batch=decode_batch)
+        client = _store_client(store, store_address)
+        self.reads = client.client.reads  # which way the client read each cache: direct, fetch, fallback
+        self.worker = Answerer(Engine(engine), client, lru_bytes, batch=decode_batch)
         self.metrics = ServiceMetrics()
-        self._reads_exported = dict(self.worker.client.reads)
+        self._reads_exported = dict(self.reads)
 
     async def generate(self, tenant: str, cache_id: str, question: str, sampling, stop: tuple) -> AsyncIterator:
         try:
@@ -115,14 +116,14 @@ class Decoder:
 
     def _export_reads(self) -> None:
         """The store client's fetch paths since the last export (on the replica's loop: no race)."""
-        for path, count in self.worker.client.reads.items():
+        for path, count in self.reads.items():
             if count > self._reads_exported[path]:
                 self.metrics.fetches.inc(count - self._reads_exported[path], tags={"path": path})
                 self._reads_exported[path] = count
 
     def counters(self) -> dict:
         loop = self.worker.decoder
-        return {"fetches": self.worker.fetches, "fetch_paths": dict(self.worker.client.reads),
+        return {"fetches": self.worker.fetches, "fetch_paths": dict(self.reads),
                 "lru_entries": len(self.worker.lru.items), "decode_steps": loop.steps, "peak_batch": loop.peak_batch}
 
     async def record_routing_stats(self) -> dict:  # async: runs on the replica's loop, beside the LRU's users
@@ -194,14 +195,14 @@ class Ingress:
 
     async def Stat(self, request: store_pb.StatRequest, grpc_context) -> store_pb.StatResponse:
         async def handler(tenant: str) -> store_pb.StatResponse:
-            manifest = await asyncio.to_thread(self.store.stat, request.cache_id, tenant=tenant)
-            return store_pb.StatResponse(manifest=manifest)
+            manifest = await self.store.stat(request.cache_id, tenant=tenant)
+            return store_pb.StatResponse(manifest=manifest.to_proto(store_pb))
 
         return await self._unary("Stat", grpc_context, handler, store_pb.StatResponse())
 
     async def Delete(self, request: store_pb.DeleteRequest, grpc_context) -> store_pb.DeleteResponse:
         async def handler(tenant: str) -> store_pb.DeleteResponse:
-            deleted = await asyncio.to_thread(self.store.delete, request.cache_id, tenant=tenant)
+            deleted = await self.store.delete(request.cache_id, tenant=tenant)
             return store_pb.DeleteResponse(deleted=deleted)
 
         return await self._unary("Delete", grpc_context, handler, store_pb.DeleteResponse())
@@ -218,9 +219,10 @@ def _send_error(grpc_context, e: messages.ApiError) -> None:
 
 
 def _store_client(store: dict, address: str):
-    from service.store.client import PrefixStoreClient
+    """The prefix store as ``interface.PrefixStore``, over gRPC."""
+    from service.store.client import AsyncPrefixStoreClient, PrefixStoreClient
 
-    return PrefixStoreClient.from_config(address, StoreConfig.from_env(**store))
+    return AsyncPrefixStoreClient(PrefixStoreClient.from_config(address, StoreConfig.from_env(**store)))
 
 
 def build_app(args: dict) -> serve.Application:

@@ -14,6 +14,7 @@ fails; ``reads`` counts the ways: ``direct`` reads, ``fetch`` streams (after a f
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
@@ -29,7 +30,7 @@ from service.config import StoreConfig
 from service.store.checksum import read_check
 from service.store.direct import DirectReader, DirectReadFailed
 from service.store.errors import BY_STATUS, DataLoss, StoreError, Unavailable, Unimplemented
-from service.store.manifest import key_to_proto
+from service.store.manifest import Manifest, key_to_proto
 from service.store.retry import retry_policy
 from service.tls import TLSFiles, channel
 from service.wire import chunk_frame, store_options
@@ -40,10 +41,10 @@ UPLOAD_CHUNK_BYTES = 1 << 20
 
 
 class PrefixStoreClient:
-    """The PrefixStore over gRPC, for one tenant at a time. ``RedisStore`` (behind the server) serves
-    every tenant and takes ``(tenant, cache_id)``; a client's tenant comes from its token, so its calls
-    take the cache id, and ``tenant=`` (keyword only, never positional) where a development store has
-    no tokens. Errors are the store's exceptions (``errors.py``), after the retry policy (``retry.py``)."""
+    """The PrefixStore over gRPC, blocking, with the wire's own types (``pb.Manifest``). Calls take the
+    cache id, and ``tenant=`` (keyword only) where the client's token serves several tenants.
+    Errors are the store's exceptions (``errors.py``), after the retry policy (``retry.py``).
+    ``AsyncPrefixStoreClient`` is the same client as an ``interface.PrefixStore``."""
 
     def __init__(self, target: str, token: str | None = None, tenant: str | None = None,
                  deadline_s: float = StoreConfig.client_deadline_s,
@@ -175,6 +176,38 @@ class PrefixStoreClient:
 
     def delete(self, cache_id: str, *, tenant: str | None = None) -> bool:
         return self._call(lambda: self.stub.Delete(pb.DeleteRequest(cache_id=cache_id), **self._kw(tenant))).deleted
+
+
+class AsyncPrefixStoreClient:
+    """``interface.PrefixStore`` over gRPC: a ``PrefixStoreClient``'s calls on worker threads (they
+    block on the network and on hashing, which frees the GIL), with the store's own ``Manifest``."""
+
+    def __init__(self, client: PrefixStoreClient):
+        self.client = client
+
+    def close(self) -> None:
+        self.client.close()
+
+    async def put(self, key: CacheKey, context_ids: Sequence[int], data: bytes,
+                  ttl_s: int | None = None) -> tuple[Manifest, bool]:
+        m, existed = await asyncio.to_thread(self.client.put, key, context_ids, data, ttl_s or 0, tenant=key.tenant)
+        return Manifest.from_proto(m, key.tenant), existed
+
+    async def fetch(self, cache_id: str, *, tenant: str) -> tuple[Manifest, list[bytes]]:
+        m, chunks = await asyncio.to_thread(self.client.fetch_chunks, cache_id, tenant=tenant)
+        return Manifest.from_proto(m, tenant), chunks
+
+    async def stat(self, cache_id: str, *, tenant: str, touch: bool = False) -> Manifest:
+        m = await asyncio.to_thread(self.client.stat, cache_id, tenant=tenant, touch=touch)
+        return Manifest.from_proto(m, tenant)
+
+    async def lookup(self, key: CacheKey, token_ids: Sequence[int],
+                     longest_prefix: bool = False) -> tuple[Manifest, int]:
+        m, matched = await asyncio.to_thread(self.client.lookup, key, token_ids, longest_prefix, tenant=key.tenant)
+        return Manifest.from_proto(m, key.tenant), matched
+
+    async def delete(self, cache_id: str, *, tenant: str) -> bool:
+        return await asyncio.to_thread(self.client.delete, cache_id, tenant=tenant)
 
 
 def _store_error(e: grpc.RpcError) -> StoreError:

@@ -14,6 +14,10 @@ class NotFound(StoreError):
     status = grpc.StatusCode.NOT_FOUND
 
 
+class ChunksLost(NotFound):
+    """An entry's chunks were evicted under it; the entry has been deleted (a miss)."""
+
+
 class InvalidArgument(StoreError):
     status = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -64,6 +64,16 @@ class Manifest:
             xxh3_128=self.xxh3_128,
         )
 
+    @classmethod
+    def from_proto(cls, msg, tenant: str) -> Manifest:
+        """From a ``kvcompose.v1.Manifest`` (what a client is sent; the store's own write and prefix
+        ids stay inside the store)."""
+        slots, kept = list(msg.layer_slots), tuple(msg.kept_tokens_per_layer)
+        return cls(msg.cache_id, msg.format_version, msg.total_bytes, msg.chunk_count, msg.chunk_bytes, msg.sha256,
+                   msg.context_tokens, key_from_proto(msg.key, tenant), msg.created_unix_ms, msg.ttl_s, "", slots,
+                   msg.uncompressed_bytes, kept_tokens_per_layer=kept if list(kept) != slots else (),
+                   xxh3_128=msg.xxh3_128)
+
     def read_check(self) -> tuple[Hasher, bytes]:
         return read_check(self.xxh3_128, self.sha256)
 

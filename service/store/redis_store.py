@@ -7,9 +7,10 @@ Layout of one entry (all keys share the hash tag ``{tenant/cache_id}``, see ``ke
   so a reader sees a complete entry or nothing, and concurrent writers never mix chunks (each
   writer names its chunks with its own ``write_id``; the loser deletes its own).
 
-Every key carries the entry's TTL, refreshed on each hit. A read with a missing chunk is a miss
-(entry deleted, counted); a read whose bytes fail the read checksum (``checksum.py``) raises DataLoss (entry deleted,
-counted). Tenants are namespaces: a tenant's id never resolves in another tenant's keys.
+Every key carries the entry's TTL, refreshed on each hit. A read with a missing chunk raises
+ChunksLost, a NotFound (entry deleted); a read whose bytes fail the read checksum (``checksum.py``)
+raises DataLoss (entry deleted). Tenants are namespaces: a tenant's id never resolves in another
+tenant's keys. It implements ``interface.PrefixStore``; ``metered.MeteredStore`` counts what it does.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from service.cache.ids import CacheKey
 from service.config import StoreConfig
 from service.store.checksum import xxh3_128
 from service.store.errors import (
+    ChunksLost,
     DataLoss,
     InvalidArgument,
     NotFound,
@@ -86,14 +88,14 @@ def connect(config: StoreConfig, url: str) -> aioredis.Redis | aioredis.RedisClu
 
 
 class RedisStore:
-    """Async prefix store. ``counters`` tracks hits, misses and damaged entries for metrics."""
+    """The prefix store on Redis (``interface.PrefixStore``), plus what only a Redis backend can do:
+    ``stream`` (chunks as they are read), ``grant`` (chunk names for a direct reader) and
+    ``get_or_create`` (single flight across replicas)."""
 
     def __init__(self, client: aioredis.Redis, config: StoreConfig):
         self.redis = client
         self.config = config
         self.keys = Keys(config.key_prefix)
-        self.counters = {"hits": 0, "misses": 0, "corrupt_deleted": 0, "missing_chunk_deleted": 0, "puts": 0,
-                         "grants": 0}
         self._background: set[asyncio.Task] = set()
         self._touched: dict[tuple[str, str], float] = {}  # (tenant, cache id) -> last background TTL refresh
         self._ready = not isinstance(client, aioredis.RedisCluster)
@@ -151,10 +153,9 @@ class RedisStore:
                 committed = await self._manifest(tenant, cache_id)
                 if committed is None or committed.write_id != write_id:  # another writer committed first
                     await self._delete_chunks(tenant, cache_id, write_id, n_chunks)
-                    return await self.stat(tenant, cache_id), True
+                    return await self.stat(cache_id, tenant=tenant), True
                 # else: our own SET NX, applied, then retried by redis-py after its reply was lost
             await self._index(manifest)
-            self.counters["puts"] += 1
             return manifest, False
 
     def _validate(self, key: CacheKey, context_ids: Sequence[int], data: bytes, body_sha256: bytes) -> dict:
@@ -209,7 +210,7 @@ class RedisStore:
 
     # -- reading ---------------------------------------------------------------------------------
 
-    async def stat(self, tenant: str, cache_id: str, touch: bool = False) -> Manifest:
+    async def stat(self, cache_id: str, *, tenant: str, touch: bool = False) -> Manifest:
         """The manifest of a live entry, or NotFound. ``touch``: count it as a hit (refresh its TTL),
         as decoders do when they answer from their in-memory copy."""
         self._check_id(cache_id)
@@ -221,12 +222,11 @@ class RedisStore:
             raise NotFound(f"no cache {cache_id} (it may have expired or been deleted)")
         return m
 
-    async def grant(self, tenant: str, cache_id: str) -> tuple[Manifest, list[str]]:
+    async def grant(self, cache_id: str, *, tenant: str) -> tuple[Manifest, list[str]]:
         """A read grant: (manifest, chunk key names) of the tenant's live entry, its TTL refreshed
-        off the reply's path as a hit's is (counted as a grant: whether the reader's bytes verify, the
-        store does not see). Raises NotFound."""
-        m = await self.stat(tenant, cache_id)
-        self.counters["grants"] += 1
+        off the reply's path as a hit's is (whether the reader's bytes verify, the store does not see).
+        Raises NotFound."""
+        m = await self.stat(cache_id, tenant=tenant)
         self._touch_later(m)
         return m, self._chunk_names(m)
 
@@ -247,11 +247,16 @@ class RedisStore:
     def _chunk_names(self, m: Manifest) -> list[str]:
         return self.keys.chunks(m.key.tenant, m.cache_id, m.write_id, m.chunk_count)
 
-    async def fetch(self, tenant: str, cache_id: str) -> tuple[Manifest, AsyncIterator[bytes]]:
-        """(manifest, chunks). Chunks are hashed as they stream; the iterator raises NotFound (a chunk
+    async def fetch(self, cache_id: str, *, tenant: str) -> tuple[Manifest, list[bytes]]:
+        """(manifest, verified chunks). Raises NotFound (ChunksLost: a chunk was evicted) or DataLoss."""
+        m, chunks = await self.stream(cache_id, tenant=tenant)
+        return m, [c async for c in chunks]
+
+    async def stream(self, cache_id: str, *, tenant: str) -> tuple[Manifest, AsyncIterator[bytes]]:
+        """(manifest, chunks). Chunks are hashed as they stream; the iterator raises ChunksLost (a chunk
         was evicted) or DataLoss (checksum) at the point of failure, deleting the entry, so a consumer
         must only use bytes from an iteration that completed."""
-        m = await self.stat(tenant, cache_id)
+        m = await self.stat(cache_id, tenant=tenant)
         names = self._chunk_names(m)
         async with self._redis_errors():
             first = await self.redis.mget(names[:_MGET_BATCH])
@@ -284,22 +289,16 @@ class RedisStore:
                     pending.cancel()
                 raise
         if total != m.total_bytes or digest.digest() != expected:
-            await self._drop(m, "corrupt_deleted")
+            await self._drop(m)
             raise DataLoss(f"cache {m.cache_id} failed its checksum; it was deleted")
-        self.counters["hits"] += 1
         self._touch_later(m)  # off the reply's path
 
     async def _missing(self, m: Manifest) -> None:
-        await self._drop(m, "missing_chunk_deleted")
-        self.counters["misses"] += 1
-        raise NotFound(f"cache {m.cache_id} lost chunks (evicted); it was deleted")
+        await self._drop(m)
+        raise ChunksLost(f"cache {m.cache_id} lost chunks (evicted); it was deleted")
 
-    async def get(self, tenant: str, cache_id: str) -> tuple[Manifest, bytes]:
-        """The whole verified cache bytes."""
-        m, chunks = await self.fetch(tenant, cache_id)
-        return m, b"".join([c async for c in chunks])
-
-    async def lookup(self, key: CacheKey, token_ids: Sequence[int], longest_prefix: bool) -> tuple[Manifest, int]:
+    async def lookup(self, key: CacheKey, token_ids: Sequence[int],
+                     longest_prefix: bool = False) -> tuple[Manifest, int]:
         """(manifest, matched tokens) of the exact context, or of the longest stored context that
         is a prefix of ``token_ids``. Raises NotFound."""
         tenant = check_tenant(key.tenant)
@@ -323,7 +322,7 @@ class RedisStore:
 
     # -- deleting --------------------------------------------------------------------------------
 
-    async def delete(self, tenant: str, cache_id: str) -> bool:
+    async def delete(self, cache_id: str, *, tenant: str) -> bool:
         self._check_id(cache_id)
         async with self._redis_errors():
             m = await self._manifest(check_tenant(tenant), cache_id)
@@ -332,7 +331,7 @@ class RedisStore:
             await self._drop(m)
         return True
 
-    async def _drop(self, m: Manifest, counter: str | None = None) -> None:
+    async def _drop(self, m: Manifest) -> None:
         tenant = m.key.tenant
         pipe = self.redis.pipeline(transaction=False)
         pipe.delete(self.keys.manifest(tenant, m.cache_id))  # first: the entry disappears at once
@@ -341,8 +340,6 @@ class RedisStore:
         pipe.hdel(self.keys.usage(tenant), m.cache_id)  # (another slot on a cluster: redis-py splits by node)
         async with self._redis_errors():
             await pipe.execute()
-        if counter:
-            self.counters[counter] += 1
 
     async def _delete_chunks(self, tenant: str, cache_id: str, write_id: str, n: int) -> None:
         await self.redis.delete(*[self.keys.chunk(tenant, cache_id, write_id, i) for i in range(n)])

@@ -1,4 +1,5 @@
-"""The PrefixStore gRPC server: thin methods over ``RedisStore``, standard health and reflection.
+"""The PrefixStore gRPC server: thin methods over ``RedisStore`` (counted by ``MeteredStore``), standard
+health and reflection.
 
     KVCOMPOSE_STORE_SERVICE_TOKEN=... python -m service.store.server --address 127.0.0.1:50051
     # REDIS_URL unset: starts an embedded redis-server; every call needs the service token
@@ -27,6 +28,7 @@ from service.store.auth import Auth, store_auth
 from service.store.embedded import EmbeddedRedis
 from service.store.errors import InvalidArgument, QuotaExceeded, StoreError, is_transient, unavailable
 from service.store.manifest import key_from_proto
+from service.store.metered import MeteredStore
 from service.store.metrics import StoreMetrics
 from service.store.redis_store import RedisStore, connect
 from service.tls import add_port
@@ -89,8 +91,9 @@ def _streaming(fn):
 
 
 class PrefixStoreServicer(pb_grpc.PrefixStoreServicer):
-    def __init__(self, store: RedisStore, auth: Auth, metrics: StoreMetrics):
+    def __init__(self, store: MeteredStore, config: StoreConfig, auth: Auth, metrics: StoreMetrics):
         self.store = store
+        self.config = config
         self.auth = auth
         self.metrics = metrics
 
@@ -102,9 +105,9 @@ class PrefixStoreServicer(pb_grpc.PrefixStoreServicer):
                 if header is not None:
                     raise InvalidArgument("Put stream has two headers")
                 header = req.header
-                if header.total_bytes > self.store.config.max_entry_bytes:  # refuse before receiving it
+                if header.total_bytes > self.config.max_entry_bytes:  # refuse before receiving it
                     raise QuotaExceeded(f"total_bytes {header.total_bytes} exceeds the store's limit "
-                                        f"{self.store.config.max_entry_bytes}")
+                                        f"{self.config.max_entry_bytes}")
             else:
                 if header is None:
                     raise InvalidArgument("Put stream must start with a header")
@@ -116,13 +119,14 @@ class PrefixStoreServicer(pb_grpc.PrefixStoreServicer):
             raise InvalidArgument(f"Put stream ended after {size} of {header.total_bytes if header else '?'} bytes")
         self.metrics.bytes_in.inc(size)
         manifest, existed = await self.store.put(key_from_proto(header.key, tenant), list(header.context_ids),
-                                                 b"".join(parts), header.ttl_s or None, header.sha256 or None)
+                                                 b"".join(parts), header.ttl_s or None,
+                                                 expected_sha256=header.sha256 or None)
         return pb.PutResponse(manifest=manifest.to_proto(pb), existed=existed)
 
     @_streaming
     async def Fetch(self, request, context, tenant):
         """Replies are serialized ``FetchResponse`` messages (see ``add_to_server``)."""
-        manifest, chunks = await self.store.fetch(tenant, request.cache_id)
+        manifest, chunks = await self.store.stream(request.cache_id, tenant=tenant)
         yield pb.FetchResponse(manifest=manifest.to_proto(pb)).SerializeToString()
         async for chunk in chunks:
             self.metrics.bytes_out.inc(len(chunk))
@@ -130,7 +134,8 @@ class PrefixStoreServicer(pb_grpc.PrefixStoreServicer):
 
     @_unary
     async def Stat(self, request, context, tenant):
-        return pb.StatResponse(manifest=(await self.store.stat(tenant, request.cache_id, request.touch)).to_proto(pb))
+        manifest = await self.store.stat(request.cache_id, tenant=tenant, touch=request.touch)
+        return pb.StatResponse(manifest=manifest.to_proto(pb))
 
     @_unary
     async def Lookup(self, request, context, tenant):
@@ -143,12 +148,12 @@ class PrefixStoreServicer(pb_grpc.PrefixStoreServicer):
 
     @_unary
     async def Grant(self, request, context, tenant):
-        manifest, names = await self.store.grant(tenant, request.cache_id)
+        manifest, names = await self.store.grant(request.cache_id, tenant=tenant)
         return pb.GrantResponse(manifest=manifest.to_proto(pb), chunk_keys=names)
 
     @_unary
     async def Delete(self, request, context, tenant):
-        return pb.DeleteResponse(deleted=await self.store.delete(tenant, request.cache_id))
+        return pb.DeleteResponse(deleted=await self.store.delete(request.cache_id, tenant=tenant))
 
 
 async def _watch_redis(store: RedisStore, health_servicer, metrics: StoreMetrics, period_s: float = 2.0) -> None:
@@ -199,10 +204,11 @@ async def start_server(config: StoreConfig, address: str = "127.0.0.1:0", metric
         log.warning("the prefix store runs WITHOUT authentication (allow_unauthenticated): development only")
     store = RedisStore(connect(config, config.redis_url), config)
     server = grpc.aio.server(options=store_options())
-    metrics = StoreMetrics(store)
+    metered = MeteredStore(store)
+    metrics = StoreMetrics(metered.outcomes)
     if metrics_address:
         metrics.serve(metrics_address)
-    add_to_server(PrefixStoreServicer(store, auth, metrics), server)
+    add_to_server(PrefixStoreServicer(metered, config, auth, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
