@@ -14,7 +14,11 @@ if TYPE_CHECKING:  # service.tls imports grpc, which the CLI's help must not loa
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
-CODECS = ("float16", "bfloat16", "float32", "int8")  # see service/cache/codec.py
+# Group-wise asymmetric codecs (KIVI, arXiv 2402.02750): name -> (bits, group). Keys per channel over
+# ``group`` tokens, values per token over ``group`` channels of a head; "int4" is KIVI's group of 32.
+GROUPED_CODECS = {f"int{bits}{'' if group == 32 else f'-g{group}'}": (bits, group)
+                  for bits in (4, 2) for group in (32, 64, 128)}
+CODECS = ("float16", "bfloat16", "float32", "int8", *GROUPED_CODECS)  # see service/cache/codec.py
 
 
 def _default_cache_dir() -> Path:
@@ -30,7 +34,8 @@ class EngineConfig:
     device: torch device ("cpu", "cuda", "cuda:1").
     compute_dtype: dtype the model runs in ("float32" on CPU; "bfloat16" is typical on GPUs).
     codec: default storage codec of caches: float16 (halves fp32 with negligible loss), bfloat16, float32,
-        int8 (keys per channel, values per token; about half of float16).
+        int8 (keys per channel, values per token; about half of float16), int4 / int2 (group-wise, KIVI's
+        split; ``-g64`` / ``-g128`` for larger groups: fewer scales, coarser steps).
     cache_dir: where converted models are kept.
     max_context_tokens: longer contexts are refused, not truncated.
     default_press: press spec used when a request names none.

@@ -79,5 +79,7 @@ def test_report_tables_and_plots(tmp_path):
     text = report.table(rows + unsolved)
     assert "average over the 1 tasks the baseline solves |" in text
     assert "| snapkv | 0.50 | 66.7 | 0.0 | 33.3 ± " in text and text.split("\n")[3].endswith(" 66.7 ± 65.3 |")
+    coded = [{**r, "press": r["press"] + "@int4", "bytes_stored": int(6e4 * (1 - r["ratio"]))} for r in rows]
+    assert "| snapkv@int4 | 0.15 | 0.30 | 420 |" in report.table(rows + coded)  # the row's own codec's bytes
     paths = report.plots(rows, tmp_path)
     assert all(p.exists() and p.stat().st_size > 1000 for p in paths)

@@ -76,13 +76,18 @@ def test_rows_are_appended_and_a_rerun_resumes(tiny_engine, tmp_path):
 def test_task_prompt_and_codec_rows(tiny_engine, tmp_path):
     out = tmp_path / "results.csv"
     AccuracyRun(tiny_engine, out, 256).run(["niah_single_1"], 1, [{"press": "streamingllm"}], [0.5],
-                                           task_prompts=("question", "paraphrase", "unrelated"), codecs=("int8",))
+                                           task_prompts=("question", "paraphrase", "unrelated"),
+                                           codecs=("int8", "int4"))
     rows = {r["press"]: r for r in csv.DictReader(out.open())}
     assert set(rows) == {"none", "streamingllm", "kvcompose-aware", "kvcompose-aware-paraphrase",
-                         "kvcompose-aware-unrelated", "none@int8", "streamingllm@int8"}
+                         "kvcompose-aware-unrelated", "none@int8", "streamingllm@int8", "none@int4",
+                         "streamingllm@int4"}
     for name in ("none", "streamingllm"):  # same cache, stored as int8 and read back: same slots and bytes
-        assert rows[name + "@int8"]["kept_fraction"] == rows[name]["kept_fraction"]
-        assert rows[name + "@int8"]["bytes_int8"] == rows[name]["bytes_int8"]
+        kept = {rows[name + suffix]["kept_fraction"] for suffix in ("", "@int8", "@int4")}
+        assert len(kept) == 1
+        assert rows[name + "@int8"]["bytes_int8"] == rows[name]["bytes_int8"] == rows[name + "@int8"]["bytes_stored"]
+        assert rows[name]["bytes_stored"] == rows[name]["bytes_float16"]  # uncoded rows are stored as float16
+        assert int(rows[name + "@int4"]["bytes_stored"]) < int(rows[name + "@int8"]["bytes_stored"])
 
 
 def test_a_codec_row_answers_from_the_decoded_bytes(tiny_engine):

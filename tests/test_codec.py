@@ -102,3 +102,72 @@ def test_header_records_what_decode_needs(kv):
     shapes = {t["name"]: t["shape"] for t in header["tensors"]}
     assert [shapes[f"v.{i}"][1] for i in range(4)] == kv.layer_lengths
     assert {t["dtype"] for t in header["tensors"] if t["name"][0] in "kv"} == {"float16"}
+
+
+GROUPED = ["int4", "int4-g128", "int2", "int2-g64"]
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize(("shape", "dim", "group"), [((5, 77, 24), 1, 32), ((5, 77, 24), 2, 16), ((40, 9), 0, 128)])
+def test_group_codes_stay_within_half_a_step(bits, shape, dim, group):
+    """KIVI's scheme: every value decodes within half a step of its group (plus float16 rounding)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(bits)) * torch.linspace(0.2, 4, shape[-1])
+    codes, scale, zero = codec.quantize_groups(x, bits, group, dim)
+    assert codes.shape == x.shape and int(codes.max()) <= 2**bits - 1
+    assert scale.dtype == zero.dtype == torch.float16 and scale.shape[dim] == -(-shape[dim] // group)
+    back = codec.dequantize_groups(codes, scale, zero, group, dim)
+    step = scale.float().repeat_interleave(group, dim).narrow(dim, 0, shape[dim])
+    assert ((x - back.float()).abs() <= step / 2 + 2e-3 * x.abs() + 1e-3).all()
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("count", [1, 7, 64, 1001])
+def test_packing_holds_8_over_bits_codes_per_byte_exactly(bits, count):
+    codes = torch.randint(0, 2**bits, (count,), dtype=torch.uint8, generator=torch.Generator().manual_seed(count))
+    packed = codec.pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-count * bits // 8)
+    assert torch.equal(codec.unpack(packed, bits, [count]), codes)
+
+
+@pytest.mark.parametrize("name", GROUPED)
+def test_grouped_codecs_shrink_the_cache_and_stay_close(kv, name):
+    fp16, int8, data = (codec.encode(kv, c) for c in ("float16", "int8", name))
+    assert len(data) < len(int8) < len(fp16)
+    back = codec.decode(data)
+    assert back.meta == kv.meta and all(b.dtype == torch.float16 for b in back.keys + back.values)
+    bits = int(name[3])
+    for a, b in zip(kv.keys + kv.values, back.keys + back.values):  # within a step of the tensor's range
+        assert (a - b.float()).abs().max() <= (a.amax() - a.amin()) / (2**bits - 1)
+    for a, b in zip(kv.evicted, back.evicted):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_int4_packs_two_codes_a_byte_and_keeps_thinks_zero_channels_unstored(kv):
+    import json
+
+    think = [k.clone() for k in kv.keys]
+    for k in think:
+        k[:, :, ::2] = 0
+    pruned = type(kv)(think, kv.values, kv.evicted, kv.meta)
+    data = codec.encode(pruned, "int4")
+    hlen = struct.unpack_from("<I", data, 12)[0]
+    tensors = {t["name"]: t for t in json.loads(data[16 : 16 + hlen])["tensors"]}
+    heads, slots, dim = kv.values[0].shape
+    assert tensors["k.0"]["dtype"] == "uint4" and tensors["k.0"]["shape"] == [slots, heads * dim // 2]
+    assert tensors["k.0"]["nbytes"] == -(-slots * heads * dim // 2 // 2)
+    assert tensors["ks.0"]["shape"] == tensors["kz.0"]["shape"] == [-(-slots // 32), heads * dim // 2]
+    back = codec.decode(data)
+    assert all(bool((k[:, :, ::2] == 0).all()) for k in back.keys)  # pruned channels come back as zeros
+
+
+def test_grouped_caches_are_format_version_2_and_the_version_must_match_the_codec(kv):
+    import hashlib
+
+    from service.cache import format
+
+    assert format.version_of(codec.encode(kv, "int8")) == 1 and format.version_of(codec.encode(kv, "int4")) == 2
+    data = bytearray(codec.encode(kv, "int4"))
+    struct.pack_into("<I", data, 8, 1)  # a version 1 reader's view: it must not read sub-byte tensors
+    data[-32:] = hashlib.sha256(bytes(data[:-32])).digest()
+    with pytest.raises(CorruptCacheError, match="format version 2, not 1"):
+        codec.decode(bytes(data))

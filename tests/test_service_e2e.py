@@ -206,3 +206,18 @@ def test_the_readmes_first_example_answers_right(stack, capsys, monkeypatch, tmp
     monkeypatch.setattr(launch, "local_api_token_file", lambda: tmp_path / "none")  # no token: dev stack
     assert cli.main(argv) == 0
     assert expected in capsys.readouterr().out
+
+
+def test_an_int4_cache_is_stored_fetched_and_answers_on_another_node(stack, document):
+    """``--codec int4`` end to end: the Compressor encodes it (format version 2), the store keeps it at
+    about a quarter of float16's bytes, and the decode node fetches, unpacks and answers from it."""
+    doc, question, needle = document
+    press = {"press": "kvcompose", "compression_ratio": 0.5}
+    with KVComposeClient(stack["address"]) as client:
+        stored = client.compress(doc, press, codec="int4")
+        assert stored.codec == "int4" and not stored.reused
+        assert stored.stored_bytes < 0.17 * stored.uncompressed_bytes  # 0.5 kept x about a third of float16
+        manifest = client.stat(stored.cache_id).manifest
+        assert manifest.format_version == 2 and manifest.key.codec == "int4"
+        text, stats = client.ask(question, cache_id=stored.cache_id, max_new_tokens=24)
+        assert stats.cache_source == "store" and needle in text

@@ -90,7 +90,7 @@ MALFORMED = {
     "unexpected tensor name": lambda h: _first("e.0")(h).update(name="x.0") if any(
         t["name"] == "e.0" for t in h["tensors"]) else _first("v.0")(h).update(name="w.0"),
     "context shorter than the slots": lambda h: h["meta"].update(original_length=1),
-    "codec unknown": lambda h: h.update(codec="int4"),
+    "codec unknown": lambda h: h.update(codec="int3"),
 }
 
 

@@ -20,6 +20,7 @@ def load(path: Path) -> list[dict]:
     with Path(path).open() as f:
         return [{**r, "ratio": float(r["ratio"]), "score": float(r["score"]), "sample": int(r["sample"]),
                  "bytes_int8": int(r["bytes_int8"]), "bytes_float16": int(r["bytes_float16"]),
+                 "bytes_stored": int(r.get("bytes_stored") or 0),  # absent in rows written before it
                  "length": int(r["length"])} for r in csv.DictReader(f)]
 
 
@@ -74,12 +75,13 @@ def max_compression(points: list[tuple[float, float]], eps: float) -> float:
 
 
 def stored_bytes_per_token(rows: list[dict]) -> dict[tuple[str, float], float]:
-    """(press, ratio) -> mean stored bytes per context token, in the row's codec ("<press>@int8"),
+    """(press, ratio) -> mean stored bytes per context token, in the row's codec ("<press>@int4"),
     else float16 (the default codec)."""
     per: dict[tuple[str, float], list[float]] = defaultdict(list)
     for r in rows:
         codec = r["press"].partition("@")[2]
-        stored = r["bytes_int8"] if codec == "int8" else r["bytes_float16"] * (2 if codec == "float32" else 1)
+        stored = r.get("bytes_stored") or (
+            r["bytes_int8"] if codec == "int8" else r["bytes_float16"] * (2 if codec == "float32" else 1))
         per[(r["press"], r["ratio"])].append(stored / r["length"])
     return {k: sum(v) / len(v) for k, v in per.items()}
 

@@ -45,7 +45,7 @@ TASK_PROMPTS = {  # --task-prompts value -> row label of KVCompose scored by tha
 ANSWER_BATCH = 16  # caches decoded together (the decode loop's max_batch)
 
 FIELDS = ["model", "length", "task", "sample", "press", "ratio", "kept_fraction", "bytes_float16", "bytes_int8",
-          "score", "prediction", "answers", "press_json"]
+          "score", "prediction", "answers", "press_json", "bytes_stored"]  # bytes_stored: in the row's codec
 
 
 @dataclass
@@ -184,7 +184,8 @@ class AccuracyRun:
                     "model": engine.model_id, "length": self.length, "task": task, "sample": seed, "press": name,
                     "ratio": ratio, "kept_fraction": round(kept, 4),
                     "bytes_float16": _nbytes(kv, "float16"), "bytes_int8": _nbytes(kv, "int8"), "score": score,
-                    "prediction": prediction, "answers": json.dumps(sample.answers), "press_json": json.dumps(spec)})
+                    "prediction": prediction, "answers": json.dumps(sample.answers), "press_json": json.dumps(spec),
+                    "bytes_stored": _nbytes(kv, name.partition("@")[2] or "float16")})
                 self.done.add((task, seed, name, ratio))
 
     def _compress(self, rec: Recorded, name: str, spec: dict, sample, scored: dict) -> CompressedKV:

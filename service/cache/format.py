@@ -1,4 +1,4 @@
-"""The cache byte format, version 1, read without torch: framing, digest, structure and the facts the
+"""The cache byte format, versions 1 and 2, read without torch: framing, digest, structure and the facts the
 store records (slots, kept tokens). ``codec.py`` writes and decodes the tensors.
 
 Layout (all integers little-endian)::
@@ -10,6 +10,11 @@ Layout (all integers little-endian)::
                            {"name": "k.0", "dtype": "int8", "shape": [812, 96], "offset": 0, "nbytes": ...}, ...]}
     payload  ...       the tensors' raw bytes, C order, at the header's offsets
     digest   32 bytes  SHA-256 of everything before it
+
+Version 2 adds sub-byte tensors (dtype ``uint4``: two values per byte, ``uint2``: four, low bits
+first; ``shape`` is the logical shape, ``nbytes`` rounds up) for the group-wise codecs (int4, int2).
+Caches of the other codecs are still written as version 1, so readers of version 1 keep reading them,
+and refuse a version 2 cache by its version instead of misreading it.
 
 See ``codec.py`` for the tensors of each layer and the codecs.
 """
@@ -26,10 +31,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.config import CODECS
+from service.config import CODECS, GROUPED_CODECS
 
 MAGIC = b"KVCPRS\r\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what byte-aligned codecs are written as, and what cache ids name (``ids.py``)
+GROUPED_FORMAT_VERSION = 2  # sub-byte tensors: the group-wise codecs
+READABLE_VERSIONS = (FORMAT_VERSION, GROUPED_FORMAT_VERSION)
 _PREFIX = struct.Struct("<8sII")
 _DIGEST = 32
 
@@ -140,8 +147,9 @@ def read_header(data: Data, verified: bool = False, body_sha256: bytes | None = 
     magic, version, hlen = _PREFIX.unpack_from(data.read(0, _PREFIX.size))
     if magic != MAGIC:
         raise CorruptCacheError("not a KVCompose cache (bad magic bytes)")
-    if version != FORMAT_VERSION:
-        raise CorruptCacheError(f"cache format version {version} is not supported (this build reads {FORMAT_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise CorruptCacheError(f"cache format version {version} is not supported (this build reads "
+                                f"{', '.join(map(str, READABLE_VERSIONS))})")
     if body_sha256 is None and not verified:
         body_sha256 = data.sha256(len(data) - _DIGEST)
     if body_sha256 is not None and body_sha256 != bytes(data.read(len(data) - _DIGEST, len(data))):
@@ -154,7 +162,28 @@ def read_header(data: Data, verified: bool = False, body_sha256: bytes | None = 
         raise CorruptCacheError(f"cache header is not JSON: {e}") from None
 
 
-_ITEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1, "int8": 1}
+PACKED_BITS = {"uint4": 4, "uint2": 2}  # sub-byte dtypes (version 2)
+_BITS = {"float16": 16, "bfloat16": 16, "float32": 32, "uint8": 8, "int8": 8, **PACKED_BITS}
+
+
+def version_for(codec: str) -> int:
+    """The format version a cache of ``codec`` is written as."""
+    return GROUPED_FORMAT_VERSION if codec in GROUPED_CODECS else FORMAT_VERSION
+
+
+def version_of(data: Data) -> int:
+    """The format version of framed bytes (checked by ``read_header``)."""
+    return _PREFIX.unpack_from(Pieces.of(data).read(0, _PREFIX.size))[1]
+
+
+def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
+    """Stored bytes of a tensor: sub-byte dtypes pack their values, the last byte padded."""
+    return -(-int(np.prod(shape)) * _BITS[dtype] // 8)
+
+
+def value_groups(codec: str, head_dim: int) -> int:
+    """The group size of a grouped codec's values: its group, at most one head's channels."""
+    return min(GROUPED_CODECS[codec][1], head_dim)
 
 
 def check(data: Data, verified: bool = False, body_sha256: bytes | None = None) -> dict:
@@ -165,6 +194,9 @@ def check(data: Data, verified: bool = False, body_sha256: bytes | None = None) 
     header = read_header(data, verified, body_sha256)
     try:
         _check_structure(header, payload_bytes(data))
+        if version_of(data) != version_for(header["codec"]):
+            raise ValueError(f"codec {header['codec']} is written as format version {version_for(header['codec'])}, "
+                             f"not {version_of(data)}")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CorruptCacheError(f"cache header is malformed: {e}") from None
     return header
@@ -190,16 +222,17 @@ def _check_structure(header: dict, payload_bytes: int) -> None:
         name, dtype, shape = t["name"], t["dtype"], t["shape"]
         if name in by_name:
             raise ValueError(f"tensor {name} appears twice")
-        if dtype not in _ITEM_BYTES or not isinstance(shape, list) or not all(
+        if dtype not in _BITS or not isinstance(shape, list) or not all(
                 isinstance(n, int) and n >= 0 for n in shape):
             raise ValueError(f"tensor {name}: bad dtype or shape")
-        if t["offset"] != end or t["nbytes"] != int(np.prod(shape)) * _ITEM_BYTES[dtype]:
+        if t["offset"] != end or t["nbytes"] != tensor_nbytes(dtype, shape):
             raise ValueError(f"tensor {name} does not sit where the payload says")
         end += t["nbytes"]
         by_name[name] = (dtype, shape)
     if end != payload_bytes:
         raise ValueError(f"tensors cover {end} bytes; the payload has {payload_bytes}")
-    stored = "int8" if codec == "int8" else codec
+    grouped = GROUPED_CODECS.get(codec)
+    stored = f"uint{grouped[0]}" if grouped else codec
     expected: dict[str, tuple[str, list[int] | None]] = {}
     if len(by_name.get("v.0", (None, []))[1]) != 3:
         raise ValueError("layer 0: values missing or not (heads, slots, head_dim)")
@@ -220,6 +253,11 @@ def _check_structure(header: dict, payload_bytes: int) -> None:
             expected[f"kc.{i}"] = ("uint8", [heads, dim])
         if codec == "int8":
             expected |= {f"ks.{i}": ("float16", [cols[1]]), f"vs.{i}": ("float16", [heads, n])}
+        if grouped:  # a scale and a zero point per group: keys' over tokens, values' over channels
+            k_groups = [-(-n // grouped[1]), cols[1]]
+            v_groups = [heads, n, -(-dim // value_groups(codec, dim))]
+            expected |= {f"ks.{i}": ("float16", k_groups), f"kz.{i}": ("float16", k_groups),
+                         f"vs.{i}": ("float16", v_groups), f"vz.{i}": ("float16", v_groups)}
         if f"e.{i}" in by_name:
             expected[f"e.{i}"] = ("uint8", [heads, n])
     for name, (dtype, shape) in by_name.items():
@@ -268,7 +306,7 @@ def _array(data: Pieces, start: int, size: int, entry: dict) -> np.ndarray:
     """One stored tensor as a numpy array (dtypes numpy has; used for the uint8 masks)."""
     offset, n = int(entry["offset"]), int(entry["nbytes"])
     shape = [int(s) for s in entry["shape"]]
-    if offset < 0 or offset + n > size or n != int(np.prod(shape)) * _ITEM_BYTES[entry["dtype"]]:
+    if offset < 0 or offset + n > size or n != tensor_nbytes(entry["dtype"], shape):
         raise ValueError(f"tensor {entry['name']} does not fit the payload")
     out = np.empty(n, dtype=np.uint8)
     data.copy_into(out, start + offset)

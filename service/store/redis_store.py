@@ -26,7 +26,14 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from service.cache.format import FORMAT_VERSION, CorruptCacheError, check, digests, kept_tokens_per_layer, layer_shapes
+from service.cache.format import (
+    CorruptCacheError,
+    check,
+    digests,
+    kept_tokens_per_layer,
+    layer_shapes,
+    version_of,
+)
 from service.cache.ids import CacheKey
 from service.config import StoreConfig
 from service.store.checksum import xxh3_128
@@ -146,7 +153,7 @@ class RedisStore:
             slots, per_token = layer_shapes(header)
             kept = kept_tokens_per_layer(data, header)
             aligned = len(context_ids) // self.config.block_tokens * self.config.block_tokens
-            manifest = Manifest(cache_id, FORMAT_VERSION, len(data), n_chunks, size, digest, len(context_ids), key,
+            manifest = Manifest(cache_id, version_of(data), len(data), n_chunks, size, digest, len(context_ids), key,
                                 created_ms, ttl_s, write_id, slots, per_token * len(context_ids),
                                 key.cache_id(context_ids[:aligned]), tuple(kept) if kept != slots else (), fast)
             if not await self.redis.set(self.keys.manifest(tenant, cache_id), manifest.to_json(), nx=True, ex=ttl_s):
