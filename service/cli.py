@@ -345,8 +345,15 @@ def cmd_bench_perf(args: argparse.Namespace) -> int:
         raise ValueError(f"--ratios: comma-separated compression ratios, got {args.ratios!r}") from None
     if not ratios or not all(0 < r < 1 for r in ratios):
         raise ValueError(f"--ratios: compression ratios in (0, 1), got {args.ratios!r}")
+    try:
+        fractions = tuple(float(x) for x in args.replay_fractions.split(",") if x)
+    except ValueError:
+        raise ValueError(f"--replay-fractions: comma-separated fractions, got {args.replay_fractions!r}") from None
+    if not all(0 < f < 1 for f in fractions):
+        raise ValueError(f"--replay-fractions: fractions in (0, 1), got {args.replay_fractions!r}")
     cases = perf.plan(numbers("--lengths", args.lengths), numbers("--fetch-mib", args.fetch_mib),
-                      args.kvpress_max_tokens, parts, ratios, numbers("--reuse-tokens", str(args.reuse_tokens))[0])
+                      args.kvpress_max_tokens, parts, ratios, numbers("--reuse-tokens", str(args.reuse_tokens))[0],
+                      fractions)
     results = perf.run(cases, args.repeats, model, args.out_dir / "work", log=lambda *a, **k: print(*a, file=sys.stderr,
                                                                                                     **k))
     rows = perf.summarize(cases, results)
@@ -534,6 +541,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--fetch-mib", default="1,16,64,256", help="cache sizes of the fetch rows (against Redis's limit)")
     b.add_argument("--reuse-tokens", type=int, default=32768, help="context tokens of the 8B-shaped reuse row")
     b.add_argument("--ratios", default="0.5", help="compression ratios of the compress rows")
+    b.add_argument("--replay-fractions", default="", help="also compress rows of KVCompose's sampled replay "
+                   "at these replay_fraction values (kvcompose-replay<f>)")
     b.add_argument("--repeats", type=int, default=3, help="runs of every row (median and spread)")
     b.add_argument("--kvpress-max-tokens", type=int, default=4096,
                    help="kvpress's KVComposePress row only up to this length (its attention matrices grow fast)")

@@ -160,3 +160,43 @@ def test_attention_over_context_gives_each_layer_the_same_attention_mass(model):
         sums[how] = torch.stack([s.sum(dim=-1) for s in press.last_selection["scores"]])
     assert torch.allclose(sums["context"], torch.ones_like(sums["context"]), atol=1e-5)
     assert (sums["all"] < 1 - 1e-3).all()
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
+def test_a_sampled_replay_runs_a_stride_and_the_last_window_at_the_full_replays_positions(model, fraction):
+    from service.engine.presses.kvcompose import REPLAY_WINDOW
+
+    length = 600
+    ids = random_ids(length, seed=21)
+    seen = []  # (input ids, positions) of every forward of the decoder: the prefill, then the replay
+
+    def spy(module, args, kwargs):
+        seen.append((kwargs["input_ids"][0].tolist(), kwargs.get("position_ids")))
+
+    hook = model.model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        press = KVComposePress(compression_ratio=0.5, replay_fraction=fraction)
+        kv = prefill(model, ids, press, meta(length))
+    finally:
+        hook.remove()
+    (prefilled, _), (replayed, positions) = seen
+    assert prefilled == ids
+    budget = -(-int(fraction * length * 1000) // 1000)
+    window = min(budget // 2, REPLAY_WINDOW)
+    assert len(replayed) == budget and replayed[-window:] == ids[-window:]
+    picked = [p - length for p in positions[0].tolist()]  # each token where the full replay puts it
+    assert picked == sorted(set(picked)) and [ids[i] for i in picked] == replayed
+    strided = picked[: len(picked) - window]
+    gaps = [b - a for a, b in zip(strided, strided[1:])]
+    assert strided[0] == 0 and max(gaps) - min(gaps) <= 1  # an even stride over the rest of the document
+    assert sum(kv.layer_lengths) <= 0.5 * length * 4 + 4  # the same global allocation of what is kept
+
+
+def test_a_full_replay_fraction_is_the_replay_and_a_bad_one_is_refused(model):
+    ids = random_ids(300, seed=22)
+    full, default = KVComposePress(compression_ratio=0.6, replay_fraction=1.0), KVComposePress(compression_ratio=0.6)
+    prefill(model, ids, full, meta(300)), prefill(model, ids, default, meta(300))
+    assert all(torch.equal(a, b) for a, b in zip(full.last_selection["positions"], default.last_selection["positions"]))
+    for bad in (0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="replay_fraction"):
+            KVComposePress(replay_fraction=bad)

@@ -8,10 +8,11 @@ busy spell of a shared machine hits every row alike:
 - ``compress/<method>/<tokens>``: wall time of prefill + compression of a needle document, against
   ``plain`` (a prefill that keeps everything: the limit); methods ``kvcompose`` (the default:
   two-pass up to half the model's window, one pass beyond), ``kvcompose-1pass``
-  (``replay_context: false``) and ``kvpress`` (kvpress 0.5.5's
-  KVComposePress). Peak extra memory comes from one more process per row with a fixed glibc mmap
-  threshold (so the kernel's peak follows live tensors, which slows allocation: hence apart from
-  the timed runs), against the context's uncompressed float16 KV size. ``--ratios`` adds rows at
+  (``replay_context: false``), ``kvcompose-replay<f>`` (``replay_fraction: f``, with
+  ``--replay-fractions``) and ``kvpress`` (kvpress 0.5.5's KVComposePress). Peak extra memory
+  comes from one more process per row with a fixed glibc mmap threshold (so the kernel's peak
+  follows live tensors, which slows allocation: hence apart from the timed runs), against the
+  context's uncompressed float16 KV size. ``--ratios`` adds rows at
   other compression ratios (named ``<method>@<ratio>``; the default 0.5 is unnamed). Stored bytes per context
   token per codec, and whether the needle is still answered, come with each row.
 - ``ttft/<prefill|reuse>/<tokens>``: time to first token of a question about the document. prefill:
@@ -83,10 +84,12 @@ class Case:
 
 
 def plan(lengths: list[int], fetch_mib: list[int], kvpress_max_tokens: int, parts: set[str],
-         ratios: tuple[float, ...] = (_RATIO,), reuse_tokens: int = 32768) -> list[Case]:
+         ratios: tuple[float, ...] = (_RATIO,), reuse_tokens: int = 32768,
+         replay_fractions: tuple[float, ...] = ()) -> list[Case]:
     cases = []
     for n in lengths if "compress" in parts else []:
-        methods = ["kvcompose", "kvcompose-1pass"] + (["kvpress"] if n <= kvpress_max_tokens else [])
+        methods = ["kvcompose", "kvcompose-1pass"] + [f"kvcompose-replay{f:g}" for f in replay_fractions]
+        methods += ["kvpress"] if n <= kvpress_max_tokens else []
         cases += [Case("compress", "plain", n)] + [Case("compress", m, n, ratio=r) for r in ratios for m in methods]
     for n in lengths if "ttft" in parts else []:
         cases += [Case("ttft", "prefill", n), Case("ttft", "reuse", n)]
@@ -239,9 +242,12 @@ def _compress(case: Case, engine, doc: str, question: str, needle: str, workdir:
 
     ids = engine.context_ids(doc)
     r = case.ratio
-    press = {"plain": lambda: None, "kvcompose": lambda: KVComposePress(compression_ratio=r),
-             "kvcompose-1pass": lambda: KVComposePress(compression_ratio=r, replay_context=False),
-             "kvpress": lambda: kvpress.KVComposePress(compression_ratio=r)}[case.method]()
+    if case.method.startswith("kvcompose-replay"):
+        press = KVComposePress(compression_ratio=r, replay_fraction=float(case.method.removeprefix("kvcompose-replay")))
+    else:
+        press = {"plain": lambda: None, "kvcompose": lambda: KVComposePress(compression_ratio=r),
+                 "kvcompose-1pass": lambda: KVComposePress(compression_ratio=r, replay_context=False),
+                 "kvpress": lambda: kvpress.KVComposePress(compression_ratio=r)}[case.method]()
     meta = CacheMeta(engine.model_id, engine.loaded.revision, len(ids), {})
     prefill(engine.loaded.model, ids[:64], None, meta)  # warm-up: kernels' first-use allocations
     base = _proc_status("VmRSS")

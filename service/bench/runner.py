@@ -124,6 +124,8 @@ def label(spec: dict) -> str:
         return "+".join(label(p) for p in spec["compose"])
     if spec["press"] == "kvcompose" and not spec["replay_context"]:
         return "kvcompose-1pass"  # its own rows: the same press name, another scoring
+    if spec["press"] == "kvcompose" and spec["replay_fraction"] < 1:
+        return f"kvcompose-replay{spec['replay_fraction']:g}"
     return spec["press"]
 
 

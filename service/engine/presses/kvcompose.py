@@ -23,6 +23,7 @@ Differences from kvpress 0.5.5's KVComposePress (same positions on the same scor
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +42,7 @@ from service.engine.models import position_limit
 from service.engine.presses.scoring import TaskAttention
 
 SCORE_BLOCK_BYTES = 8 * 2**20  # memory for one block of attention weights while scoring
+REPLAY_WINDOW = 128  # the last context tokens a sampled replay always runs
 
 
 class _ReadOnlyLayer(DynamicLayer):
@@ -82,6 +84,11 @@ class KVComposePress(BasePress):
         placed after the context as the replay would place it (squeezed into the window), attends
         to every context key (no second forward pass; the queries keep their causal hidden states,
         and the softmax covers the context keys only).
+    replay_fraction: the share of the context a task-agnostic replay runs as queries (1 = all): a
+        stride over the document plus its last ``REPLAY_WINDOW`` tokens (where a question follows),
+        each at the position the full replay gives it. The replay is a second forward pass, MLPs
+        included, so its cost falls with the share; which share keeps the answers is measured
+        (docs/accuracy.md).
     task_ids: token ids of task prompts (e.g. expected questions) for task-aware scoring.
     """
 
@@ -94,6 +101,7 @@ class KVComposePress(BasePress):
     keep_token_lower_bound: int = 0
     structured: bool = True
     replay_context: bool = True
+    replay_fraction: float = 1.0
     task_ids: list[list[int]] | None = None
     last_selection: dict[str, list] | None = field(default=None, init=False, repr=False, compare=False)
     # (kv_heads, slots) bool masks of the slots each head left empty, by layer (structured=False):
@@ -112,6 +120,8 @@ class KVComposePress(BasePress):
                 raise ValueError(f"{name} must be 'max' or 'mean', got {getattr(self, name)!r}")
         if self.keep_token_lower_bound < 0:
             raise ValueError("keep_token_lower_bound must be >= 0")
+        if not 0 < self.replay_fraction <= 1:
+            raise ValueError(f"replay_fraction must be in (0, 1], got {self.replay_fraction}")
         if self.task_ids is not None and not all(len(ids) > 0 for ids in self.task_ids):
             raise ValueError("task_ids must be non-empty token id lists")
 
@@ -194,13 +204,18 @@ class KVComposePress(BasePress):
         state = self._state
         model = state["model"]
         device = cache.layers[0].keys.device
-        prompts = [torch.tensor([ids], device=device) for ids in self.task_ids] if self.task_ids \
-            else [state["context_ids"]]
+        if self.task_ids:
+            tasks = [torch.tensor([t], device=device) for t in self.task_ids]
+            prompts = [(ids, self._task_positions(ids.shape[1], device)) for ids in tasks]
+        else:
+            ids = state["context_ids"]
+            positions = self._task_positions(ids.shape[1], device)
+            picked = self._sampled(ids.shape[1], device)
+            prompts = [(ids, positions) if picked is None else (ids[:, picked], positions[:, picked])]
         state["n_cached"] = {i: layer.keys.shape[2] for i, layer in enumerate(cache.layers)}
         state["replaying"] = True
         try:
-            for ids in prompts:
-                positions = self._task_positions(ids.shape[1], device)
+            for ids, positions in prompts:
                 # kvc_lse: the per-layer attention fills in each query's softmax normaliser
                 state["lse"] = {}
                 model.model(input_ids=ids, past_key_values=_read_only(cache), position_ids=positions,
@@ -226,6 +241,17 @@ class KVComposePress(BasePress):
             agg.add_after_context(query[0], keys[0], module.scaling, chunk)
         else:
             agg.add(query[0], keys[0], module.scaling, chunk, lse)
+
+    def _sampled(self, n: int, device: torch.device) -> torch.Tensor | None:
+        """Indices of the context tokens a sampled replay runs (None: all): evenly strided, then the
+        last window."""
+        if self.replay_fraction >= 1:
+            return None
+        budget = max(1, math.ceil(self.replay_fraction * n))
+        window = min(budget // 2, REPLAY_WINDOW)
+        head = n - window
+        strided = torch.linspace(0, head - 1, budget - window, device=device).round().long().unique()
+        return torch.cat([strided, torch.arange(head, n, device=device)])
 
     def _task_positions(self, n: int, device: torch.device) -> torch.Tensor:
         """(1, n) positions of task queries: right after the context, as a prompt would be placed,
