@@ -73,12 +73,13 @@ EVICTS_DEEPER_LAYERS = {"press": "perlayercompression", "inner": {"press": "knor
 
 @pytest.mark.parametrize("length, spec, replayed", [
     (24, {"press": "kvcompose"}, True),  # the replay fits: placed right after the context, as before
-    (40, {"press": "kvcompose"}, False),  # past half the window: one pass
-    (40, {"press": "kvcompose", "replay_context": False}, False),
-    (40, {"press": "kvcompose", "task_ids": [random_ids(30, seed=4)]}, True),  # squeezed task
-    (40, {"compose": [{"press": "think", "key_channel_compression_ratio": 0.5}, KVC]}, False),
-    (40, {"compose": [{"press": "knorm", "compression_ratio": 0.25}, KVC]}, True),
-    (40, {"compose": [EVICTS_DEEPER_LAYERS, KVC]}, True),  # layer 0 whole, layer 1 not
+    (40, {"press": "kvcompose"}, True),  # squeezed to 23/39 of a position: still replayed
+    (50, {"press": "kvcompose"}, False),  # squeezed to 13/49, tighter than MIN_REPLAY_SPACING: one pass
+    (50, {"press": "kvcompose", "replay_context": False}, False),
+    (50, {"press": "kvcompose", "task_ids": [random_ids(30, seed=4)]}, True),  # squeezed task
+    (50, {"compose": [{"press": "think", "key_channel_compression_ratio": 0.5}, KVC]}, False),
+    (50, {"compose": [{"press": "knorm", "compression_ratio": 0.25}, KVC]}, True),
+    (50, {"compose": [EVICTS_DEEPER_LAYERS, KVC]}, True),  # layer 0 whole, layer 1 not
 ])
 def test_scoring_never_places_queries_past_the_window(length, spec, replayed):
     """SmolLM2 lost an 8k needle when the replay of a 7.7k context ran to position 15.4k."""
@@ -100,21 +101,23 @@ def test_scoring_never_places_queries_past_the_window(length, spec, replayed):
     assert tasks and all((p.diff() > 0).all() for p in tasks), "task queries keep their order"
     if length == 24:
         assert torch.equal(tasks[0], torch.arange(24, 48).unsqueeze(0))
+    if length == 40:  # squeezed: from right after the context to the window's last position
+        assert tasks[0][0, 0] == 40 and tasks[0][0, -1] == 63 and tasks[0].shape[1] == 40
     assert sum(kv.layer_lengths) < 2 * length
 
 
-def test_a_context_past_half_the_window_is_scored_as_in_one_pass_mode():
+def test_a_context_too_long_to_replay_is_scored_as_in_one_pass_mode():
     model = tiny_llama(layers=2, seed=5, window=64)
-    ids = random_ids(40, seed=6)
+    ids = random_ids(50, seed=6)
     default, one_pass = KVComposePress(compression_ratio=0.5), KVComposePress(compression_ratio=0.5,
                                                                                 replay_context=False)
-    prefill(model, ids, default, meta(40))
-    prefill(model, ids, one_pass, meta(40))
+    prefill(model, ids, default, meta(50))
+    prefill(model, ids, one_pass, meta(50))
     for a, b in zip(default.last_selection["positions"], one_pass.last_selection["positions"]):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="cannot follow"):  # one pass asked for after an eviction
         prefill(model, ids, build({"compose": [EVICTS_DEEPER_LAYERS, {"press": "kvcompose", "replay_context": False}]}),
-                meta(40))
+                meta(50))
 
 
 def test_replay_leaves_nothing_behind_and_model_stateless(model):

@@ -7,7 +7,7 @@ Rows are named ``kind/.../<shape>/<tokens>``; ``vs_reference`` is each row's fig
 
 - ``compress/<method>/<shape>/<tokens>``: prefill + compression wall time and peak extra device
   memory, against ``plain`` (a prefill that keeps everything). Methods: ``kvcompose`` (the default:
-  two-pass while the replay fits half the window, one pass beyond), ``kvcompose-1pass`` and
+  two-pass up to about 2/3 of the window, one pass beyond), ``kvcompose-1pass`` and
   ``kvpress`` (kvpress 0.5.5's KVComposePress, 8k and 32k).
 - ``decode/b<batch>/<cache>/<shape>/<tokens>``: tokens/s of answers decoded by one Decoder's loop
   (``service.batching.DecodeLoop``, the service's own path) from a full or a KVCompose-0.5 cache;

@@ -6,10 +6,10 @@ Differences from kvpress 0.5.5's KVComposePress (same positions on the same scor
 - task-aware scoring works: ``task_ids`` are replayed (each prompt on its own, against the context
   only); with none, the context itself is replayed (task-agnostic), or, with
   ``replay_context=False``, scored in one pass: the prefill's own queries, rotated to the positions
-  the replay would give them (after the context), attend to every context key; a context longer
-  than half the model's window is scored in one pass (its replay would run past the window; after
-  a press that evicted, it is replayed with squeezed positions), and task queries never get
-  positions past the window;
+  the replay would give them (after the context), attend to every context key; task queries never get
+  positions past the window: a replay that would run past it is squeezed into it, and a context
+  longer than about 2/3 of the window (squeezed tighter than ``MIN_REPLAY_SPACING``) is scored in
+  one pass (after a press that evicted, it is replayed squeezed all the same);
 - the replay reads the cache through a view that never stores the replayed tokens, so the cache
   is not doubled and nothing of the replay is left behind;
 - it is a plain forward hook (no patched ``model.forward``), so it composes (``presses.compose``):
@@ -41,6 +41,7 @@ from service.engine import selection
 from service.engine.models import position_limit
 from service.engine.presses.scoring import TaskAttention
 
+MIN_REPLAY_SPACING = 0.5  # a context replayed squeezed tighter than this is scored in one pass (_replays)
 SCORE_BLOCK_BYTES = 8 * 2**20  # memory for one block of attention weights while scoring
 REPLAY_WINDOW = 128  # the last context tokens a sampled replay always runs
 
@@ -79,8 +80,8 @@ class KVComposePress(BasePress):
     keep_token_lower_bound: composite slots every layer keeps at least (at least 1 always).
     structured: aligned composite tokens (dense, default) or per-head counts (unstructured).
     replay_context: task-agnostic scoring replays the context as the task (as kvpress does) while
-        the replay fits in the model's window (contexts up to half of it); False, or a longer
-        context (unless a press before this one evicted), scores in one pass: each prefill query,
+        its squeezed copy keeps ``MIN_REPLAY_SPACING`` (contexts up to about 2/3 of the window);
+        False, or a longer context (unless a press before this one evicted), scores in one pass: each prefill query,
         placed after the context as the replay would place it (squeezed into the window), attends
         to every context key (no second forward pass; the queries keep their causal hidden states,
         and the softmax covers the context keys only).
@@ -191,13 +192,15 @@ class KVComposePress(BasePress):
 
     def _replays(self, context_length: int) -> bool:
         """Whether this document is scored by a second forward pass. Task prompts always are. The
-        context is replayed as the task only while a copy of it fits in the window after it: past
-        half the window, even squeezed positions lost the needle of an 8k document at 0.75 (SmolLM2),
-        and the prefill's own queries (one pass) kept it at 0.5-0.9. (If a press before us turns
-        out to have evicted, the hook replays after all, squeezed: one pass needs every key.)"""
+        context is replayed as the task while its squeezed copy keeps at least MIN_REPLAY_SPACING
+        of a position between queries (contexts up to about 2/3 of the window). Squeezed to 0.02
+        (an 8k document, SmolLM2) the replay lost the needle at 0.75, where the prefill's own queries
+        (one pass) kept it at 0.5-0.9; at 0.99 (RULER's 4k NIAH contexts, 4,119 tokens) one pass
+        lost what the replay keeps (maxima 0.56/0.65 against 0.82/0.90, docs/accuracy.md). (If a
+        press before us turns out to have evicted, the hook replays after all: one pass needs every key.)"""
         if self.task_ids:
             return True
-        return self.replay_context and 2 * context_length <= self._window()
+        return self.replay_context and self._spacing(context_length, context_length) >= MIN_REPLAY_SPACING
 
     def _replay(self, cache: Cache) -> None:
         """Run each task prompt (or the context) after the cached context; hooks collect scores."""
@@ -258,12 +261,19 @@ class KVComposePress(BasePress):
         but squeezed (fractional steps, order kept) so that the last is the window's last position.
         Past the window, query-key distances are ones the model never saw and its attention (hence
         the scores) is noise. Where the tasks fit, they are placed exactly as before."""
-        last = self._window() - 1
-        start = min(self._state["context_length"], last)  # a context that fills the window: all at its end
-        if start + n - 1 <= last:
+        start = min(self._state["context_length"], self._window() - 1)  # a full window: all at its end
+        step = self._spacing(self._state["context_length"], n)
+        if step == 1:
             return torch.arange(start, start + n, device=device).unsqueeze(0)
-        step = (last - start) / max(n - 1, 1)  # order kept while the steps are > 0 and representable
+        # order kept while the steps are > 0 and representable
         return (start + step * torch.arange(n, dtype=torch.float64, device=device)).float().unsqueeze(0)
+
+    def _spacing(self, context_length: int, n: int) -> float:
+        """Positions between consecutive task queries: 1 where n of them fit after the context in
+        the window, less where they are squeezed so that the last is the window's last position."""
+        last = self._window() - 1
+        start = min(context_length, last)
+        return 1.0 if start + n - 1 <= last else (last - start) / max(n - 1, 1)
 
     def _window(self) -> int:
         return position_limit(self._state["model"].config)[0]
