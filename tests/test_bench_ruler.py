@@ -73,13 +73,13 @@ def test_report_tables_and_plots(tmp_path):
     text = report.table(rows)
     assert "| snapkv | 0.50 | 66.7 | 66.7 ± " in text and "(n=3)" in text
     assert "baseline solves" not in text  # every task is solved: no extra column
-    # 90 and 80 crossed between ratio 0 (100) and 0.5 (66.7); float16 bytes/token interpolated there
-    assert "| snapkv | 0.15 | 0.30 | 1,400 |" in text
+    # 90 and 80 crossed between ratio 0 (100) and 0.5 (66.7); float16 bytes/token interpolated at each
+    assert "| snapkv | 0.15 | 1,700 | 0.30 | 1,400 |" in text
     unsolved = [{**r, "task": "vt", "score": 0.0} for r in rows]
     text = report.table(rows + unsolved)
     assert "average over the 1 tasks the baseline solves |" in text
     assert "| snapkv | 0.50 | 66.7 | 0.0 | 33.3 ± " in text and text.split("\n")[3].endswith(" 66.7 ± 65.3 |")
     coded = [{**r, "press": r["press"] + "@int4", "bytes_stored": int(6e4 * (1 - r["ratio"]))} for r in rows]
-    assert "| snapkv@int4 | 0.15 | 0.30 | 420 |" in report.table(rows + coded)  # the row's own codec's bytes
+    assert "| snapkv@int4 | 0.15 | 510 | 0.30 | 420 |" in report.table(rows + coded)  # the row's own codec's bytes
     paths = report.plots(rows, tmp_path)
     assert all(p.exists() and p.stat().st_size > 1000 for p in paths)
