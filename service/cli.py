@@ -222,8 +222,10 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     codecs = tuple(c.strip() for c in args.codecs.split(",") if c.strip())
     if set(codecs) - set(CODECS):
         raise ValueError(f"--codecs: unknown {sorted(set(codecs) - set(CODECS))}; known: {', '.join(CODECS)}")
+    coded = tuple(p.strip() for p in args.codec_presses.split(",") if p.strip()) if args.codec_presses else None
     AccuracyRun(_engine(args.model), args.out, args.length).run(list(tasks), args.samples, presses, ratios,
-                                                                task_prompts=prompts, codecs=codecs)
+                                                                task_prompts=prompts, codecs=codecs,
+                                                                codec_presses=coded)
     return cmd_bench_report(argparse.Namespace(csv=args.out, report_dir=args.report_dir))
 
 
@@ -501,6 +503,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-task-aware", action="store_true", help="no task-aware rows (same as --task-prompts '')")
     b.add_argument("--codecs", default="",
                    help="also answer from each cache stored with these codecs (rows '<press>@<codec>'), e.g. int8")
+    b.add_argument("--codec-presses", default="",
+                   help="row labels (e.g. kvcompose,none) whose caches --codecs applies to (default: all)")
     b.add_argument("--out", type=Path, default=Path("bench/results.csv"), help="results CSV (resumed if it exists)")
     b.add_argument("--report-dir", type=Path, help="where results.md and plots go (default: beside --out)")
     b.set_defaults(func=cmd_bench_accuracy)

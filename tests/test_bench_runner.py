@@ -90,6 +90,21 @@ def test_task_prompt_and_codec_rows(tiny_engine, tmp_path):
         assert int(rows[name + "@int4"]["bytes_stored"]) < int(rows[name + "@int8"]["bytes_stored"])
 
 
+def test_a_results_file_with_other_columns_is_refused_not_appended_to(tiny_engine, tmp_path):
+    out = tmp_path / "results.csv"
+    out.write_text("model,length,task,sample,press,ratio\n")
+    with pytest.raises(ValueError, match="has the columns"):
+        AccuracyRun(tiny_engine, out, 256)
+    assert out.read_text() == "model,length,task,sample,press,ratio\n"
+
+
+def test_codec_rows_only_for_the_presses_asked(tiny_engine, tmp_path):
+    out = tmp_path / "results.csv"
+    AccuracyRun(tiny_engine, out, 256).run(["niah_single_1"], 1, [{"press": "streamingllm"}, {"press": "knorm"}],
+                                           [0.5], task_prompts=(), codecs=("int8",), codec_presses=("knorm",))
+    assert {r["press"] for r in csv.DictReader(out.open())} == {"none", "streamingllm", "knorm", "knorm@int8"}
+
+
 def test_a_codec_row_answers_from_the_decoded_bytes(tiny_engine):
     from service.bench.runner import _through_codec
     from service.cache import codec

@@ -138,7 +138,11 @@ class AccuracyRun:
         if not self.out.exists():
             return set()
         with self.out.open() as f:
-            return {(r["task"], int(r["sample"]), r["press"], float(r["ratio"])) for r in csv.DictReader(f)
+            reader = csv.DictReader(f)
+            if reader.fieldnames != FIELDS:  # appending would shift every new row under the old header
+                raise ValueError(f"{self.out} has the columns {reader.fieldnames}, this runner writes {FIELDS}: "
+                                 "add the missing columns to the file or write to a new --out")
+            return {(r["task"], int(r["sample"]), r["press"], float(r["ratio"])) for r in reader
                     if int(r["length"]) == self.length}
 
     def _write(self, row: dict) -> None:
@@ -151,9 +155,11 @@ class AccuracyRun:
             writer.writerow(row)
 
     def run(self, tasks: list[str], samples: int, presses: list[dict], ratios: list[float],
-            task_prompts: tuple[str, ...] = ("question",), codecs: tuple[str, ...] = ()) -> None:
+            task_prompts: tuple[str, ...] = ("question",), codecs: tuple[str, ...] = (),
+            codec_presses: tuple[str, ...] | None = None) -> None:
         """task_prompts: rows of KVCompose scored by the question, its paraphrase or an unrelated prompt.
-        codecs: also answer from each cache after a round trip through these codecs ("<press>@<codec>")."""
+        codecs: also answer from each cache after a round trip through these codecs ("<press>@<codec>"),
+        for the press labels in codec_presses (None: all, "none" included)."""
         engine, model = self.engine, self.engine.loaded.model
         jobs = [(t, s) for s in range(samples) for t in tasks]  # sample-major: a stopped run stays balanced
         for task, seed in tqdm(jobs, desc=f"accuracy @ {self.length} tokens", unit="sample"):
@@ -161,7 +167,8 @@ class AccuracyRun:
             stored = [("none", 0.0, {})] + [(label(p), r, with_ratio(p, r)) for p in presses for r in ratios]
             plan = stored + [(TASK_PROMPTS[k], r, with_ratio({"press": "kvcompose"}, r))
                              for k in task_prompts for r in ratios]
-            plan += [(f"{name}@{c}", r, spec) for c in codecs for name, r, spec in stored]
+            plan += [(f"{name}@{c}", r, spec) for c in codecs for name, r, spec in stored
+                     if codec_presses is None or name in codec_presses]
             plan = [job for job in plan if (task, seed, job[0], job[1]) not in self.done]
             if not plan:
                 continue
