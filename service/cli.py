@@ -202,6 +202,11 @@ DEFAULT_BENCH_PRESSES = json.dumps([
 ])
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated option's names, blanks dropped ('' gives ())."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     from service.bench.ruler import TASKS
     from service.bench.runner import TASK_PROMPTS, AccuracyRun
@@ -215,14 +220,14 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     if any(not 0 < r < 1 for r in ratios):
         raise ValueError("--ratios must be in (0, 1)")
     presses = args.presses
-    prompts = () if args.no_task_aware else tuple(k.strip() for k in args.task_prompts.split(",") if k.strip())
+    prompts = () if args.no_task_aware else _names(args.task_prompts)
     if set(prompts) - set(TASK_PROMPTS):
         raise ValueError(f"--task-prompts: unknown {sorted(set(prompts) - set(TASK_PROMPTS))}; "
                          f"known: {', '.join(TASK_PROMPTS)}")
-    codecs = tuple(c.strip() for c in args.codecs.split(",") if c.strip())
+    codecs = _names(args.codecs)
     if set(codecs) - set(CODECS):
         raise ValueError(f"--codecs: unknown {sorted(set(codecs) - set(CODECS))}; known: {', '.join(CODECS)}")
-    coded = tuple(p.strip() for p in args.codec_presses.split(",") if p.strip()) if args.codec_presses else None
+    coded = _names(args.codec_presses) or None  # none named: every press's caches
     AccuracyRun(_engine(args.model), args.out, args.length).run(list(tasks), args.samples, presses, ratios,
                                                                 task_prompts=prompts, codecs=codecs,
                                                                 codec_presses=coded)

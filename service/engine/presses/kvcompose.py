@@ -81,9 +81,9 @@ class KVComposePress(BasePress):
     structured: aligned composite tokens (dense, default) or per-head counts (unstructured).
     replay_context: task-agnostic scoring replays the context as the task (as kvpress does) while
         its squeezed copy keeps ``MIN_REPLAY_SPACING`` (contexts up to about 2/3 of the window);
-        False, or a longer context (unless a press before this one evicted), scores in one pass: each prefill query,
-        placed after the context as the replay would place it (squeezed into the window), attends
-        to every context key (no second forward pass; the queries keep their causal hidden states,
+        False, or a longer context (unless a press before this one evicted), scores in one pass:
+        each prefill query, placed after the context as the replay would place it (squeezed into
+        the window), attends to every context key (no second forward pass; the queries keep their causal hidden states,
         and the softmax covers the context keys only).
     replay_fraction: the share of the context a task-agnostic replay runs as queries (1 = all): a
         stride over the document plus its last ``REPLAY_WINDOW`` tokens (where a question follows),
@@ -200,7 +200,7 @@ class KVComposePress(BasePress):
         press before us turns out to have evicted, the hook replays after all: one pass needs every key.)"""
         if self.task_ids:
             return True
-        return self.replay_context and self._spacing(context_length, context_length) >= MIN_REPLAY_SPACING
+        return self.replay_context and self._placement(context_length, context_length)[1] >= MIN_REPLAY_SPACING
 
     def _replay(self, cache: Cache) -> None:
         """Run each task prompt (or the context) after the cached context; hooks collect scores."""
@@ -261,19 +261,19 @@ class KVComposePress(BasePress):
         but squeezed (fractional steps, order kept) so that the last is the window's last position.
         Past the window, query-key distances are ones the model never saw and its attention (hence
         the scores) is noise. Where the tasks fit, they are placed exactly as before."""
-        start = min(self._state["context_length"], self._window() - 1)  # a full window: all at its end
-        step = self._spacing(self._state["context_length"], n)
+        start, step = self._placement(self._state["context_length"], n)
         if step == 1:
             return torch.arange(start, start + n, device=device).unsqueeze(0)
         # order kept while the steps are > 0 and representable
         return (start + step * torch.arange(n, dtype=torch.float64, device=device)).float().unsqueeze(0)
 
-    def _spacing(self, context_length: int, n: int) -> float:
-        """Positions between consecutive task queries: 1 where n of them fit after the context in
-        the window, less where they are squeezed so that the last is the window's last position."""
+    def _placement(self, context_length: int, n: int) -> tuple[int, float]:
+        """(first position, positions between consecutive queries) of n task queries: right after
+        the context with steps of 1 where they fit in the window, else squeezed so that the last is
+        the window's last position (a context that fills the window: all at its end)."""
         last = self._window() - 1
         start = min(context_length, last)
-        return 1.0 if start + n - 1 <= last else (last - start) / max(n - 1, 1)
+        return start, 1.0 if start + n - 1 <= last else (last - start) / max(n - 1, 1)
 
     def _window(self) -> int:
         return position_limit(self._state["model"].config)[0]
