@@ -12,6 +12,18 @@ from conftest import random_ids
 
 from service.engine.batching import BatchLimits, DecodeLoop, Overloaded
 from service.engine.decode import Sampling
+from service.engine.step_graph import StepGraph
+
+STATIC = {"ragged": False, "static-steps": True, "static-kernel": "kernel"}
+
+
+def decode_loop(engine, limits: BatchLimits, static: bool | str) -> DecodeLoop:
+    """A loop whose steps are ragged (row by row), static, or static through the batched Triton kernel
+    (``service.engine.ragged_attention``, interpreted here: the path CUDA takes)."""
+    loop = DecodeLoop(engine, limits, static_steps=bool(static))
+    if static == "kernel":
+        loop._static = StepGraph(engine.loaded.model, capture=False, kernel=True)
+    return loop
 
 PRESSES = [{}, {"press": "kvcompose", "compression_ratio": 0.6},
            {"press": "adakv", "inner": {"press": "snapkv", "compression_ratio": 0.5, "window_size": 8}},
@@ -33,7 +45,7 @@ async def collect(loop: DecodeLoop, kv, question, sampling, stop=()):
     return [piece async for _, piece in loop.stream(kv, question, sampling, stop)]
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["ragged", "static-steps"])
+@pytest.mark.parametrize("static", STATIC.values(), ids=STATIC)
 def test_batched_answers_equal_answers_alone(tiny_engine, caches, static):
     """Static steps are the CUDA-graph path (``service.engine.step_graph``), run eagerly here."""
     questions = ["What is it?", "Say more about the second part, please.", "Why?", "List three things.", "Hm"]
@@ -42,7 +54,7 @@ def test_batched_answers_equal_answers_alone(tiny_engine, caches, static):
     stops = [(), (), (), ("e",), ()]
     expected = [alone(tiny_engine, kv, q, s, st) for kv, q, s, st in zip(caches, questions, settings, stops)]
     assert len({"".join(e) for e in expected}) > 1
-    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=8), static_steps=static)
+    loop = decode_loop(tiny_engine, BatchLimits(max_batch=8), static)
 
     async def main():
         # Hold admission (the loop's lock is reentrant for this thread) until all five wait, so
@@ -213,10 +225,11 @@ def loop_bytes(engine, kv) -> int:
     return DecodeLoop(engine)._row_bytes(kv, 64)
 
 
-def test_static_steps_follow_answers_that_join_and_leave(tiny_engine, caches):
+@pytest.mark.parametrize("static", [True, "kernel"], ids=["static-steps", "static-kernel"])
+def test_static_steps_follow_answers_that_join_and_leave(tiny_engine, caches, static):
     """Answers of different lengths start at different times: the set of rows changes between steps,
     and every answer is still what it is alone; an idle loop keeps no answer's buffers."""
-    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=8), static_steps=True)
+    loop = decode_loop(tiny_engine, BatchLimits(max_batch=8), static)
     lengths = [3, 11, 7, 15, 5]
     expected = [alone(tiny_engine, kv, "Tell me.", Sampling(max_new_tokens=n)) for kv, n in zip(caches, lengths)]
 
@@ -231,4 +244,8 @@ def test_static_steps_follow_answers_that_join_and_leave(tiny_engine, caches):
     deadline = time.monotonic() + 5
     while loop._static._rows is not None and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert loop._static._rows is None and loop._static._cache is None
+    graphs = loop._static
+    assert graphs._rows is None and graphs._batch is None
+    assert all(not layer.rows and not layer.hidden for b in graphs._batches.values() for layer in b.cache.layers)
+    if static == "kernel":  # one batch's buffers per size that ran, kept for its graph (tables rewritten on reuse)
+        assert set(graphs._batches) <= set(range(1, len(lengths) + 1)) and len(graphs._batches) >= 2

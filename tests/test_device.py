@@ -14,6 +14,7 @@ import asyncio
 import pytest
 import torch
 from conftest import meta, random_ids, tiny_llama
+from test_batching import STATIC, decode_loop
 from test_compositions import PARTS, refusal
 from test_registry import OFFLINE, spec_for
 
@@ -118,7 +119,7 @@ def test_decode_in_a_batch(model, headwise_kv):
     assert on_meta(decode_tokens, model, rows) == decode_tokens(model, rows)
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["ragged", "static-steps"])
+@pytest.mark.parametrize("static", STATIC.values(), ids=STATIC)
 def test_decode_loop_thread(tiny_engine, static):
     """The loop runs in its own thread, which takes its starter's default device."""
     caches = [tiny_engine.compress(random_ids(120, seed=s), spec)[0]
@@ -130,7 +131,7 @@ def test_decode_loop_thread(tiny_engine, static):
             return "".join([piece async for _, piece in loop.stream(kv, "What is it?", sampling)])
         return await asyncio.gather(*(one(kv) for kv in caches))
 
-    got = on_meta(asyncio.run, answer_all(DecodeLoop(tiny_engine, BatchLimits(max_batch=4), static_steps=static)))
+    got = on_meta(asyncio.run, answer_all(decode_loop(tiny_engine, BatchLimits(max_batch=4), static)))
     assert got == asyncio.run(answer_all(DecodeLoop(tiny_engine, BatchLimits(max_batch=4))))
 
 

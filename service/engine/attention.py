@@ -80,7 +80,12 @@ def per_layer_sdpa(
     row attends to its own cache exactly as it would alone (the same call on the same tensors).
     """
     evicted = kvc_evicted[module.layer_idx] if kvc_evicted is not None else None
-    if kvc_static:  # a static decode step (``service.engine.step_graph``): whole buffers, slots hidden by ``evicted``
+    if kvc_static:  # a static decode step (``service.engine.step_graph``)
+        if value is None:  # the batched kernel: ``key`` is the layer's ``ragged_attention.RaggedRows``
+            from service.engine.ragged_attention import attend
+
+            return attend(query, key, scaling, softcap).transpose(1, 2).contiguous(), None
+        # row by row over whole buffers, slots hidden by ``evicted``
         rows = [decode_attention(query[r : r + 1], k, v, evicted[r], scaling, softcap)
                 for r, (k, v) in enumerate(zip(key, value))]
         return torch.cat(rows).transpose(1, 2).contiguous(), None

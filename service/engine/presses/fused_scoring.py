@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from service.engine.triton_ops import dot, dot_options, pow2
+
 BLOCK_Q = 32
 BLOCK_K = 64
 
@@ -53,8 +55,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _constants(query: torch.Tensor, softcap: float | None) -> dict:
     dim = query.shape[-1]
-    return {"HEAD_DIM": dim, "D": max(16, 1 << (dim - 1).bit_length()), "SOFTCAP": bool(softcap),
-            "PRECISION": "ieee" if query.dtype == torch.float32 else "tf32"}
+    return {"HEAD_DIM": dim, "D": max(16, pow2(dim)), "SOFTCAP": bool(softcap), **dot_options(query.dtype)}
 
 
 def task_attention(query: torch.Tensor, keys: torch.Tensor, n_context: int, scale: float, how: str, *,
@@ -84,8 +85,8 @@ def task_attention(query: torch.Tensor, keys: torch.Tensor, n_context: int, scal
 
 
 @triton.jit
-def _logits(q, k, scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-    x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+def _logits(q, k, scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+    x = dot(q, tl.trans(k), PRECISION, WIDEN) * scale
     if SOFTCAP:  # softcap * tanh(x / softcap), with tanh(y) = 2 sigmoid(2y) - 1
         x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
     return x
@@ -100,7 +101,7 @@ def _load_block(ptr, base, rows, n_rows, stride, dims, HEAD_DIM: tl.constexpr):
 @triton.jit
 def _lse_kernel(q_ptr, k_ptr, lse_ptr, t_len, n_keys, offset, groups, scale, softcap,
                sq_h, sq_t, sk_h, sk_n, HEAD_DIM: tl.constexpr, D: tl.constexpr, SOFTCAP: tl.constexpr,
-               PRECISION: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+               PRECISION: tl.constexpr, WIDEN: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
     block, head = tl.program_id(0), tl.program_id(1)
     rows = block * BLOCK_Q + tl.arange(0, BLOCK_Q)
     dims = tl.arange(0, D)
@@ -114,7 +115,7 @@ def _lse_kernel(q_ptr, k_ptr, lse_ptr, t_len, n_keys, offset, groups, scale, sof
     for start in range(0, end, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         k = _load_block(k_ptr, kv_base, cols, n_keys, sk_n, dims, HEAD_DIM)
-        x = _logits(q, k, scale, softcap, SOFTCAP, PRECISION)
+        x = _logits(q, k, scale, softcap, SOFTCAP, PRECISION, WIDEN)
         visible = cols[None, :] < n_keys
         if CAUSAL:
             visible = visible & (cols[None, :] <= rows[:, None] + offset)
@@ -128,7 +129,7 @@ def _lse_kernel(q_ptr, k_ptr, lse_ptr, t_len, n_keys, offset, groups, scale, sof
 @triton.jit
 def _score_kernel(q_ptr, k_ptr, lse_ptr, out_ptr, t_len, n_context, groups, scale, softcap,
                  sq_h, sq_t, sk_h, sk_n, HEAD_DIM: tl.constexpr, D: tl.constexpr, SOFTCAP: tl.constexpr,
-                 PRECISION: tl.constexpr, MEAN: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+                 PRECISION: tl.constexpr, WIDEN: tl.constexpr, MEAN: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
     block, head = tl.program_id(0), tl.program_id(1)
     cols = block * BLOCK_K + tl.arange(0, BLOCK_K)
     dims = tl.arange(0, D)
@@ -141,7 +142,7 @@ def _score_kernel(q_ptr, k_ptr, lse_ptr, out_ptr, t_len, n_context, groups, scal
         rows = start + tl.arange(0, BLOCK_Q)
         q = _load_block(q_ptr, head * sq_h, rows, t_len, sq_t, dims, HEAD_DIM)
         lse = tl.load(lse_ptr + head * t_len + rows, mask=rows < t_len, other=float("inf"))
-        logw = _logits(q, k, scale, softcap, SOFTCAP, PRECISION) - lse[:, None]  # padding rows: -inf
+        logw = _logits(q, k, scale, softcap, SOFTCAP, PRECISION, WIDEN) - lse[:, None]  # padding rows: -inf
         if MEAN:
             acc += tl.sum(tl.exp(logw), 0)
         else:
