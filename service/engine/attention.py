@@ -21,11 +21,13 @@ from the fused kernel at no extra cost, per layer, with (heads, q_len) log-sum-e
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 from transformers import AttentionInterface
 
 ATTENTION_NAME = "kvcompose_sdpa"
+log = logging.getLogger(__name__)
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -228,13 +230,19 @@ def split_attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torc
 
 @functools.cache
 def triton_runs_on(device: torch.device) -> bool:
-    """Whether Triton kernels (``fused_scoring``) run natively here: CUDA with Triton installed (CUDA
-    builds of torch ship it)."""
+    """Whether the Triton kernels (``fused_scoring``, ``ragged_attention``) run natively here: on CUDA,
+    once per process and device, a small kernel is compiled, run and checked (``triton_ops.probe``).
+    If that fails, one log line says why and the torch paths (reference scorer, row-by-row decode
+    attention) serve instead: slower, never wrong."""
     if device.type != "cuda":
         return False
     try:
-        import triton  # noqa: F401
-    except ImportError:
+        from service.engine import triton_ops
+
+        triton_ops.probe(device)
+    except Exception as e:  # noqa: BLE001 - any failure (no Triton, JIT, driver, ptxas) means the torch paths
+        log.warning("Triton kernels do not run on %s (%s: %s); using the torch scorer and per-row decode attention",
+                    device, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return False
     return True
 

@@ -98,10 +98,13 @@ def _load_block(ptr, base, rows, n_rows, stride, dims, HEAD_DIM: tl.constexpr):
                    mask=(rows[:, None] < n_rows) & (dims[None, :] < HEAD_DIM), other=0.0)
 
 
-@triton.jit
+# Lengths are not specialised (Triton would compile a variant per length % 16 and == 1): one variant
+# serves every document (``service.bench.compile_check.variants`` counts them).
+@triton.jit(do_not_specialize=["t_len", "n_keys", "offset"])
 def _lse_kernel(q_ptr, k_ptr, lse_ptr, t_len, n_keys, offset, groups, scale, softcap,
                sq_h, sq_t, sk_h, sk_n, HEAD_DIM: tl.constexpr, D: tl.constexpr, SOFTCAP: tl.constexpr,
-               PRECISION: tl.constexpr, WIDEN: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+               PRECISION: tl.constexpr, WIDEN: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_Q: tl.constexpr,
+               BLOCK_K: tl.constexpr):
     block, head = tl.program_id(0), tl.program_id(1)
     rows = block * BLOCK_Q + tl.arange(0, BLOCK_Q)
     dims = tl.arange(0, D)
@@ -126,10 +129,11 @@ def _lse_kernel(q_ptr, k_ptr, lse_ptr, t_len, n_keys, offset, groups, scale, sof
     tl.store(lse_ptr + head * t_len + rows, m + tl.log(s), mask=rows < t_len)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t_len", "n_context"])
 def _score_kernel(q_ptr, k_ptr, lse_ptr, out_ptr, t_len, n_context, groups, scale, softcap,
                  sq_h, sq_t, sk_h, sk_n, HEAD_DIM: tl.constexpr, D: tl.constexpr, SOFTCAP: tl.constexpr,
-                 PRECISION: tl.constexpr, WIDEN: tl.constexpr, MEAN: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+                 PRECISION: tl.constexpr, WIDEN: tl.constexpr, MEAN: tl.constexpr, BLOCK_Q: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     block, head = tl.program_id(0), tl.program_id(1)
     cols = block * BLOCK_K + tl.arange(0, BLOCK_K)
     dims = tl.arange(0, D)
