@@ -56,6 +56,24 @@ def test_softmax_over_the_context_only():
     torch.testing.assert_close(scored(True, "max", query, keys, 80, over_context=True), ref, rtol=1e-4, atol=1e-7)
 
 
+HALF = {"gqa-2": CASES["gqa-2"], "gemma2-softcap": CASES["gemma2-softcap"], "long-odd": CASES["long-odd"]}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("how", ["max", "mean"])
+@pytest.mark.parametrize("case", HALF)
+def test_half_precision_inputs_score_as_their_exact_values(case, how, dtype):
+    """bf16 and fp16, what GPUs serve: products of half-precision values are exact in float32 and the
+    kernels accumulate in float32, so the scores equal the float32 reference on the same (rounded)
+    values up to summation order. Tolerance: rtol 1e-4 (mean) and 1e-4 absolute in log space (max)."""
+    heads, kv_heads, t_len, n_context, dim, softcap = HALF[case]
+    g = torch.Generator().manual_seed(len(case))
+    query = (torch.randn(heads, t_len, dim, generator=g) * 2).to(dtype)
+    keys = (torch.randn(kv_heads, n_context + t_len, dim, generator=g) * 2).to(dtype)
+    ref = scored(False, how, query.float(), keys.float(), n_context, softcap)
+    torch.testing.assert_close(scored(True, how, query, keys, n_context, softcap), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_given_lse_is_used_not_recomputed():
     """The model's attention may hand over each query's log-sum-exp; the kernel must use it as given."""
     query, keys = torch.randn(4, 10, 32), torch.randn(2, 50, 32)
