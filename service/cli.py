@@ -375,20 +375,31 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
 
     from service.bench import gpu
 
+    if args.compile_only:  # the Triton kernels compiled for real chips: no GPU needed
+        from service.bench import compile_check
+
+        failed = [r for r in compile_check.compile_all(tuple(args.chips)) if r.problem]
+        print(f"{len(failed)} kernel compiles failed" if failed else "every kernel compiles within the chips' limits")
+        return 1 if failed else 0
     device = args.device or ("cpu" if args.tiny else "cuda")
     dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("no CUDA device here: run on a GPU, or use --tiny for the CPU rehearsal")
     shapes = tuple(args.shapes.split(",")) if args.shapes else tuple(gpu.SHAPES)
     if set(shapes) - set(gpu.SHAPES):
         raise ValueError(f"--shapes: a comma-separated subset of {','.join(gpu.SHAPES)}, got {args.shapes!r}")
-    needle = not args.no_needle and _embedded_installed()
-    rows = gpu.plan(args.tiny, needle, shapes)
-    results = gpu.run(rows, device, dtype, args.row_limit_s, args.budget_s, args.tiny,
-                      log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+    rows = gpu.plan(args.tiny, not args.no_needle and _embedded_installed(), shapes)
+    if args.plan:  # arithmetic on the configs: no GPU needed
+        print(gpu.plan_table(rows, dtype, device, args.tiny, args.gpu_gib))
+        return 0
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("no CUDA device here: run on a GPU, or use --tiny for the CPU rehearsal")
     name = "gpu-tiny" if args.tiny else "gpu-" + _slug(torch.cuda.get_device_name(device))
     out_dir = args.out_dir or Path("bench") / name
-    paths = gpu.write(results, out_dir, gpu.machine(device, dtype))
+    about = gpu.machine(device, dtype)
+    capacity = torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else None
+    results = gpu.run(rows, device, dtype, args.row_limit_s, args.budget_s, args.tiny,
+                      log=lambda *a, **k: print(*a, file=sys.stderr, **k), capacity_bytes=capacity,
+                      on_row=lambda so_far: gpu.write(so_far, out_dir, about))  # a killed run leaves its rows
+    paths = gpu.write(results, out_dir, about)
     print(gpu.table(results))
     print("written:", *paths, file=sys.stderr)
     return 0
@@ -568,7 +579,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-needle", action="store_true", help="skip the SmolLM2 needle rows")
     b.add_argument("--row-limit-s", type=float, default=60.0, help="time guard of one row")
     b.add_argument("--budget-s", type=float, default=450.0, help="the whole run; rows past it are reported, not run")
-    b.add_argument("--out-dir", type=Path, help="where results.json and gpu.md go (default: bench/gpu-<gpu name>)")
+    b.add_argument("--out-dir", type=Path, help="where results.json and gpu.md go, rewritten after every row "
+                   "(default: bench/gpu-<gpu name>)")
+    b.add_argument("--plan", action="store_true", help="print each row's predicted peak device memory and whether "
+                   "it fits --gpu-gib, and exit (no GPU needed); a run skips the rows that do not fit its device")
+    b.add_argument("--gpu-gib", type=float, default=80.0, help="device memory for --plan: 80 (H100) or 141 (H200)")
+    b.add_argument("--compile-only", action="store_true", help="compile every Triton kernel to cubin for --chips "
+                   "at the bench's shapes, check registers, spills and shared memory, one line each (no GPU needed)")
+    b.add_argument("--chips", type=int, nargs="+", default=[80, 90], choices=[80, 90],
+                   help="compute capabilities for --compile-only (80: A100, 90: H100/H200)")
     b.set_defaults(func=cmd_bench_gpu)
     b = bench.add_parser("report", help="tables and plots from a results CSV")
     b.add_argument("csv", type=Path, help="results CSV of 'bench accuracy'")

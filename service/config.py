@@ -59,6 +59,11 @@ class EngineConfig:
             raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        if self.compute_dtype == "float32" and self.device.startswith("cuda"):
+            # flash attention has no float32 and the memory-efficient kernel refuses GQA: SDPA would fall
+            # to its math backend, which materialises queries x keys (about 128 GiB at 32k tokens)
+            raise ValueError("compute_dtype float32 on CUDA would run attention on SDPA's math backend "
+                             "(queries x keys in memory): set compute_dtype: bfloat16 (or float16)")
         if self.max_context_tokens < 1:
             raise ValueError("max_context_tokens must be >= 1")
         if self.torch_threads < 0:

@@ -149,3 +149,16 @@ def test_make_serve_takes_the_device_and_dtype_from_the_environment(monkeypatch)
     monkeypatch.setenv("KVCOMPOSE_COMPUTE_DTYPE", "float8")
     with pytest.raises(ValueError, match="compute_dtype"):
         EngineConfig(**local_engine_overrides()[0])
+    monkeypatch.delenv("KVCOMPOSE_COMPUTE_DTYPE")  # a GPU alone means bfloat16, not the file's CPU float32
+    assert EngineConfig(**app_args(load_config(CONFIG, args={"engine": local_engine_overrides()[0]})).engine
+                        ).compute_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_float32_on_cuda_is_refused_with_the_dtype_to_use(device):
+    """float32 on CUDA would put attention on SDPA's math backend (queries x keys in memory)."""
+    from service.config import EngineConfig
+
+    with pytest.raises(ValueError, match="compute_dtype float32 on CUDA .* set compute_dtype: bfloat16"):
+        EngineConfig(device=device, compute_dtype="float32")
+    assert EngineConfig(device=device, compute_dtype="bfloat16").compute_dtype == "bfloat16"

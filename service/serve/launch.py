@@ -389,14 +389,16 @@ def local_tls_dir() -> Path:
 
 def local_engine_overrides() -> tuple[dict, dict]:
     """(engine args, deployment options) from ``KVCOMPOSE_<FIELD>`` variables, over the config file's:
-    ``KVCOMPOSE_DEVICE=cuda KVCOMPOSE_COMPUTE_DTYPE=bfloat16 make serve`` runs on this machine's GPU,
-    the Compressor and the Decoder sharing it (half a GPU each in Ray's accounting)."""
+    ``KVCOMPOSE_DEVICE=cuda make serve`` runs on this machine's GPU in bfloat16 (unless
+    ``KVCOMPOSE_COMPUTE_DTYPE`` says float16), the Compressor and the Decoder sharing it (half a GPU
+    each in Ray's accounting)."""
     engine = EngineConfig.env_values()
     if "cache_dir" in engine:
         engine["cache_dir"] = str(engine["cache_dir"])  # Serve's args are plain data
     deployments = {}
     if engine.get("device", "cpu").startswith("cuda"):
         deployments = {name: {"ray_actor_options": {"num_gpus": 0.5}} for name in ("Compressor", "Decoder")}
+        engine.setdefault("compute_dtype", "bfloat16")  # the file's float32 is the CPU's (refused on CUDA)
     return engine, deployments
 
 
