@@ -156,3 +156,14 @@ def test_targets_pick_the_decode_bound_by_device_and_mark_each_row():
     assert gpu.compare([dict(row)], "NVIDIA H100 80GB HBM3")[0]["target"].endswith(": met")
     assert gpu.compare([dict(row)], "NVIDIA H200")[0]["target"].endswith(": missed")
     assert "target" not in gpu.compare([{**row, "row": "decode/b1/full/llama-3.1-8b/8192", "tokens": 8192}])[0]
+
+
+def test_decode_rows_record_how_the_steps_ran():
+    from service.config import BatchLimits
+    from service.engine.batching import DecodeLoop
+
+    model = gpu._build("qwen3-8b", "cpu", "float32", tiny=True)["model"]
+    engine = gpu._RandomEngine(model)
+    assert gpu.graph_state(DecodeLoop(engine, BatchLimits())) == "eager (static steps off)"  # the CPU's default
+    static = DecodeLoop(engine, BatchLimits(), static_steps=True)
+    assert gpu.graph_state(static) == static._static.state == "eager (not CUDA)"
