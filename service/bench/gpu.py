@@ -200,16 +200,16 @@ def memory_plan(row: Row, dtype: str, device: str = "cuda", tiny: bool = False) 
     config = model_config(row.shape, tiny)
     b = getattr(torch, dtype).itemsize
     weights = param_count(config) * b
-    if row.kind == "decode":
-        source = "plain" if row.method == "full" else row.method
-        parts = _prefill_plan(config, source, row.tokens, b, device.startswith("cuda"), row.compression_ratio)
-        kept = row.tokens if row.method == "full" else round(row.tokens * (1 - row.compression_ratio))
-        answers = row.batch * kv_bytes(config, kept + _answer_room(), b)
-        decoding = kv_bytes(config, kept, b) + answers
-        return {"weights": weights, **parts, "answers": answers, "peak": weights + max(parts["extra"], decoding)}
-    method = "kvcompose" if row.kind == "needle" else row.method
+    # the prefill the row runs: a decode row's prefills its cache, a needle row's is KVCompose's
+    prefilled = {"decode": "plain" if row.method == "full" else row.method, "needle": "kvcompose"}
+    method = prefilled.get(row.kind, row.method)
     parts = _prefill_plan(config, method, row.tokens, b, device.startswith("cuda"), row.compression_ratio)
-    return {"weights": weights, **parts, "peak": weights + parts["extra"]}
+    if row.kind != "decode":
+        return {"weights": weights, **parts, "peak": weights + parts["extra"]}
+    kept = row.tokens if row.method == "full" else round(row.tokens * (1 - row.compression_ratio))
+    answers = row.batch * kv_bytes(config, kept + _answer_room(), b)
+    decoding = kv_bytes(config, kept, b) + answers  # the cache and the answers' buffers
+    return {"weights": weights, **parts, "answers": answers, "peak": weights + max(parts["extra"], decoding)}
 
 
 def fits(peak: int, capacity: int) -> bool:
