@@ -75,10 +75,30 @@ def test_batched_decode_equals_each_row_alone(shape, dtype, splits):
         torch.testing.assert_close(out[r : r + 1].float(), ref, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", TOLERANCE, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", ["gqa-4:2-d48", "gqa-9:3-d64", "gemma2-softcap"])
+def test_a_question_prefill_equals_each_row_alone(shape, dtype):
+    """A batch's questions (q_len 9, so several query tiles of GQA heads x queries): each row's queries see
+    its cache but its evicted slots, and the question causally; rows with and without evictions."""
+    heads, kv_heads, dim, softcap = SHAPES[shape]
+    q_len, cached = 9, [70, 1, 130]
+    keys, values, hidden, _, _ = rows(heads, kv_heads, dim, dtype, [n + q_len for n in cached])
+    evicted = [hidden[0][0, :, : cached[0]], None, hidden[2][0, :, : cached[2]]]
+    query = torch.randn(len(cached), heads, q_len, dim, generator=torch.Generator().manual_seed(5)).to(dtype)
+    views = [k[:, :, : n + q_len] for k, n in zip(keys, cached)]
+    value_views = [v[:, :, : n + q_len] for v, n in zip(values, cached)]
+    out = ragged_attention.attend_views(query, views, value_views, evicted, None, softcap)
+    for r, (k, v, e) in enumerate(zip(views, value_views, evicted)):
+        ref = attention._sdpa(query[r : r + 1].float(), k.float(), v.float(), e, 0.0, None, softcap)
+        torch.testing.assert_close(out[r : r + 1].float(), ref, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
 def test_a_table_refuses_buffers_the_kernel_cannot_address():
     k = torch.zeros(1, 2, 8, 16)
     with pytest.raises(ValueError, match="contiguous"):
         ragged_attention.table([k.transpose(2, 3)], [k], [torch.zeros(1, 2, 8, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="contiguous"):  # a view that does not start at a head's first slot
+        ragged_attention.table([k[:, :, 1:]], [k[:, :, 1:]], [None])
     with pytest.raises(ValueError, match="bool mask"):
         ragged_attention.table([k], [k], [torch.zeros(1, 2, 8)])
 

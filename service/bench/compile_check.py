@@ -97,7 +97,8 @@ def intercepted() -> Iterator[list[Launch]]:
 def shape_launches(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, softcap: float | None,
                    tokens: int = 300, batch: int = 3) -> list[Launch]:
     """The launches of one model shape: the scorer's two kernels (causal and not, max and mean) and the
-    batched decode's three, as the wrappers make them for ``tokens`` context tokens."""
+    batched attention's three (a decode step and a question prefill), as the wrappers make them for
+    ``tokens`` context tokens."""
     from service.engine import ragged_attention
     from service.engine.presses import fused_scoring
 
@@ -114,6 +115,9 @@ def shape_launches(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
         fused_scoring.task_attention(q, keys, tokens, 0.1, "mean", causal=False, softcap=softcap)
         ragged_attention.append(rows, new, new)
         ragged_attention.attend(torch.zeros(batch, heads, 1, head_dim, dtype=dtype), rows, 0.1, softcap)
+        views = [b[:, :, :tokens] for b in bufs]  # a question prefill: 40 queries, query tiles of 64 rows
+        ragged_attention.attend_views(torch.zeros(batch, heads, 40, head_dim, dtype=dtype), views, views,
+                                      [h[0, :, : tokens - 40] for h in hidden], 0.1, softcap)
     return launches
 
 

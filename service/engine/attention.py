@@ -72,6 +72,7 @@ def per_layer_sdpa(
     kvc_evicted: list[torch.Tensor | None] | None = None,
     kvc_lse: dict[int, torch.Tensor] | None = None,
     kvc_static: bool = False,
+    kvc_kernel: bool = False,
     softcap: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
@@ -79,7 +80,9 @@ def per_layer_sdpa(
 
     Ragged batches (continuous batching, ``service.engine.batching``): key and value are lists with one
     (1, kv_heads, k_r, d) tensor per row and ``kvc_evicted[layer]`` a list of per-row masks; each
-    row attends to its own cache exactly as it would alone (the same call on the same tensors).
+    row attends to its own cache exactly as it would alone (the same call on the same tensors), or,
+    with ``kvc_kernel`` (where Triton runs), all rows in one batched kernel (``ragged_attention``): no
+    (q, k) mask materialised, no K/V repeated per query head.
     """
     evicted = kvc_evicted[module.layer_idx] if kvc_evicted is not None else None
     if kvc_static:  # a static decode step (``service.engine.step_graph``)
@@ -92,6 +95,10 @@ def per_layer_sdpa(
                 for r, (k, v) in enumerate(zip(key, value))]
         return torch.cat(rows).transpose(1, 2).contiguous(), None
     if isinstance(key, list):
+        if kvc_kernel:
+            from service.engine.ragged_attention import attend_views
+
+            return attend_views(query, key, value, evicted, scaling, softcap).transpose(1, 2).contiguous(), None
         rows = [_sdpa(query[r : r + 1], k, v, evicted[r] if evicted is not None else None, dropout, scaling, softcap)
                 for r, (k, v) in enumerate(zip(key, value))]
         return torch.cat(rows).transpose(1, 2).contiguous(), None

@@ -319,6 +319,7 @@ class DecodeLoop:
                                                   for a in answers]),
                         past_key_values=ragged_cache([a.cache for a in answers]),
                         kvc_evicted=[[a.evicted[i] for a in answers] for i in range(len(answers[0].evicted))],
+                        kvc_kernel=self._static is not None and self._static.kernel,
                         logits_to_keep=torch.tensor(last, device=device))
         logits = torch.stack([out.logits[row, last.index(len(a.question_ids) - 1)] for row, a in enumerate(answers)])
         for a in answers:

@@ -1,20 +1,23 @@
-"""One batched decode attention over ragged compressed caches: three Triton launches per layer.
+"""Batched attention over ragged compressed caches: three Triton launches per layer, any batch.
 
 After KVCompose each answer's cache has its own length in every layer, and head-wise presses hide
 positions per KV head. Paged engines assume one length per sequence (vLLM #10491, SGLang #12607), so
 attention would run row by row: B x layers small kernels a step. Here each row keeps its own buffer
-(``decode.ReservedLayer``, (1, kv_heads, capacity, d), contiguous) and a per-layer table on the device
-holds each row's key, value and hidden-slot addresses and its capacity (``table``). Per layer:
+(``decode.ReservedLayer``, (1, kv_heads, capacity, d)) and a per-layer table on the device holds each
+row's key, value and hidden-slot addresses and its capacity (``table``). Per layer:
 
-- ``append``: every row's new key and value written at its write slot, which is un-hidden;
-- ``attend``: split-K decoding (flash-decoding, Dao et al. 2023): program (row, KV head, split) walks its
-  share of the row's filled length with an online softmax; a GQA group's query heads are one block,
-  so each key block is read once;
-- ``_merge_kernel``: each query head's splits merged by their log-sum-exps.
+- ``append``: a decode step's new key and value of every row written at its write slot, un-hidden;
+- ``attend``: split-K attention (flash-decoding, Dao et al. 2023) of each row's ``q_len`` new queries
+  over its filled slots, bottom-right causal (query i sees the slots before this step's tokens and
+  the first i + 1 of them): program (row, KV head x query tile, split) walks its share of the row with
+  an online softmax. A tile is a GQA group's query heads times queries, so each key block is read once
+  for the whole group; decode steps (``q_len`` 1) are one tile, a question's prefill several;
+- ``_merge_kernel``: each query's splits merged by their log-sum-exps.
 
 Lengths and addresses are read from device memory, never passed as arguments: one compiled variant
 serves every batch and length, and a CUDA graph captured over a table replays for any rows of the same
-batch size once the table is rewritten (``service.engine.step_graph``). Logits accumulate in float32.
+batch size once the table is rewritten (``service.engine.step_graph``). A row without head-wise
+evictions may have no hidden-slot mask (address 0). Logits accumulate in float32.
 """
 
 from __future__ import annotations
@@ -28,15 +31,16 @@ import triton.language as tl
 from service.engine.triton_ops import dot, dot_options, pow2
 
 BLOCK_N = 64
-TABLE_COLUMNS = 4  # key address, value address, hidden-slot address, capacity
+MAX_BLOCK_M = 64  # query rows (group heads x queries) of one program
+TABLE_COLUMNS = 4  # key address, value address, hidden-slot address (0: none), capacity
 
 
 @dataclass(frozen=True)
 class RaggedRows:
     """One layer of a batch for the kernels: what ``StaticLayer.update`` hands the attention function.
 
-    table: (B, 4) int64 on the device; length: (B,) int64, each row's write slot (its filled length
-    before this step's token); n_splits: how many programs share one row's keys."""
+    table: (B, 4) int64 on the device; length: (B,) int64, each row's filled length before this step's
+    tokens (its write slot); n_splits: how many programs share one row's keys."""
 
     table: torch.Tensor
     length: torch.Tensor
@@ -44,16 +48,23 @@ class RaggedRows:
     n_splits: int
 
 
-def table(keys: list[torch.Tensor], values: list[torch.Tensor], hidden: list[torch.Tensor]) -> torch.Tensor:
-    """(B, 4) int64 host table of rows' buffers: keys/values (1, kv_heads, capacity, d), hidden
-    (1, kv_heads, capacity) bool. The buffers must stay alive as long as the table is used."""
+def table(keys: list[torch.Tensor], values: list[torch.Tensor], hidden: list[torch.Tensor | None]) -> torch.Tensor:
+    """(B, 4) int64 host table of rows' buffers: keys/values (1, kv_heads, capacity, d), contiguous,
+    or a view of their first slots (a ``ReservedLayer``'s filled part); hidden (1, kv_heads, capacity)
+    bool, or None for a row without evictions. The buffers must stay alive while the table is used."""
+    rows = []
     for k, v, h in zip(keys, values, hidden):
-        if not (k.is_contiguous() and v.is_contiguous() and h.is_contiguous()) or k.shape != v.shape \
-                or h.shape != k.shape[:3] or h.dtype != torch.bool:
-            raise ValueError(f"row buffers must be contiguous (1, kv_heads, capacity, d) keys and values "
-                             f"with a (1, kv_heads, capacity) bool mask: got {tuple(k.shape)}, {tuple(h.shape)}")
-    return torch.tensor([[k.data_ptr(), v.data_ptr(), h.data_ptr(), k.shape[2]]
-                         for k, v, h in zip(keys, values, hidden)], dtype=torch.int64, device="cpu")
+        _, heads, _, dim = k.shape
+        capacity = k.stride(1) // dim
+        # each head's slot 0 where the kernels index it, slots and channels dense
+        dense = k.storage_offset() == v.storage_offset() == 0 and k.stride()[1:] == (capacity * dim, dim, 1)
+        if not dense or v.stride() != k.stride() or v.shape != k.shape or \
+                (h is not None and (h.shape != (1, heads, capacity) or not h.is_contiguous() or h.dtype != torch.bool)):
+            raise ValueError(f"row buffers must be contiguous (1, kv_heads, capacity, d) keys and values with a "
+                             f"(1, kv_heads, capacity) bool mask: got {tuple(k.shape)} strides {k.stride()}, "
+                             f"{None if h is None else (tuple(h.shape), h.dtype)}")
+        rows.append([k.data_ptr(), v.data_ptr(), 0 if h is None else h.data_ptr(), capacity])
+    return torch.tensor(rows, dtype=torch.int64, device="cpu")
 
 
 def splits_for(device: torch.device, batch: int, kv_heads: int) -> int:
@@ -74,25 +85,51 @@ def append(rows: RaggedRows, key: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def attend(query: torch.Tensor, rows: RaggedRows, scale: float | None, softcap: float | None = None) -> torch.Tensor:
-    """(B, heads, 1, d) attention of each row's new query over its buffer's filled slots (its write
-    slot included), hidden slots left out. query: (B, heads, 1, d)."""
+    """(B, heads, q_len, d) attention of each row's q_len new queries (query (B, heads, q_len, d), the
+    last q_len of its filled slots once written) over its buffer, bottom-right causal, hidden slots
+    left out."""
     batch, heads, q_len, dim = query.shape
     kv_heads = rows.kv_heads
-    if q_len != 1 or heads % kv_heads:
-        raise ValueError(f"one query per row and whole GQA groups expected, got query {tuple(query.shape)}")
+    if heads % kv_heads:
+        raise ValueError(f"query heads must be whole GQA groups of {kv_heads} KV heads, got {heads}")
     groups = heads // kv_heads
     query = query.contiguous()
     scale = scale if scale is not None else dim**-0.5
-    part = torch.empty(batch, kv_heads, rows.n_splits, groups, dim, device=query.device, dtype=torch.float32)
-    stat = torch.empty(batch, kv_heads, rows.n_splits, groups, 2, device=query.device, dtype=torch.float32)
-    _attend_kernel[(batch, kv_heads, rows.n_splits)](
-        query, rows.table, rows.length, part, stat, groups, scale, softcap or 1.0, rows.n_splits,
-        query.stride(0), query.stride(1), HEAD_DIM=dim, D=pow2(dim), G=max(16, pow2(groups)), BLOCK_N=BLOCK_N,
-        SOFTCAP=bool(softcap), **dot_options(query.dtype))
+    m_rows = groups * q_len
+    block_m = min(MAX_BLOCK_M, max(16, pow2(m_rows)))
+    tiles = triton.cdiv(m_rows, block_m)
+    part = torch.empty(batch, kv_heads, rows.n_splits, m_rows, dim, device=query.device, dtype=torch.float32)
+    stat = torch.empty(batch, kv_heads, rows.n_splits, m_rows, 2, device=query.device, dtype=torch.float32)
+    _attend_kernel[(batch, kv_heads * tiles, rows.n_splits)](
+        query, rows.table, rows.length, part, stat, groups, q_len, scale, softcap or 1.0, rows.n_splits,
+        query.stride(0), query.stride(1), query.stride(2), HEAD_DIM=dim, D=pow2(dim), BLOCK_M=block_m,
+        BLOCK_N=BLOCK_N, SOFTCAP=bool(softcap), num_warps=8 if dim > 64 else 4, **dot_options(query.dtype))
     out = torch.empty_like(query)
-    _merge_kernel[(batch, heads)](part, stat, out, groups, rows.n_splits, out.stride(0), out.stride(1),
-                                  HEAD_DIM=dim, D=pow2(dim), S=pow2(rows.n_splits))
+    _merge_kernel[(batch, heads, q_len)](part, stat, out, groups, rows.n_splits, out.stride(0), out.stride(1),
+                                         out.stride(2), HEAD_DIM=dim, D=pow2(dim), S=pow2(rows.n_splits))
     return out
+
+
+def attend_views(query: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 evicted: list[torch.Tensor | None] | None, scale: float | None,
+                 softcap: float | None = None) -> torch.Tensor:
+    """``attend`` over rows given as their filled views (a ragged question prefill, ``decode.RaggedLayer``):
+    keys/values (1, kv_heads, n_r + q_len, d), each the head of a ``ReservedLayer`` buffer; evicted:
+    per row (kv_heads, cached) bool, True = evicted, or None."""
+    batch, _, q_len, _ = query.shape
+    kv_heads, device = keys[0].shape[1], query.device
+    hidden = []
+    for r, k in enumerate(keys):
+        e = evicted[r] if evicted is not None else None
+        if e is not None:
+            h = torch.zeros(1, kv_heads, k.stride(1) // k.shape[3], dtype=torch.bool, device=device)
+            h[0, :, : e.shape[1]] = e.to(device)
+            e = h
+        hidden.append(e)
+    before = torch.tensor([k.shape[2] - q_len for k in keys], dtype=torch.int64, device="cpu")
+    rows = RaggedRows(table(keys, values, hidden).to(device), before.to(device), kv_heads,
+                      splits_for(device, batch, kv_heads))
+    return attend(query, rows, scale, softcap)
 
 
 @triton.jit
@@ -112,28 +149,37 @@ def _append_kernel(k_new, v_new, table_ptr, length_ptr, sn_b, sn_h, HEAD_DIM: tl
     tl.store(hidden + head * capacity + at, tl.zeros([], tl.int8))
 
 
-@triton.jit
-def _attend_kernel(q_ptr, table_ptr, length_ptr, part_ptr, stat_ptr, groups, scale, softcap, n_splits,
-                   sq_b, sq_h, HEAD_DIM: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
-    row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    length = tl.load(length_ptr + row) + 1  # this step's token is written at the old length
+# q_len and n_splits are not specialised: one variant for decode steps and every question length
+@triton.jit(do_not_specialize=["q_len", "n_splits"])
+def _attend_kernel(q_ptr, table_ptr, length_ptr, part_ptr, stat_ptr, groups, q_len, scale, softcap, n_splits,
+                   sq_b, sq_h, sq_t, HEAD_DIM: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+    row, split = tl.program_id(0), tl.program_id(2)
+    tiles = tl.cdiv(groups * q_len, BLOCK_M)
+    kv_head, tile = tl.program_id(1) // tiles, tl.program_id(1) % tiles
+    before = tl.load(length_ptr + row)  # filled slots before this step's q_len tokens
+    length = before + q_len
     capacity = tl.load(table_ptr + row * 4 + 3)
     k_buf = tl.load(table_ptr + row * 4).to(q_ptr.dtype, bitcast=True) + kv_head * capacity * HEAD_DIM
     v_buf = tl.load(table_ptr + row * 4 + 1).to(q_ptr.dtype, bitcast=True) + kv_head * capacity * HEAD_DIM
-    hidden = tl.load(table_ptr + row * 4 + 2).to(tl.pointer_type(tl.int8), bitcast=True) + kv_head * capacity
-    chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_N) * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, length)
+    hidden_at = tl.load(table_ptr + row * 4 + 2)
+    hidden = hidden_at.to(tl.pointer_type(tl.int8), bitcast=True) + kv_head * capacity
 
-    g = tl.arange(0, G)
+    m_idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # query-major: (query i, group head g)
+    m_ok = m_idx < groups * q_len
+    query, head = m_idx // groups, kv_head * groups + m_idx % groups
     dims = tl.arange(0, D)
     in_dims = dims < HEAD_DIM
-    q = tl.load(q_ptr + row * sq_b + (kv_head * groups + g)[:, None] * sq_h + dims[None, :],
-                mask=(g < groups)[:, None] & in_dims[None, :], other=0.0)
-    m = tl.full([G], -1e30, tl.float32)  # finite: a fully hidden block must not give inf - inf
-    s = tl.zeros([G], tl.float32)
-    acc = tl.zeros([G, D], tl.float32)
+    q = tl.load(q_ptr + row * sq_b + head[:, None] * sq_h + query[:, None] * sq_t + dims[None, :],
+                mask=m_ok[:, None] & in_dims[None, :], other=0.0)
+    sees = before + query  # the last slot each query may attend
+    chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(tl.minimum(start + chunk, length), before + tl.max(tl.where(m_ok, query, 0)) + 1)
+    masked_end = tl.where(hidden_at != 0, end, 0)  # no mask: nothing to load
+    m = tl.full([BLOCK_M], -1e30, tl.float32)  # finite: a fully hidden block must not give inf - inf
+    s = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
     for first in range(start, end, BLOCK_N):
         cols = first + tl.arange(0, BLOCK_N)
         inside = cols < end
@@ -143,8 +189,8 @@ def _attend_kernel(q_ptr, table_ptr, length_ptr, part_ptr, stat_ptr, groups, sca
         x = dot(q, tl.trans(k), PRECISION, WIDEN) * scale
         if SOFTCAP:  # Gemma 2: softcap * tanh(x / softcap), with tanh(y) = 2 sigmoid(2y) - 1
             x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
-        seen = inside & (tl.load(hidden + cols, mask=inside, other=1) == 0)
-        x = tl.where(seen[None, :], x, float("-inf"))
+        shown = inside & (tl.load(hidden + cols, mask=cols < masked_end, other=0) == 0)
+        x = tl.where(shown[None, :] & (cols[None, :] <= sees[:, None]), x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 1))
         p = tl.exp(x - m_new[:, None])
         alpha = tl.exp(m - m_new)
@@ -152,20 +198,20 @@ def _attend_kernel(q_ptr, table_ptr, length_ptr, part_ptr, stat_ptr, groups, sca
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, WIDEN)
         s = s * alpha + tl.sum(p, 1)
         m = m_new
-    base = ((row * tl.num_programs(1) + kv_head) * n_splits + split) * groups + g
-    tl.store(part_ptr + base[:, None] * HEAD_DIM + dims[None, :], acc, mask=(g < groups)[:, None] & in_dims[None, :])
-    tl.store(stat_ptr + base * 2, m, mask=g < groups)
-    tl.store(stat_ptr + base * 2 + 1, s, mask=g < groups)
+    base = ((row * tl.num_programs(1) // tiles + kv_head) * n_splits + split) * groups * q_len + m_idx
+    tl.store(part_ptr + base[:, None] * HEAD_DIM + dims[None, :], acc, mask=m_ok[:, None] & in_dims[None, :])
+    tl.store(stat_ptr + base * 2, m, mask=m_ok)
+    tl.store(stat_ptr + base * 2 + 1, s, mask=m_ok)
 
 
-@triton.jit
-def _merge_kernel(part_ptr, stat_ptr, out_ptr, groups, n_splits, so_b, so_h,
+@triton.jit(do_not_specialize=["n_splits"])
+def _merge_kernel(part_ptr, stat_ptr, out_ptr, groups, n_splits, so_b, so_h, so_t,
                   HEAD_DIM: tl.constexpr, D: tl.constexpr, S: tl.constexpr):
-    row, head = tl.program_id(0), tl.program_id(1)
-    kv_heads = tl.num_programs(1) // groups
+    row, head, query = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kv_heads, q_len = tl.num_programs(1) // groups, tl.num_programs(2)
     splits = tl.arange(0, S)
     used = splits < n_splits
-    base = ((row * kv_heads + head // groups) * n_splits + splits) * groups + head % groups
+    base = ((row * kv_heads + head // groups) * n_splits + splits) * groups * q_len + query * groups + head % groups
     m = tl.load(stat_ptr + base * 2, mask=used, other=-1e30)
     s = tl.load(stat_ptr + base * 2 + 1, mask=used, other=0.0)
     weight = tl.exp(m - tl.max(m, 0))
@@ -173,4 +219,5 @@ def _merge_kernel(part_ptr, stat_ptr, out_ptr, groups, n_splits, so_b, so_h,
     part = tl.load(part_ptr + base[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None] & (dims < HEAD_DIM)[None, :],
                    other=0.0)
     out = tl.sum(part * weight[:, None], 0) / tl.sum(s * weight, 0)
-    tl.store(out_ptr + row * so_b + head * so_h + dims, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+    tl.store(out_ptr + row * so_b + head * so_h + query * so_t + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)
