@@ -249,3 +249,20 @@ def test_static_steps_follow_answers_that_join_and_leave(tiny_engine, caches, st
     assert all(not layer.rows and not layer.hidden for b in graphs._batches.values() for layer in b.cache.layers)
     if static == "kernel":  # one batch's buffers per size that ran, kept for its graph (tables rewritten on reuse)
         assert set(graphs._batches) <= set(range(1, len(lengths) + 1)) and len(graphs._batches) >= 2
+
+
+def test_the_cli_answers_through_static_steps_and_graphs_on_cuda(tiny_engine, monkeypatch):
+    """``Engine.answer`` (the CLI's single answer) drives the service's loop: on CUDA its steps are static
+    and captured as graphs, never op by op."""
+    import torch
+
+    from service.config import EngineConfig
+    from service.engine.attention import triton_runs_on
+    from service.engine.engine import Engine
+
+    model = tiny_engine.loaded.model
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda", 0)))
+    engine = Engine(EngineConfig(model="tiny-llama", codec="float32"), loaded=tiny_engine.loaded)
+    loop = engine.decode_loop()
+    triton_runs_on.cache_clear()  # its probe failed here (no CUDA): other tests must not inherit that
+    assert isinstance(loop._static, StepGraph) and loop._static.capture and loop._static.state == "eager (warming up)"
