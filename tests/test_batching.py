@@ -266,3 +266,24 @@ def test_the_cli_answers_through_static_steps_and_graphs_on_cuda(tiny_engine, mo
     loop = engine.decode_loop()
     triton_runs_on.cache_clear()  # its probe failed here (no CUDA): other tests must not inherit that
     assert isinstance(loop._static, StepGraph) and loop._static.capture and loop._static.state == "eager (warming up)"
+
+
+def test_kernel_steps_keep_one_batch_per_size_for_new_answers(tiny_engine, caches):
+    """With the batched kernel a step's buffers (and on CUDA its graph) belong to a batch size: answers
+    that come later, to other caches, reuse them with their own table, and answer as they would alone."""
+    loop = decode_loop(tiny_engine, BatchLimits(max_batch=4), "kernel")
+    sampling = Sampling(max_new_tokens=6)
+
+    async def pair(kvs):
+        with loop._cond:  # both join in one round: a batch of two from the first step
+            tasks = [asyncio.ensure_future(collect(loop, kv, "Tell me.", sampling)) for kv in kvs]
+            while len(loop._waiting) < len(tasks):
+                await asyncio.sleep(0.001)
+        return await asyncio.gather(*tasks)
+
+    first = asyncio.run(pair(caches[:2]))
+    kept = loop._static._batches[2]
+    second = asyncio.run(pair(caches[2:4]))
+    assert loop._static._batches[2] is kept and set(loop._static._batches) == {2}
+    assert ["".join(g) for g in first + second] == ["".join(alone(tiny_engine, kv, "Tell me.", sampling))
+                                                     for kv in caches[:4]]
