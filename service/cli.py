@@ -101,25 +101,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.serve.launch import CONFIG, run_local
 
     run_local(Path(args.config) if args.config else CONFIG, args.store_port, args.store_metrics_port,
-              args.ray_metrics_port, tls=args.tls)
+              args.ray_metrics_port, tls=args.tls, state_dir=args.state_dir)
     return 0
 
 
 def _remote(args: argparse.Namespace):
     from service.client import KVComposeClient
     from service.config import ClientConfig
+    from service.serve import instance
     from service.tls import TLSFiles
 
     token = ClientConfig.from_env(token=args.token).token
     tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_ca else None
-    if args.addr.split(":")[0] in ("127.0.0.1", "localhost", "[::1]"):  # `make serve` on this machine
-        from service.serve.launch import local_api_token_file, local_tls_dir
-
-        if not token and local_api_token_file().exists():
-            token = local_api_token_file().read_text().strip()
-        local_ca = local_tls_dir() / "server" / "ca.crt"
-        if tls is None and local_ca.exists():  # `make serve TLS=1`
-            tls = TLSFiles(ca_file=str(local_ca))
+    state = instance.for_address(args.addr, args.state_dir)  # `make serve` on this machine
+    if state is not None:
+        if not token and instance.api_token_file(state).exists():
+            token = instance.api_token_file(state).read_text().strip()
+        if tls is None and instance.ca_file(state).exists():  # `make serve TLS=1`
+            tls = TLSFiles(ca_file=str(instance.ca_file(state)))
     return KVComposeClient(args.addr, token=token, tenant=args.tenant, tls=tls)
 
 
@@ -474,6 +473,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-metrics-port", type=int, default=8080, help="Ray's /metrics: the service's (default 8080)")
     p.add_argument("--tls", action="store_true", help="the API and the store over TLS, with a fresh local CA "
                    "(make serve TLS=1)")
+    p.add_argument("--state-dir", type=Path, help="where this instance keeps its API token and local CA "
+                   "(owner-only; default: one directory per API port under ~/.cache/kvcompose/instances)")
     p.set_defaults(func=cmd_serve)
 
     remote = sub.add_parser("remote", help="call a running service over gRPC").add_subparsers(dest="remote",
@@ -483,7 +484,9 @@ def parser() -> argparse.ArgumentParser:
         r = remote.add_parser(name, help=help_text)
         r.add_argument("--addr", default="127.0.0.1:9000", help="the service's gRPC address (default 127.0.0.1:9000)")
         r.add_argument("--token", help="API bearer token (or KVCOMPOSE_TOKEN; for a local address, the one "
-                       "'make serve' wrote)")
+                       "'make serve' on that port wrote)")
+        r.add_argument("--state-dir", type=Path, help="the token and CA of the 'kvcompose serve --state-dir' "
+                       "instance to call (default: found by --addr's port for a local address)")
         r.add_argument("--tenant", help="tenant, for a service without API tokens (development mode)")
         r.add_argument("--tls-ca", help="dial TLS, verifying the service with this CA (PEM); for a local "
                        "address, 'make serve TLS=1''s CA is found by itself")

@@ -45,7 +45,8 @@ class LocalCA:
     def issue(self, directory: Path, names: tuple[str, ...] = LOCAL_NAMES, days: int = 30) -> TLSFiles:
         """A leaf certificate for ``names`` (DNS names or IP addresses) in ``directory``; its files."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.chmod(0o700)  # it holds a private key
         key = ec.generate_private_key(ec.SECP256R1())
         alt = [x509.IPAddress(ipaddress.ip_address(n)) if _is_ip(n) else x509.DNSName(n) for n in names]
         cert = (_builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]), self.cert.subject,

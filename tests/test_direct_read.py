@@ -13,7 +13,7 @@ from store_helpers import ServerProcess, make_cache
 from service.cache import codec
 from service.cache.format import check, kept_tokens_per_layer
 from service.config import StoreConfig
-from service.store.acl import READER, reader_rules
+from service.store.acl import READER, reader_rules, reader_url
 from service.store.direct import DirectReader, DirectReadFailed
 from service.store.embedded import EmbeddedRedis
 from service.store.errors import DataLoss, NotFound
@@ -175,10 +175,10 @@ def test_a_cluster_entry_is_read_from_the_node_holding_its_slot(tiny_engine, red
     for port in redis_cluster.ports:
         redis_cluster.node(port).acl_setuser(READER, reset=True)  # fresh for this test's prefix
         redis_cluster.node(port).execute_command("ACL", "SETUSER", READER, *reader_rules(password, prefix))
-    reader_url = redis_cluster.url.replace("redis://", f"redis://{READER}:{password}@")
+    url = reader_url(redis_cluster.url, password)
     config = StoreConfig(redis_url=redis_cluster.url, redis_cluster=True, service_token="svc", chunk_bytes=4096,
                          key_prefix=prefix)
-    with ServerProcess(config) as server, server.client(direct=DirectReader(reader_url, cluster=True)) as client:
+    with ServerProcess(config) as server, server.client(direct=DirectReader(url, cluster=True)) as client:
         m, _ = client.put(key, ids, data)
         assert client.fetch(m.cache_id)[1] == data
         assert client.reads == {"direct": 1, "fetch": 0, "fallback": 0}

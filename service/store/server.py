@@ -24,6 +24,7 @@ from kvcompose.v1 import store_pb2_grpc as pb_grpc
 
 from service.config import StoreConfig
 from service.malloc import keep_freed_memory
+from service.store.acl import redacted
 from service.store.auth import Auth, store_auth
 from service.store.embedded import EmbeddedRedis
 from service.store.errors import InvalidArgument, QuotaExceeded, StoreError, is_transient, unavailable
@@ -233,11 +234,11 @@ async def serve(config: StoreConfig, address: str, metrics_address: str = "", he
     if not config.redis_url:
         embedded = EmbeddedRedis().start()
         config = StoreConfig(**{**config.__dict__, "redis_url": embedded.url})
-        log.info("no REDIS_URL: started an embedded redis-server at %s", embedded.url)
+        log.info("no REDIS_URL: started an embedded redis-server at %s", embedded.safe_url)
     server, port, store = await start_server(config, address, metrics_address, health_address)
     tls = config.tls
     mode = "plaintext" if tls is None or not tls.serves else "mutual TLS" if tls.client_auth else "TLS"
-    log.info("PrefixStore serving on port %d over %s (Redis %s)", port, mode, config.redis_url)
+    log.info("PrefixStore serving on port %d over %s (Redis %s)", port, mode, redacted(config.redis_url))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop cleanly: finish calls in flight (5 s), no traceback
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop(grace=5)))

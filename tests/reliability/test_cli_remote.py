@@ -5,10 +5,10 @@ from service import cli
 from .conftest import MAX_NEW, QUESTION
 
 
-def test_remote_ask_stops_at_the_stop_string(stack, reference, capsys, monkeypatch, tmp_path):
-    import service.serve.launch as launch
+def test_remote_ask_stops_at_the_stop_string(stack, reference, capsys, monkeypatch):
+    from service.serve import instance
 
-    monkeypatch.setattr(launch, "local_api_token_file", lambda: tmp_path / "none")  # not a `make serve` token
+    monkeypatch.setattr(instance, "for_address", lambda *_: None)  # not a `make serve` token
     answer = reference["answer"]
     stop = answer.strip()[1:3]  # inside the answer (the tiny model's greedy answer is exact)
     assert stop and stop in answer
@@ -19,14 +19,14 @@ def test_remote_ask_stops_at_the_stop_string(stack, reference, capsys, monkeypat
     assert capsys.readouterr().out == answer[: answer.index(stop)] + "\n"
 
 
-def test_remote_ask_prints_the_answer_and_one_stats_line(stack, reference, capsys, monkeypatch, tmp_path):
+def test_remote_ask_prints_the_answer_and_one_stats_line(stack, reference, capsys, monkeypatch):
     """For people: the answer on stdout, one line on stderr (short cache id, where the cache came
     from, what it kept, speed); ``--json`` gives every statistic instead."""
     import json
 
-    import service.serve.launch as launch
+    from service.serve import instance
 
-    monkeypatch.setattr(launch, "local_api_token_file", lambda: tmp_path / "none")
+    monkeypatch.setattr(instance, "for_address", lambda *_: None)
     args = ["remote", "ask", QUESTION, "--addr", stack.address, "--tenant", "default",
             "--cache-id", reference["cache_id"], "--max-new-tokens", str(MAX_NEW)]
     assert cli.main(args) == 0
