@@ -129,25 +129,33 @@ class RequestLimits:
 class TenantLimits:
     """What one tenant may take of the service, so one tenant cannot crowd out the others; beyond a
     limit a call is refused at once with RESOURCE_EXHAUSTED and a retry hint (``retry-after-ms``
-    trailing metadata, and in the message). Every API process (each Ingress replica, each decode
-    worker) enforces them on its own calls. 0 = unlimited.
+    trailing metadata, and in the message). 0 = unlimited. On by default: the defaults are a
+    generous share of one machine's service (``make serve``); set them against your capacity.
 
     requests_per_s / burst: a token bucket over all of a tenant's calls (burst 0: one second's worth).
     max_prefills: Compress calls (and Generate by text while it compresses) in flight.
     max_decodes: Generate streams in flight.
     tenants: per-tenant overrides, {tenant: {field: value}} (e.g. a bigger share for one tenant).
+    cluster_wide: the limits hold across every API process together, kept in the store's Redis
+        (``service/serve/shared_limits.py``); false, or no Redis URL (a decode worker), or while that
+        Redis does not answer: each process enforces them on its own calls.
+    lease_s: a prefill or decode slot of a process that died comes back after this long.
     """
 
-    requests_per_s: float = 0.0
-    burst: int = 0
-    max_prefills: int = 0
-    max_decodes: int = 0
+    requests_per_s: float = 100.0
+    burst: int = 200
+    max_prefills: int = 4
+    max_decodes: int = 64
     tenants: dict = field(default_factory=dict)
+    cluster_wide: bool = True
+    lease_s: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("requests_per_s", "burst", "max_prefills", "max_decodes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"tenant_limits.{name} must be >= 0 (0 = unlimited)")
+        if not self.lease_s > 0:
+            raise ValueError("tenant_limits.lease_s must be > 0")
         for tenant, overrides in self.tenants.items():
             if not isinstance(overrides, dict) or "tenants" in overrides:
                 raise ValueError(f"tenant_limits.tenants[{tenant!r}] must map limit names to values")

@@ -29,6 +29,7 @@ from kvcompose.v1 import api_pb2_grpc as api_grpc
 from service.config import BatchLimits, EngineConfig, RequestLimits, StoreConfig, TenantLimits, api_auth_tokens
 from service.engine.engine import Engine
 from service.serve import messages
+from service.serve.admission import admission_for
 from service.serve.answerer import Answerer
 from service.serve.frontend import Frontend
 from service.store.auth import Auth
@@ -73,9 +74,11 @@ async def serve(store: str, address: str, config_path: Path, store_token: str | 
     answerer = Answerer(engine, AsyncPrefixStoreClient(PrefixStoreClient.from_config(store, store_config)),
                         args.decode_lru_bytes,
                         batch=BatchLimits(**args.decode_batch))
+    tenant_limits = TenantLimits(**args.tenant_limits)
     worker = DecodeWorker(answerer, Frontend(Auth(api_auth_tokens(args.auth_tokens)), limits,
                                              allow_unauthenticated=args.allow_unauthenticated,
-                                             tenant_limits=TenantLimits(**args.tenant_limits)))
+                                             tenant_limits=tenant_limits,
+                                             admission=admission_for(tenant_limits, store_config)))
     server = grpc.aio.server(options=api_server_options(limits.max_request_bytes))
     api_grpc.add_KVComposeServicer_to_server(worker, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)

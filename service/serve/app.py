@@ -139,12 +139,15 @@ class Ingress:
     def __init__(self, compressor: DeploymentHandle, decoder: DeploymentHandle, store: dict, store_address: str,
                  auth_tokens: dict, limits: RequestLimits, allow_unauthenticated: bool,
                  tenant_limits: TenantLimits | None = None):
+        from service.serve.admission import admission_for
         from service.serve.metrics import ServiceMetrics
 
         self.compressor = compressor
         self.decoder = decoder
+        tenant_limits = tenant_limits or TenantLimits()
         self.frontend = Frontend(Auth(api_auth_tokens(auth_tokens)), limits, ServiceMetrics(),
-                                 allow_unauthenticated, tenant_limits or TenantLimits())
+                                 allow_unauthenticated, tenant_limits,
+                                 admission_for(tenant_limits, StoreConfig.from_env(**store)))
         self.store = _store_client(store, store_address)
         self._model: dict | None = None
 

@@ -35,17 +35,20 @@ CompressFn = Callable[[str, dict], object]
 class Frontend:
     """auth: API bearer tokens; limits: request limits; metrics: a ``ServiceMetrics`` (None outside Ray).
     allow_unauthenticated: with no tokens, serve anyway in development mode (tenant from ``x-tenant``);
-    otherwise no tokens is a configuration error. tenant_limits: each tenant's share (``admission``)."""
+    otherwise no tokens is a configuration error. tenant_limits: each tenant's share (``admission``);
+    admission: how they are enforced (``admission.admission_for``; None: in this process alone)."""
 
     auth: Auth
     limits: RequestLimits = field(default_factory=RequestLimits)
     metrics: object | None = None
     allow_unauthenticated: bool = False
     tenant_limits: TenantLimits = field(default_factory=TenantLimits)
+    admission: Admission | None = None
 
     def __post_init__(self) -> None:
         check_api_auth(self.auth.tokens, self.allow_unauthenticated)
-        self.admission = Admission(self.tenant_limits)
+        if self.admission is None:
+            self.admission = Admission(self.tenant_limits)
         if not self.auth.tokens:
             log.warning("no API tokens configured: development mode, the tenant is taken from 'x-tenant' metadata")
 
@@ -58,9 +61,9 @@ class Frontend:
         request_id, started = uuid.uuid4().hex[:12], time.perf_counter()
         try:
             tenant = self.tenant(grpc_context)
-            self.admission.check_rate(tenant)
+            await self.admission.check_rate(tenant)
             if method == "Compress":
-                with self.admission.hold(tenant, "prefills"):
+                async with self.admission.hold(tenant, "prefills"):
                     reply = await handler(tenant)
             else:
                 reply = await handler(tenant)
@@ -76,8 +79,8 @@ class Frontend:
         request_id, started = uuid.uuid4().hex[:12], time.perf_counter()
         try:
             tenant = self.tenant(grpc_context)
-            self.admission.check_rate(tenant)
-            with self.admission.hold(tenant, "decodes"):
+            await self.admission.check_rate(tenant)
+            async with self.admission.hold(tenant, "decodes"):
                 async for message in self._generate(request, tenant, started, answer, compress):
                     yield message
         except Exception as e:  # noqa: BLE001
@@ -85,7 +88,7 @@ class Frontend:
         self._ok("Generate", request_id, started)
 
     async def _compress_held(self, compress: CompressFn, tenant: str, context):
-        with self.admission.hold(tenant, "prefills"):
+        async with self.admission.hold(tenant, "prefills"):
             return await compress(tenant, context)
 
     async def _generate(self, request: api.GenerateRequest, tenant: str, started: float, answer: AnswerFn,

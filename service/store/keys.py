@@ -49,6 +49,11 @@ class Keys:
         """Context lengths of entries whose block-aligned prefix has id ``block_id``."""
         return self._entry(tenant, block_id) + ":ends"
 
+    def limits(self, tenant: str, what: str) -> str:
+        """The tenant's shared API limits (``service/serve/shared_limits.py``): ``rate`` (its token
+        bucket), ``prefills`` and ``decodes`` (leases in flight); one slot per tenant."""
+        return f"{self.prefix}:{{limits/{tenant}}}:{what}"
+
     def usage(self, tenant: str) -> str:
         """Hash cache id -> "bytes expiry_ms" of the tenant's entries (quota accounting)."""
         return f"{self.prefix}:{{tenant/{tenant}}}:usage"

@@ -22,7 +22,7 @@ FLOOD_LIMITS = {"max_decodes": 1, "max_prefills": 1, "requests_per_s": 30, "burs
 def stack(tiny_model_dir):
     with tiny_stack(tiny_model_dir, limits={"max_document_bytes": 1 << 20, "max_request_bytes": 4 << 20},
                     decode_batch={"memory_bytes": 2 << 20},  # ~11 rows of 180 KB; not 4k new tokens
-                    tenant_limits={"tenants": {FLOOD: FLOOD_LIMITS}}) as stack:  # others: unlimited
+                    tenant_limits={"tenants": {FLOOD: FLOOD_LIMITS}}) as stack:  # others: the defaults
         yield stack
 
 
