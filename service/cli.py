@@ -101,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.serve.launch import CONFIG, run_local
 
     run_local(Path(args.config) if args.config else CONFIG, args.store_port, args.store_metrics_port,
-              args.ray_metrics_port, tls=args.tls, state_dir=args.state_dir)
+              args.ray_metrics_port, tls=args.tls, state_dir=args.state_dir, host=args.host)
     return 0
 
 
@@ -473,6 +473,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-metrics-port", type=int, default=8080, help="Ray's /metrics: the service's (default 8080)")
     p.add_argument("--tls", action="store_true", help="the API and the store over TLS, with a fresh local CA "
                    "(make serve TLS=1)")
+    p.add_argument("--host", default="127.0.0.1", help="the address the API binds (default 127.0.0.1; 0.0.0.0: "
+                   "every interface); everything else stays on 127.0.0.1")
     p.add_argument("--state-dir", type=Path, help="where this instance keeps its API token and local CA "
                    "(owner-only; default: one directory per API port under ~/.cache/kvcompose/instances)")
     p.set_defaults(func=cmd_serve)

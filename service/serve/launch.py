@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from service.config import EngineConfig, RequestLimits, StoreConfig
-from service.serve import instance
+from service.config import EngineConfig, RequestLimits, StoreConfig, api_auth_tokens
+from service.serve import binding, instance
 from service.serve.tls_front import TLSFront
 from service.store.embedded import EmbeddedRedis, dying_with_parent, free_port
 from service.tls import TLSFiles
@@ -196,16 +196,18 @@ class LocalStack:
     supervised unless ``redis_url``), the prefix store with a fresh random service token (given to
     the replicas through the app's runtime_env), Ray (started unless already connected) and Serve.
 
-    args / deployments / top: overrides of the Serve config (see ``load_config``). The store and
-    Serve's HTTP proxy listen on 127.0.0.1. Serve's gRPC proxy binds every interface (Ray 2.60 has
-    no host option for it), so unless API tokens are configured (or ``allow_unauthenticated``) the
-    API gets a fresh token per run (``api_token``), also written to ``api_token_file`` (mode 0600)
-    when given, for local clients.
+    args / deployments / top: overrides of the Serve config (see ``load_config``). The store,
+    its metrics and Serve's HTTP proxy listen on 127.0.0.1, and so does Ray when started here
+    (``binding.local_ray``); the API (Serve's gRPC proxy, or the TLS door) on ``api_host``. Unless API
+    tokens are configured (or ``allow_unauthenticated``) the API gets a fresh token per run
+    (``api_token``), also written to ``api_token_file`` (mode 0600) when given, for local clients.
 
     tls_dir: run the hops we own over TLS, with a fresh local CA (``service.local_ca``) whose files
     go here: the store serves mutual TLS (the replicas present a client certificate), and the API
     is served over TLS by a front door (``tls_front``) on the configured gRPC port, Serve's
-    plaintext proxy moving to a free port behind it. Clients verify with ``tls_dir/server/ca.crt``.
+    plaintext proxy moving to a free loopback port behind it. Clients verify with
+    ``tls_dir/server/ca.crt``. It refuses to start if any other listener of the stack is reachable
+    from other hosts (``binding.check_one_door``).
     """
 
     config_path: Path = CONFIG
@@ -219,6 +221,7 @@ class LocalStack:
     api_token_file: Path | None = None
     api_token: str | None = None
     tls_dir: Path | None = None
+    api_host: str = "127.0.0.1"
     redis: EmbeddedRedis | None = None
     store: StoreProcess | None = None
     front: TLSFront | None = None
@@ -269,14 +272,18 @@ class LocalStack:
         # read by Serve's proxy when it starts (it inherits this environment through the local raylet)
         os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(limits.max_request_bytes)
         if not ray.is_initialized():
-            ray.init(**{"namespace": "serve", "include_dashboard": False, "log_to_driver": False, **self.ray_init})
+            with binding.local_ray("127.0.0.1" if self.tls_dir is not None else self.api_host) as hook:
+                ray.init(**{"namespace": "serve", "include_dashboard": False, "log_to_driver": False,
+                            **self.ray_init, "runtime_env": {**self.ray_init.get("runtime_env", {}), **hook}})
         public_port = self.config["grpc_options"]["port"]
-        if self.tls_dir is not None:  # Serve's plaintext proxy behind the TLS front door, on loopback use only
+        if self.tls_dir is not None:  # Serve's plaintext proxy behind the TLS front door, on loopback
             self.config["grpc_options"]["port"] = free_port()
         deploy(self.config)
         if self.tls_dir is not None:
-            self.front = TLSFront(TLSFiles(*self._server_files()), f"127.0.0.1:{self.config['grpc_options']['port']}"
-                                  ).start(f"127.0.0.1:{public_port}")
+            self.front = TLSFront(TLSFiles(*self._server_files()), f"127.0.0.1:{self.config['grpc_options']['port']}",
+                                  api_auth_tokens(app["args"].get("auth_tokens", {})), limits.max_request_bytes
+                                  ).start(f"{binding.bracketed(self.api_host)}:{public_port}")
+            binding.check_one_door((self.api_host, self.front.port))
         return self
 
     def _server_files(self) -> tuple[str, str, str]:
@@ -286,10 +293,10 @@ class LocalStack:
     def _tls(self, store_env: dict, store_args: dict) -> TLSFiles:
         """A fresh local CA; the store serves mutual TLS with its server certificate and the replicas
         present a client certificate. Returns the client's files."""
-        from service.local_ca import LocalCA
+        from service.local_ca import LOCAL_NAMES, LocalCA
 
         ca = LocalCA.create()
-        ca.issue(self.tls_dir / "server")
+        ca.issue(self.tls_dir / "server", names=(*LOCAL_NAMES, *binding.names_of(self.api_host)))
         client = ca.issue(self.tls_dir / "client")
         cert, key, authority = self._server_files()
         store_env.update({"KVCOMPOSE_STORE_TLS_CERT_FILE": cert, "KVCOMPOSE_STORE_TLS_KEY_FILE": key,
@@ -315,7 +322,7 @@ class LocalStack:
     def address(self) -> str:
         """The public gRPC API (the TLS front door's when ``tls_dir``)."""
         port = self.front.port if self.front is not None else self.config["grpc_options"]["port"]
-        return f"127.0.0.1:{port}"
+        return f"{binding.dialed(self.api_host)}:{port}"
 
     def stop(self) -> None:
         import ray
@@ -347,7 +354,8 @@ class LocalStack:
 
 
 def run_local(config_path: Path = CONFIG, store_port: int = 50051, store_metrics_port: int = 9102,
-              ray_metrics_port: int = 8080, tls: bool = False, state_dir: Path | None = None) -> None:
+              ray_metrics_port: int = 8080, tls: bool = False, state_dir: Path | None = None,
+              host: str = "127.0.0.1") -> None:
     """``make serve``: the local stack, until Ctrl-C or SIGTERM, then everything stops in order and
     leaves nothing behind (Ray's session files live in a temporary directory removed at the end).
     REDIS_URL names an external Redis. The API token and, with ``tls`` (``make serve TLS=1``: the
@@ -364,10 +372,10 @@ def run_local(config_path: Path = CONFIG, store_port: int = 50051, store_metrics
                            deployments=deployments, store_port=store_port, store_metrics_port=store_metrics_port,
                            ray_init={"_metrics_export_port": ray_metrics_port, "_temp_dir": ray_dir},
                            api_token_file=instance.api_token_file(state),
-                           tls_dir=instance.tls_dir(state) if tls else None) as stack:
+                           tls_dir=instance.tls_dir(state) if tls else None, api_host=host) as stack:
             # after ray.init: Ray's core worker installs its own SIGTERM handler, which aborts
             signal.signal(signal.SIGTERM, _interrupt)
-            print(READY.format(port=stack.address.rsplit(":", 1)[1], store_port=store_port,
+            print(READY.format(address=stack.address, port=stack.address.rsplit(":", 1)[1], store_port=store_port,
                                store_metrics=store_metrics_port, ray_metrics=ray_metrics_port,
                                transport=f"TLS, CA {instance.ca_file(state)}" if tls else "plaintext",
                                state=state, state_flag=f" --state-dir {state}" if state_dir else ""),
@@ -405,7 +413,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 READY = """
 KVCompose Serve is up.
-  gRPC API (kvcompose.v1.KVCompose): 127.0.0.1:{port} ({transport})
+  gRPC API (kvcompose.v1.KVCompose): {address} ({transport})
   Prefix store (token-protected):     127.0.0.1:{store_port}
   Prometheus metrics:                 http://127.0.0.1:{store_metrics}/metrics (store), :{ray_metrics}/metrics (Ray)
   Token and CA (owner-only):          {state}
