@@ -222,7 +222,13 @@ class StoreConfig:
         service/bench/store_throughput.py).
     default_ttl_s: lifetime of an entry, refreshed on every hit.
     max_entry_bytes: larger caches are refused (RESOURCE_EXHAUSTED).
-    tenant_quota_bytes: live bytes one tenant may hold (0 = unlimited).
+    tenant_quota_bytes: stored bytes one tenant may hold (0 = unlimited); a Put past it is refused
+        (RESOURCE_EXHAUSTED, with the figures). 512 MiB: half of ``make serve``'s embedded Redis, so no
+        tenant can push the others' caches out; set it so the tenants' quotas fit Redis's maxmemory.
+    tenant_quotas: per-tenant quotas in bytes, {tenant: bytes}, over ``tenant_quota_bytes``. Every
+        writer checks them (the store server and the Compressors): give both the same values.
+    usage_refresh_s: how often the store server reconciles every tenant's usage with what Redis holds
+        (entries evicted) and exports it (``kvcompose_store_tenant_bytes``).
     block_tokens: granularity of longest-prefix lookup (a stored context is found from any longer
         sequence; candidates are indexed by their first floor(n / block_tokens) blocks).
     lock_lease_s: single-flight lease; a holder that dies frees the document after this long.
@@ -252,7 +258,9 @@ class StoreConfig:
     chunk_bytes: int = 1 << 20
     default_ttl_s: int = 24 * 3600
     max_entry_bytes: int = 2 << 30
-    tenant_quota_bytes: int = 0
+    tenant_quota_bytes: int = 512 << 20
+    tenant_quotas: dict = field(default_factory=dict)
+    usage_refresh_s: float = 15.0
     block_tokens: int = 256
     lock_lease_s: float = 60.0
     wait_s: float = 600.0
@@ -273,6 +281,10 @@ class StoreConfig:
     tls_client_auth: bool = False
     tls_server_name: str = ""
 
+    def quota_of(self, tenant: str) -> int:
+        """The bytes ``tenant`` may store (0 = unlimited)."""
+        return self.tenant_quotas.get(tenant, self.tenant_quota_bytes)
+
     @property
     def tls(self) -> TLSFiles | None:
         """The store hop's TLS files (checked when asked for), or None for plaintext."""
@@ -290,6 +302,11 @@ class StoreConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.tenant_quota_bytes < 0:
             raise ValueError("tenant_quota_bytes must be >= 0 (0 = unlimited)")
+        bad = {t: q for t, q in self.tenant_quotas.items() if not isinstance(q, int) or q < 0}
+        if bad:
+            raise ValueError(f"tenant_quotas must map tenants to bytes >= 0 (0 = unlimited), got {bad}")
+        if not self.usage_refresh_s > 0:
+            raise ValueError("usage_refresh_s must be > 0")
         tenant_tokens = [t for t, v in self.auth_tokens.items() if v != "*"]
         if tenant_tokens:
             raise ValueError("store auth_tokens must all map to \"*\" (service tokens); tenants' tokens belong "

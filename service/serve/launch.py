@@ -254,7 +254,10 @@ class LocalStack:
         app["args"]["store"]["redis_cluster"] = store.redis_cluster  # the replicas and the store agree
         env = {"KVCOMPOSE_STORE_SERVICE_TOKEN": token, "KVCOMPOSE_STORE_MODEL_SHAPES": shapes,
                "KVCOMPOSE_STORE_KEY_PREFIX": store.key_prefix,
-               "KVCOMPOSE_STORE_REDIS_CLUSTER": str(store.redis_cluster).lower()}
+               "KVCOMPOSE_STORE_REDIS_CLUSTER": str(store.redis_cluster).lower(),
+               # both writers (the store and the Compressors) hold tenants to the same quotas
+               "KVCOMPOSE_STORE_TENANT_QUOTA_BYTES": str(store.tenant_quota_bytes),
+               "KVCOMPOSE_STORE_TENANT_QUOTAS": json.dumps(store.tenant_quotas)}
         client_tls = self._tls(env, app["args"]["store"]) if self.tls_dir is not None else None
         self.store = StoreProcess(self.redis_url, self.store_port or free_port(), env,
                                   metrics_port=self.store_metrics_port, tls=client_tls, supervise=True).start()

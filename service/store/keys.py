@@ -55,5 +55,10 @@ class Keys:
         return f"{self.prefix}:{{limits/{tenant}}}:{what}"
 
     def usage(self, tenant: str) -> str:
-        """Hash cache id -> "bytes expiry_ms" of the tenant's entries (quota accounting)."""
+        """Hash cache id -> "bytes expiry_ms write_id reserved_ms" of the tenant's entries (quota
+        accounting; ``RedisStore.reconcile``)."""
         return f"{self.prefix}:{{tenant/{tenant}}}:usage"
+
+    def tenants(self) -> str:
+        """Set of the tenants that ever stored an entry (whose usage the store server reconciles)."""
+        return f"{self.prefix}:tenants"

@@ -41,6 +41,9 @@ class StoreMetrics:
         self.bytes_out = Counter("kvcompose_store_bytes_out", "Cache bytes sent by Fetch", registry=self.registry)
         self.redis_up = Gauge("kvcompose_store_redis_up", "1 while Redis answers the health check's PING",
                               registry=self.registry)
+        self.tenant_bytes = Gauge("kvcompose_store_tenant_bytes", "Cache bytes each tenant stores, reconciled "
+                                  "with what Redis holds every usage_refresh_s (its quota counts the same)",
+                                  ["tenant"], registry=self.registry)
         self.registry.register(_EntryOutcomes(outcomes))
 
     def serve(self, address: str) -> None:

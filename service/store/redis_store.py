@@ -60,8 +60,8 @@ _EXTEND = "if redis.call('ttl', KEYS[1]) < tonumber(ARGV[1]) then return redis.c
 _TOUCH_USAGE = ("if redis.call('hexists', KEYS[1], ARGV[1]) == 1 then "
                 "return redis.call('hset', KEYS[1], ARGV[1], ARGV[2]) end return 0")
 # Reserve quota atomically: drop expired records, sum the rest, record this entry if it fits.
-# KEYS[1] usage hash; ARGV: cache id, bytes, expiry ms, now ms, quota bytes (0 = none), write id.
-# Records "bytes expiry_ms write_id"; returns -1 when recorded, else the bytes in use.
+# KEYS[1] usage hash; ARGV: cache id, bytes, expiry ms, now ms, quota bytes (0 = none), "write_id reserved_ms".
+# Records "bytes expiry_ms write_id reserved_ms"; returns -1 when recorded, else the bytes in use.
 _RESERVE = """
 local used = 0
 local all = redis.call('hgetall', KEYS[1])
@@ -79,6 +79,8 @@ _RELEASE_USAGE = ("if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then "
                   "return redis.call('hdel', KEYS[1], ARGV[1]) end return 0")
 log = logging.getLogger(__name__)
 _MGET_BATCH = 8  # chunks per round trip when reading
+# A reserved entry with no manifest after this long: its writer died (younger: a Put in progress).
+RESERVE_GRACE_S = 60.0
 TOUCH_EVERY_S = 60.0  # a hit entry's TTL is refreshed at most this often (see _touch_later)
 _TOUCHED_ENTRIES = 100_000  # bound of the refresh records (cleared when full)
 
@@ -138,7 +140,8 @@ class RedisStore:
                 return existing, True
             created_ms = int(time.time() * 1000)
             write_id = uuid.uuid4().hex[:16]
-            record = await self._reserve(tenant, cache_id, len(data), created_ms + ttl_s * 1000, write_id)
+            record = await self._reserve(tenant, cache_id, len(data), created_ms + ttl_s * 1000,
+                                         f"{write_id} {created_ms}")
             size = self.config.chunk_bytes
             n_chunks = max(1, -(-len(data) // size))
             view = memoryview(data)
@@ -162,6 +165,7 @@ class RedisStore:
                     await self._delete_chunks(tenant, cache_id, write_id, n_chunks)
                     return await self.stat(cache_id, tenant=tenant), True
                 # else: our own SET NX, applied, then retried by redis-py after its reply was lost
+            await self._committed(tenant, cache_id, record)
             await self._index(manifest)
             return manifest, False
 
@@ -192,15 +196,68 @@ class RedisStore:
                                   f"context_ids has {len(context_ids)}")
         return header
 
-    async def _reserve(self, tenant: str, cache_id: str, size: int, expiry_ms: int, write_id: str) -> str:
+    async def _reserve(self, tenant: str, cache_id: str, size: int, expiry_ms: int, writer: str) -> str:
         """Record the entry in its tenant's usage, atomically checked against the quota (one script);
-        returns the record written."""
-        used = await self.redis.eval(_RESERVE, 1, self.keys.usage(tenant), cache_id, size, expiry_ms,
-                                     int(time.time() * 1000), self.config.tenant_quota_bytes, write_id)
-        if used != -1:
-            raise QuotaExceeded(f"tenant {tenant!r} holds {used} bytes; storing {size} more exceeds its quota of "
-                                f"{self.config.tenant_quota_bytes} bytes (delete entries or wait for them to expire)")
-        return f"{size} {expiry_ms} {write_id}"
+        returns the record written. Over the quota, the usage is first made exact (``reconcile``:
+        entries Redis evicted stop counting), so a refusal's figures are what the tenant holds."""
+        quota = self.config.quota_of(tenant)
+        for attempt in (1, 2):
+            used = await self.redis.eval(_RESERVE, 1, self.keys.usage(tenant), cache_id, size, expiry_ms,
+                                         int(time.time() * 1000), quota, writer)
+            if used == -1:
+                break
+            if attempt == 1:
+                await self.reconcile(tenant)
+        else:
+            raise QuotaExceeded(f"tenant {tenant!r} stores {used} bytes; this cache of {size} bytes would exceed "
+                                f"its quota of {quota} bytes (tenant_quota_bytes / tenant_quotas): delete "
+                                f"entries, wait for them to expire, or raise the quota")
+        try:  # the tenants the store server reconciles and exports (best effort: another slot)
+            await self.redis.sadd(self.keys.tenants(), tenant)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not list tenant %r for usage reports (%s: %s)", tenant, type(e).__name__, e)
+        return f"{size} {expiry_ms} {writer}"
+
+    async def reconcile(self, tenant: str) -> int:
+        """Make the tenant's usage exact against what Redis holds; returns the bytes it stores. A
+        record counts while its entry is whole (manifest and every chunk), or while its Put is in
+        progress (no manifest yet, reserved under ``RESERVE_GRACE_S`` ago). Otherwise the entry
+        expired, was deleted, evicted (whole or in part: its remains are deleted too) or its writer
+        died, and the record goes, only if unchanged meanwhile (a new Put of the entry keeps its own)."""
+        usage = self.keys.usage(tenant)
+        async with self._redis_errors():
+            records = {k.decode(): v.decode() for k, v in (await self.redis.hgetall(usage)).items()}
+            ids = list(records)
+            pipe = self.redis.pipeline(transaction=False)
+            for cache_id in ids:
+                pipe.get(self.keys.manifest(tenant, cache_id))
+            manifests = [None if raw is None else Manifest.from_json(raw) for raw in await pipe.execute()]
+            pipe = self.redis.pipeline(transaction=False)
+            for m in filter(None, manifests):
+                pipe.exists(*self._chunk_names(m))
+            present = iter(await pipe.execute())
+            now_ms, total = int(time.time() * 1000), 0
+            for cache_id, m in zip(ids, manifests):
+                size, expiry_ms, _, *reserved = records[cache_id].split()
+                if m is not None and next(present) == m.chunk_count:
+                    total += int(size)
+                elif m is None and int(expiry_ms) > now_ms and reserved and \
+                        now_ms - int(reserved[0]) < RESERVE_GRACE_S * 1000:
+                    total += int(size)
+                elif m is not None:
+                    await self._drop(m)  # evicted in part: unreadable; free the rest
+                else:
+                    await self.redis.eval(_RELEASE_USAGE, 1, usage, cache_id, records[cache_id])
+        return total
+
+    async def _committed(self, tenant: str, cache_id: str, record: str) -> None:
+        """The entry's record loses its reservation time: from now on, a missing manifest means the
+        entry is gone (``reconcile``), not a Put in progress. Best effort: a record left reserved
+        counts at most ``RESERVE_GRACE_S`` longer if its entry is evicted right away."""
+        try:
+            await self.redis.eval(_TOUCH_USAGE, 1, self.keys.usage(tenant), cache_id, record.rsplit(" ", 1)[0])
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not mark usage record of %s committed (%s: %s)", cache_id, type(e).__name__, e)
 
     async def _release(self, tenant: str, cache_id: str, record: str) -> None:
         """Undo this writer's reservation after its write failed (a record another writer of the same

@@ -171,6 +171,19 @@ async def _watch_redis(store: RedisStore, health_servicer, metrics: StoreMetrics
         await asyncio.sleep(period_s)
 
 
+async def _watch_usage(store: RedisStore, metrics: StoreMetrics) -> None:
+    """Every tenant's stored bytes, reconciled with what Redis holds (entries evicted or expired stop
+    counting toward its quota here too, not only when a Put needs the room), as a metric."""
+    while True:
+        try:
+            for raw in await store.redis.smembers(store.keys.tenants()):
+                tenant = raw.decode()
+                metrics.tenant_bytes.labels(tenant).set(await store.reconcile(tenant))
+        except Exception as e:  # noqa: BLE001 - next period (Redis down shows in redis_up and health)
+            log.warning("reconciling tenants' usage failed (%s: %s)", type(e).__name__, e)
+        await asyncio.sleep(store.config.usage_refresh_s)
+
+
 class _Handlers:
     """Catches the generated registration's method handlers."""
 
@@ -217,6 +230,7 @@ async def start_server(config: StoreConfig, address: str = "127.0.0.1:0", metric
     await server.start()
     # lives with the server
     server._kvc_health_task = asyncio.create_task(_watch_redis(store, health_servicer, metrics))
+    server._kvc_usage_task = asyncio.create_task(_watch_usage(store, metrics))
     server._kvc_health_server = None
     if health_address:
         probe = grpc.aio.server()
