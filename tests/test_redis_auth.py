@@ -89,3 +89,17 @@ def test_every_node_of_the_embedded_cluster_asks_for_the_password(redis_cluster)
             assert raw_reply(port, *command).startswith(b"-NOAUTH"), (port, command)
     assert redis_cluster.password not in subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True,
                                                         text=True, check=True).stdout
+
+
+def test_the_writers_alone_get_the_redis_url_and_never_through_the_apps_args():
+    """The local stack's Ingress (shared tenant limits) and Compressors (caches) write to Redis; Decoders
+    read granted chunks as the read-only user and must not hold the writer's password."""
+    from service.serve.launch import CONFIG, deployment_options, give_redis_url, load_config
+
+    app = load_config(CONFIG, args={"store": {"redis_url": ""}})["applications"][0]
+    app["runtime_env"] = {"env_vars": {"KVCOMPOSE_STORE_REDIS_READ_URL": "redis://kvc-reader:r@h/0"}}
+    give_redis_url(app, "redis://default:s3cret@127.0.0.1:7000/0")
+    env = {name: o["ray_actor_options"]["runtime_env"]["env_vars"] for name, o in deployment_options(app).items()}
+    assert env["Ingress"]["REDIS_URL"] == env["Compressor"]["REDIS_URL"] == "redis://default:s3cret@127.0.0.1:7000/0"
+    assert "REDIS_URL" not in env["Decoder"] and env["Decoder"]["KVCOMPOSE_STORE_REDIS_READ_URL"]
+    assert "s3cret" not in str(app["args"])

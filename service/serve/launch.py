@@ -182,6 +182,15 @@ class StoreProcess:
                 self.process.wait(10)
 
 
+def give_redis_url(app: dict, redis_url: str) -> None:
+    """Hand the store's Redis URL (with its password) to the deployments that write to Redis, the
+    Compressors (caches) and the Ingress (tenant limits' shared counters), in their actors'
+    ``runtime_env``: not in the app's args, and not to Decoders, which get the reader's URL only."""
+    for writer in (d for d in app["deployments"] if d["name"] in ("Ingress", "Compressor")):
+        actor = writer.setdefault("ray_actor_options", {})
+        actor.setdefault("runtime_env", {}).setdefault("env_vars", {})["REDIS_URL"] = redis_url
+
+
 def app_args(config: dict):
     """The kvcompose application's builder args of a Serve config, typed."""
     from service.serve.app import AppArgs
@@ -240,7 +249,7 @@ class LocalStack:
             self.redis_url = self.redis.url
             replica_env["KVCOMPOSE_STORE_REDIS_READ_URL"] = self.redis.reader_url
             log.info("no REDIS_URL: started an embedded, supervised redis-server at %s", self.redis.safe_url)
-        # "": the URL (maybe with a password) reaches the Compressors by environment, not Ray's deployment state
+        # "": the URL (maybe with a password) reaches the writers by environment (give_redis_url)
         args = {**self.args, "store": {**self.args.get("store", {}), "redis_url": ""}}
         http = {**yaml.safe_load(Path(self.config_path).read_text()).get("http_options", {}), "host": "127.0.0.1"}
         self.config = load_config(self.config_path, args=args, deployments=self.deployments,
@@ -268,9 +277,7 @@ class LocalStack:
             if self.api_token_file is not None:
                 self._write_api_token(self.api_token)
         app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(replica_env)
-        compressor = next(d for d in app["deployments"] if d["name"] == "Compressor")  # the only writer
-        actor = compressor.setdefault("ray_actor_options", {})
-        actor.setdefault("runtime_env", {}).setdefault("env_vars", {})["REDIS_URL"] = self.redis_url
+        give_redis_url(app, self.redis_url)
         limits = RequestLimits(**typed.limits)
         # read by Serve's proxy when it starts (it inherits this environment through the local raylet)
         os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(limits.max_request_bytes)
