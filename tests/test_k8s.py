@@ -344,3 +344,33 @@ def test_decode_pods_hold_only_the_read_only_redis_credential(overlay):
     assert "compress" in options["Compressor"]["resources"] and "decode" in options["Decoder"]["resources"]
     # the Ingress counts tenant limits in Redis (shared_limits.py): it runs where the write credential is
     assert set(options["Ingress"]["resources"]) == {"compress"}
+
+
+def test_only_the_gateway_reaches_serves_proxy_from_outside_the_ray_pods():
+    docs = rendered("gpu-tls")
+    rs = next(d for d in docs if d["kind"] == "RayService")
+    proxy_port = next(p["port"] for p in rs["spec"]["serveService"]["spec"]["ports"] if p["name"] == "serve-grpc")
+    gateway = next(d for d in docs if d["kind"] == "Gateway")["metadata"]["name"]
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    ray_labels = [t["metadata"]["labels"] for t in _templates(rs)]
+    others = [t["metadata"]["labels"] for d in docs if d["kind"] in ("Deployment", "StatefulSet")
+              for t in _templates(d)]
+    (policy,) = [p for p in policies
+                 if all(p["spec"]["podSelector"]["matchLabels"].items() <= labels.items() for labels in ray_labels)]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert not any(selector.items() <= labels.items() for labels in others)  # it selects the Ray pods only
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from"), rule  # no rule admits every source
+        ports = {p["port"] for p in rule.get("ports", [])}
+        for peer in rule["from"]:
+            labels = peer["podSelector"]["matchLabels"]
+            if labels == selector:
+                continue  # the Ray pods themselves
+            if proxy_port in ports:
+                assert labels == {"gateway.networking.k8s.io/gateway-name": gateway}, rule
+            else:
+                assert ports, rule  # every outside peer is held to named ports, none the proxy's
+    assert any(proxy_port in {p["port"] for p in r.get("ports", [])} for r in policy["spec"]["ingress"])
+    assert not any(p for p in rendered("gpu") if p["kind"] == "NetworkPolicy"
+                   and p["metadata"]["name"] == policy["metadata"]["name"])  # without a Gateway, no lock-out
