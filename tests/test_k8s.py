@@ -170,6 +170,25 @@ def test_the_store_checks_puts_against_the_served_model(overlay):
     assert list(shapes) == [model] and len(shapes[model]) == 3
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_both_writers_hold_tenants_to_the_same_quotas(overlay):
+    """The Compressors write caches to Redis themselves: their quotas (the serve config's store args)
+    and the store server's (its environment) must be the same, or a tenant gets the larger one."""
+    from service.config import StoreConfig
+
+    docs = rendered(overlay)
+    rs = next(d for d in docs if d["kind"] == "RayService")
+    args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]["store"]
+    store = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "kvcompose-store")
+    env = {e["name"]: e.get("value") for e in store["spec"]["template"]["spec"]["containers"][0]["env"]}
+    server = StoreConfig(tenant_quota_bytes=int(env.get("KVCOMPOSE_STORE_TENANT_QUOTA_BYTES",
+                                                        StoreConfig.tenant_quota_bytes)),
+                         tenant_quotas=json.loads(env.get("KVCOMPOSE_STORE_TENANT_QUOTAS", "{}")))
+    compressors = StoreConfig(**{k: v for k, v in args.items() if k in ("tenant_quota_bytes", "tenant_quotas")})
+    quotas = (server.tenant_quota_bytes, server.tenant_quotas)
+    assert quotas == (compressors.tenant_quota_bytes, compressors.tenant_quotas) and server.tenant_quota_bytes
+
+
 def _templates(doc: dict) -> list[dict]:
     if doc["kind"] == "RayService":
         cluster = doc["spec"]["rayClusterConfig"]
