@@ -42,6 +42,22 @@ class LocalCA:
                 .sign(key, hashes.SHA256()))
         return cls(key, cert)
 
+    @classmethod
+    def load(cls, directory: Path) -> LocalCA:
+        """A CA from a cert-manager CA Certificate's Secret mounted at ``directory`` (tls.crt, tls.key)."""
+        directory = Path(directory)
+        cert = x509.load_pem_x509_certificate((directory / "tls.crt").read_bytes())
+        key = serialization.load_pem_private_key((directory / "tls.key").read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+            raise ValueError(f"{directory}/tls.key is not the ECDSA key of {directory}/tls.crt")
+        try:
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            raise ValueError(f"{directory}/tls.crt is not a CA certificate (cert-manager: isCA: true)")
+        return cls(key, cert)
+
     def issue(self, directory: Path, names: tuple[str, ...] = LOCAL_NAMES, days: int = 30) -> TLSFiles:
         """A leaf certificate for ``names`` (DNS names or IP addresses) in ``directory``; its files."""
         directory = Path(directory)

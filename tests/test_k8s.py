@@ -51,6 +51,12 @@ def validate(doc: dict) -> None:
         for template in templates:
             kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
                                           "template": template}, KUBERNETES_VERSION, strict=True)
+        if "autoscalerOptions" in cluster:  # the sidecar's container fields, which our schema leaves open
+            sidecar = {k: v for k, v in cluster["autoscalerOptions"].items()
+                       if k in ("env", "envFrom", "volumeMounts", "resources", "securityContext")}
+            kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+                                          "template": {"spec": {"containers": [{"name": "autoscaler", **sidecar}]}}},
+                                         KUBERNETES_VERSION, strict=True)
         if "serveService" in doc["spec"]:
             kubernetes_validate.validate({"apiVersion": "v1", "kind": "Service", **doc["spec"]["serveService"]},
                                          KUBERNETES_VERSION, strict=True)
@@ -210,6 +216,8 @@ def _broken(overlay: str, kind: str, mutate) -> dict:
     ("RayService", lambda d: d["spec"].__setitem__(
         "serveConfigV2", d["spec"]["serveConfigV2"].replace("import_path", "import_pth"))),   # bad Serve config
     ("Deployment", lambda d: d["spec"].__setitem__("replicas", "2")),                         # wrong type
+    ("RayService", lambda d: d["spec"]["rayClusterConfig"].__setitem__(
+        "autoscalerOptions", {"env": [{"name": "RAY_USE_TLS", "value": 1}]})),                # autoscaler env
     ("StatefulSet", lambda d: d["spec"]["template"]["spec"]["containers"][0].__setitem__("imagee", "x")),
 ])
 def test_a_broken_manifest_is_rejected(kind, mutate):
@@ -393,3 +401,91 @@ def test_only_the_gateway_reaches_serves_proxy_from_outside_the_ray_pods():
     assert any(proxy_port in {p["port"] for p in r.get("ports", [])} for r in policy["spec"]["ingress"])
     assert not any(p for p in rendered("gpu") if p["kind"] == "NetworkPolicy"
                    and p["metadata"]["name"] == policy["metadata"]["name"])  # without a Gateway, no lock-out
+
+
+RAY_TLS_ENV = ("RAY_USE_TLS", "RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
+
+
+def _on_volume(pod: dict, container: dict, path: str, volumes: Path) -> Path:
+    """Where ``path`` of ``container`` lands: under ``volumes``/<the volume mounted there>."""
+    for m in container.get("volumeMounts", []):
+        if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/"):
+            assert m["name"] in {v["name"] for v in pod["volumes"]}, (container["name"], m)
+            return volumes / m["name"] / path[len(m["mountPath"]):].lstrip("/")
+    raise AssertionError(f"{path} is on no volume of {container['name']}")
+
+
+def test_ray_pods_sign_their_own_certificates_from_a_ray_ca_only_their_init_containers_see(tmp_path):
+    """Each Ray pod's init container, run here as the kubelet would (the pod's IP and namespace from
+    the downward API, its volumes as directories), signs a certificate naming that IP; every Ray
+    container and the autoscaler read it through the same emptyDir, with RAY_USE_TLS in ``env``
+    (KubeRay copies env, not envFrom, into its wait-gcs-ready init container)."""
+    import re
+
+    from cryptography import x509
+    from test_ray_tls import ca_secret
+
+    from service.local_ca import LocalCA
+    from service.ray_tls import main
+
+    docs = rendered("gpu-tls")
+    rs = next(d for d in docs if d["kind"] == "RayService")
+    namespace = rs["metadata"]["namespace"]
+    certificates = {d["spec"]["secretName"]: d["spec"] for d in docs if d["kind"] == "Certificate"}
+    issuers = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Issuer"}
+    cluster = rs["spec"]["rayClusterConfig"]
+    autoscaler = {"name": "autoscaler", **cluster["autoscalerOptions"]}
+    ray_ca_secrets = set()
+    for i, template in enumerate(_templates(rs)):
+        pod = template["spec"]
+        (init,) = pod["initContainers"]
+        (ray,) = pod["containers"]
+        assert init["image"] == ray["image"] and init["command"][:3] == ["python", "-m", "service.ray_tls"]
+        fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in init["env"]}
+        downward = {"status.podIP": f"10.1.2.{i + 3}", "metadata.namespace": namespace}
+        env = {name: downward[field] for name, field in fields.items()}
+        args = [re.sub(r"\$\((\w+)\)", lambda m, env=env: env[m.group(1)], a) for a in init["command"][3:]]
+        volumes = tmp_path / str(i)
+        for flag in ("--ca-dir", "--out"):
+            args[args.index(flag) + 1] = str(_on_volume(pod, init, args[args.index(flag) + 1], volumes))
+        ca_volume = Path(args[args.index("--ca-dir") + 1]).name
+        ray_ca_secrets.add(next(v for v in pod["volumes"] if v["name"] == ca_volume)["secret"]["secretName"])
+        ca = LocalCA.create("kvcompose-ray-ca")
+        ca_secret(volumes / ca_volume, ca)
+        (tls_volume,) = [v for v in pod["volumes"] if "emptyDir" in v]
+        assert tls_volume["emptyDir"].get("medium") == "Memory"  # private keys never on the node's disk
+        (volumes / tls_volume["name"]).mkdir()
+        assert main(args) == 0
+        readers = [ray, autoscaler] if i == 0 else [ray]  # the autoscaler sidecar runs in the head pod
+        for container in readers:
+            ray_env = {e["name"]: e.get("value") for e in container["env"]}
+            assert ray_env["RAY_USE_TLS"] == "1", container["name"]
+            files = {name: _on_volume(pod, container, ray_env[name], volumes) for name in RAY_TLS_ENV[1:]}
+            assert all(f.parent.parent.name == tls_volume["name"] and f.exists() for f in files.values())
+            assert all(m["readOnly"] for m in container["volumeMounts"] if m["name"] == tls_volume["name"])
+            cert = x509.load_pem_x509_certificate(files["RAY_TLS_SERVER_CERT"].read_bytes())
+            cert.verify_directly_issued_by(ca.cert)
+            assert x509.load_pem_x509_certificate(files["RAY_TLS_CA_CERT"].read_bytes()) == ca.cert
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {downward["status.podIP"],
+                                                                                    "127.0.0.1"}
+            assert f"*.{namespace}.svc.cluster.local" in san.get_values_for_type(x509.DNSName)  # the head Service
+    # one Ray CA, its own self-signed root (not the store's CA), whose key only the init containers mount
+    (ray_ca,) = ray_ca_secrets
+    assert certificates[ray_ca]["isCA"] and "selfSigned" in issuers[certificates[ray_ca]["issuerRef"]["name"]]
+    assert ray_ca not in {spec["ca"]["secretName"] for spec in issuers.values() if "ca" in spec}
+    for doc in docs:
+        for template in _templates(doc) if doc["kind"] in ("RayService", "Deployment", "StatefulSet") else []:
+            ca_volumes = {v["name"] for v in template["spec"].get("volumes", [])
+                          if v.get("secret", {}).get("secretName") == ray_ca}
+            containers = template["spec"]["containers"] + template["spec"].get("initContainers", [])
+            containers += [autoscaler] if doc["kind"] == "RayService" else []
+            readers = {c["name"] for c in containers for m in c.get("volumeMounts", []) if m["name"] in ca_volumes}
+            assert readers == ({"ray-tls"} if doc["kind"] == "RayService" else set()), (doc["kind"], readers)
+
+
+@pytest.mark.parametrize("overlay", [o for o in OVERLAYS if o != "gpu-tls"])
+def test_only_the_tls_overlay_turns_on_ray_tls(overlay):
+    rs = next(d for d in rendered(overlay) if d["kind"] == "RayService")
+    assert "RAY_USE_TLS" not in yaml.safe_dump(rs) and "autoscalerOptions" not in rs["spec"]["rayClusterConfig"]
+    assert not any(t["spec"].get("initContainers") for t in _templates(rs))
