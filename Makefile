@@ -8,7 +8,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install proto serve test lint bench clean
+.PHONY: install proto serve test lint bench clean image image-test
 
 install: $(STAMP)
 
@@ -40,6 +40,15 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# The image Kubernetes runs (docs/operations.md#building-and-running-the-image): podman or buildah,
+# the same Dockerfile as `docker build`; reused when the Dockerfile and sources are unchanged.
+image:
+	$(PYTHON) scripts/image.py
+
+# Builds (or reuses) it, serves from it, asks it a question from here, stops it (tests/test_image.py).
+image-test: install
+	$(PY) -m pytest -q -s -m image tests/test_image.py
 
 bench: install
 	$(PY) -m service.cli bench perf
