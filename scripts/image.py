@@ -42,8 +42,7 @@ PYPI = "https://pypi.org/simple/"
 DEBIAN = "http://deb.debian.org/debian/dists/bookworm/Release"
 BUILD = {"podman": ["build"], "buildah": ["bud", "--isolation", "chroot"]}
 EXISTS = {"podman": ["image", "exists"], "buildah": ["inspect", "--type", "image"]}
-LABELS = {"podman": ["image", "inspect", "--format", "{{json .Labels}}"],
-          "buildah": ["inspect", "--type", "image", "--format", "{{json .OCIv1.Config.Labels}}"]}
+INSPECT = {"podman": ["image", "inspect"], "buildah": ["inspect", "--type", "image"]}
 
 
 class ImageError(RuntimeError):
@@ -145,8 +144,12 @@ def exists(tool: str, image: str) -> bool:
 
 
 def image_label(tool: str, image: str) -> str | None:
-    out = subprocess.run([tool, *LABELS[tool], image], capture_output=True, text=True)
-    return (json.loads(out.stdout) or {}).get(SOURCE_LABEL) if out.returncode == 0 else None
+    out = subprocess.run([tool, *INSPECT[tool], image], capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    found = json.loads(out.stdout)  # podman: a list of images; buildah: one, its labels in the OCI config
+    labels = found[0]["Labels"] if tool == "podman" else found["OCIv1"]["config"].get("Labels")
+    return (labels or {}).get(SOURCE_LABEL)
 
 
 def source_digest(*build_args: str) -> str:
