@@ -102,21 +102,22 @@ def shape_launches(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
     from service.engine import ragged_attention
     from service.engine.presses import fused_scoring
 
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(heads, 40, head_dim, generator=g).to(dtype)
-    keys = torch.randn(kv_heads, tokens + 40, head_dim, generator=g).to(dtype)
-    bufs = [torch.zeros(1, kv_heads, tokens + 8 * r, head_dim, dtype=dtype) for r in range(batch)]
-    hidden = [torch.zeros(b.shape[:3], dtype=torch.bool) for b in bufs]
+    cpu = torch.device("cpu")  # never computed on: only the launches' arguments are read
+    g = torch.Generator(device=cpu).manual_seed(0)
+    q = torch.randn(heads, 40, head_dim, generator=g, device=cpu).to(dtype)
+    keys = torch.randn(kv_heads, tokens + 40, head_dim, generator=g, device=cpu).to(dtype)
+    bufs = [torch.zeros(1, kv_heads, tokens + 8 * r, head_dim, dtype=dtype, device=cpu) for r in range(batch)]
+    hidden = [torch.zeros(b.shape[:3], dtype=torch.bool, device=cpu) for b in bufs]
     rows = ragged_attention.RaggedRows(ragged_attention.table(bufs, bufs, hidden),
-                                       torch.full((batch,), tokens - 1), kv_heads, n_splits=5)
-    new = torch.zeros(batch, kv_heads, 1, head_dim, dtype=dtype)
+                                       torch.full((batch,), tokens - 1, device=cpu), kv_heads, n_splits=5)
+    new = torch.zeros(batch, kv_heads, 1, head_dim, dtype=dtype, device=cpu)
     with intercepted() as launches:
         fused_scoring.task_attention(q, keys, tokens, 0.1, "max", softcap=softcap)
         fused_scoring.task_attention(q, keys, tokens, 0.1, "mean", causal=False, softcap=softcap)
         ragged_attention.append(rows, new, new)
-        ragged_attention.attend(torch.zeros(batch, heads, 1, head_dim, dtype=dtype), rows, 0.1, softcap)
+        ragged_attention.attend(torch.zeros(batch, heads, 1, head_dim, dtype=dtype, device=cpu), rows, 0.1, softcap)
         views = [b[:, :, :tokens] for b in bufs]  # a question prefill: 40 queries, query tiles of 64 rows
-        ragged_attention.attend_views(torch.zeros(batch, heads, 40, head_dim, dtype=dtype), views, views,
+        ragged_attention.attend_views(torch.zeros(batch, heads, 40, head_dim, dtype=dtype, device=cpu), views, views,
                                       [h[0, :, : tokens - 40] for h in hidden], 0.1, softcap)
     return launches
 
