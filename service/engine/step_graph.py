@@ -31,7 +31,7 @@ does not match turns graphs off for that loop, with a log line, and the static s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import Cache
@@ -101,7 +101,6 @@ class _Batch:
     out: torch.Tensor | None = None
     checked: bool = False  # its first replay was compared with an eager run
     eager_steps: int = 0
-    hidden: list = field(default_factory=list)  # the rows' masks, alive while a table points at them
 
 
 class StepGraph:
@@ -152,7 +151,6 @@ class StepGraph:
         if not self.kernel:
             self._batches.clear()
         for b in self._batches.values():
-            b.hidden = []
             for layer in b.cache.layers:
                 layer.rows, layer.hidden = [], []
         self._batch, self._rows = None, None
@@ -179,8 +177,8 @@ class StepGraph:
             b.tables.copy_(torch.stack([table([r._k for r in rows], [r._v for r in rows], h)
                                         for rows, h in zip(self._rows, hidden)]))
         for layer, rows, h in zip(b.cache.layers, self._rows, hidden):
-            layer.bind(rows, h)
-        b.hidden, b.eager_steps = hidden, 0
+            layer.bind(rows, h)  # the layer keeps the masks alive while its table points at them
+        b.eager_steps = 0
         self._batch = self._batches[len(caches)] = b
 
     def _new_batch(self, size: int, layers: int) -> _Batch:
