@@ -86,7 +86,7 @@ def per_layer_sdpa(
     """
     evicted = kvc_evicted[module.layer_idx] if kvc_evicted is not None else None
     if kvc_static:  # a static decode step (``service.engine.step_graph``)
-        if value is None:  # the batched kernel: ``key`` is the layer's ``ragged_attention.RaggedRows``
+        if not isinstance(key, list):  # the batched kernel: ``key`` is the layer's ``ragged_attention.RaggedRows``
             from service.engine.ragged_attention import attend
 
             return attend(query, key, scaling, softcap).transpose(1, 2).contiguous(), None
