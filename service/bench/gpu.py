@@ -9,7 +9,7 @@ Rows are named ``kind/.../<shape>/<tokens>``; ``vs_reference`` is each row's fig
   two-pass up to about 2/3 of the window, one pass beyond), ``kvcompose-1pass`` and
   ``kvpress`` (kvpress 0.5.5's KVComposePress, 8k and 32k).
 - ``decode/b<batch>/<cache>/<shape>/<tokens>``: tokens/s of answers decoded by one Decoder's loop
-  (``service.batching.DecodeLoop``, the service's own path) from a full or a KVCompose-0.5 cache;
+  (``service.engine.batching.DecodeLoop``, the service's own path) from a full or a KVCompose-0.5 cache;
   batch 16 against batch 1 from the same cache; ``+eager``: the same steps without CUDA graphs.
   Each answer runs ``DECODE_TOKENS`` tokens after a warm-up batch of the same size (which leaves
   the step graph captured); tokens/s counts the timed batch from its first token, and ``graph``

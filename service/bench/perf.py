@@ -7,7 +7,7 @@ busy spell of a shared machine hits every row alike:
 
 - ``compress/<method>/<tokens>``: wall time of prefill + compression of a needle document, against
   ``plain`` (a prefill that keeps everything: the limit); methods ``kvcompose`` (the default:
-  two-pass up to half the model's window, one pass beyond), ``kvcompose-1pass``
+  two-pass up to about 2/3 of the model's window, one pass beyond), ``kvcompose-1pass``
   (``replay_context: false``), ``kvcompose-replay<f>`` (``replay_fraction: f``, with
   ``--replay-fractions``) and ``kvpress`` (kvpress 0.5.5's KVComposePress). Peak extra memory
   comes from one more process per row with a fixed glibc mmap threshold (so the kernel's peak

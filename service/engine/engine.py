@@ -109,7 +109,7 @@ class Engine:
         task_prompts: expected questions; KVCompose scores the context by their attention (task-aware).
         codec: the storage codec the cache is meant for (default: the configured one); the returned
             cache is in that codec's in-memory dtype, and ``codec.encode(kv, codec)`` gives its bytes.
-        stop: set it to end the work early (``service.cancel.Cancelled``).
+        stop: set it to end the work early (``service.protocol.Cancelled``).
         """
         codec = codec or self.config.codec
         if codec not in CODECS:

@@ -1,6 +1,6 @@
 """Compress-or-reuse: a context becomes a stored cache exactly once across all replicas.
 
-The cache id is derived from the content (``store.ids``); if the prefix store has it, nothing is
+The cache id is derived from the content (``service.cache.ids``); if the prefix store has it, nothing is
 prefilled. Otherwise ``RedisStore.get_or_create`` takes the document's single-flight lock, one
 replica prefills and compresses, and every other replica asking meanwhile waits for that entry.
 """
