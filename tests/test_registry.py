@@ -1,5 +1,7 @@
 """Every offline kvpress press builds from a JSON spec, compresses and decodes; bad specs name the field."""
 
+from pathlib import Path
+
 import pytest
 from conftest import meta, random_ids, tiny_llama
 
@@ -57,6 +59,17 @@ def test_canonical_fills_defaults_so_equal_presses_have_equal_specs():
     assert canonical({"press": "SnapKV", "compression_ratio": 0.5}) == canonical(
         '{"press": "snapkv", "compression_ratio": 0.5, "window_size": 64}')
     assert canonical(None) == {} and build({}) is None
+
+
+def test_press_names_are_the_documented_ones_and_old_spellings_still_work():
+    """docs/architecture.md lists the presses; an unknown one is refused listing the same names."""
+    documented = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    assert "`kvpress_kvcompose`" in documented and "kvpress_kvcompose" in PRESSES
+    for spelling in ("kvpress_kvcompose", "kvpresskvcompose", "KVPress-KVCompose"):
+        assert canonical({"press": spelling})["press"] == "kvpress_kvcompose"
+    with pytest.raises(PressSpecError) as err:
+        canonical({"press": "tovaa"})
+    assert str(err.value).endswith("known: " + ", ".join(sorted(PRESSES))) and "kvpress_kvcompose, " in str(err.value)
 
 
 @pytest.mark.parametrize(

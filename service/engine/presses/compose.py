@@ -22,7 +22,7 @@ NOT_COMPOSABLE = {
     "adakv": "it wraps a press and evicts per head across the whole cache; use it alone",
     "kvzip": "it reconstructs the context with its own forward passes; use it alone",
     "kvgrad": "it reconstructs the context with its own forward passes; use it alone",
-    "kvpresskvcompose": "it patches the model's forward; use 'kvcompose', which composes",
+    "kvpress_kvcompose": "it patches the model's forward; use 'kvcompose', which composes",
 }
 HEADWISE = {"criticaladakv"}  # evict per head by masking slots (kvcompose too, when structured=false)
 KEEPS_EVERY_TOKEN = {"think"}  # prunes key channels, not tokens

@@ -27,7 +27,7 @@ from service.protocol import PressSpecError
 
 PRESSES: dict[str, type[BasePress]] = {
     "kvcompose": KVComposePress,
-    "kvpresskvcompose": kvpress.KVComposePress,  # kvpress's own ("kvpress_kvcompose"), for comparison
+    "kvpress_kvcompose": kvpress.KVComposePress,  # kvpress's own, for comparison
     "adakv": kvpress.AdaKVPress,
     "block": kvpress.BlockPress,
     "chunk": kvpress.ChunkPress,
@@ -84,6 +84,14 @@ SET_BY_ENGINE = {"task_ids"}  # KVCompose's task prompts arrive as text (task_pr
 
 def _key(name: str) -> str:
     return name.lower().replace("_", "").replace("-", "")
+
+
+_BY_KEY = {_key(name): name for name in PRESSES}  # any spelling (kvpresskvcompose, KVPress-KVCompose) -> its name
+
+
+def known_presses() -> str:
+    """The press names as the docs write them, for error messages."""
+    return ", ".join(sorted(PRESSES))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +157,7 @@ def _canonical(spec: dict, where: str) -> dict:
             raise PressSpecError(f"{where}compose[{problem[0]}].press: {problem[1]}")
         return {"compose": out}
     if "press" not in spec:
-        raise PressSpecError(f"{where}press: missing; name one of {sorted(PRESSES)} or use 'compose'")
+        raise PressSpecError(f"{where}press: missing; name one of {known_presses()}, or use 'compose'")
     name = _key(str(spec["press"]))
     if name in NOT_FOR_STORED_CACHES:
         raise PressSpecError(f"{where}press: {name!r} {NOT_FOR_STORED_CACHES[name]}; stored caches are "
@@ -160,8 +168,9 @@ def _canonical(spec: dict, where: str) -> dict:
         if not (given and os.path.exists(str(given))):
             hint = f"; give {local!r} as a local path" if local else "; it cannot run offline"
             raise PressSpecError(f"{where}press: {name!r} needs {what}, which is not available here{hint}")
-    if name not in PRESSES:
-        raise PressSpecError(f"{where}press: unknown press {spec['press']!r}; known: {sorted(PRESSES)}")
+    if name not in _BY_KEY:
+        raise PressSpecError(f"{where}press: unknown press {spec['press']!r}; known: {known_presses()}")
+    name = _BY_KEY[name]
     cls = PRESSES[name]
     fields = _params(cls)
     out: dict[str, Any] = {"press": name}
@@ -187,7 +196,8 @@ def _value(value: Any, f: _Param, where: str) -> Any:
         if value is None:
             return None
         if isinstance(value, BasePress):  # a default instance (e.g. LUKV's inner press)
-            return {"press": _key(type(value).__name__.removesuffix("Press"))}
+            key = _key(type(value).__name__.removesuffix("Press"))
+            return {"press": _BY_KEY.get(key, key)}
         if not isinstance(value, dict):
             raise PressSpecError(f"{where}: must be a press spec object")
         return _canonical(value, where + ".")
