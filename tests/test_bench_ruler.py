@@ -83,3 +83,19 @@ def test_report_tables_and_plots(tmp_path):
     assert "| snapkv@int4 | 0.15 | 510 | 0.30 | 420 |" in report.table(rows + coded)  # the row's own codec's bytes
     paths = report.plots(rows, tmp_path)
     assert all(p.exists() and p.stat().st_size > 1000 for p in paths)
+
+
+def test_plot_styles_differ_per_curve():
+    """Every curve of a plot has its own colour and marker (matplotlib's cycle repeats after 10: the
+    2k plot drew TOVA and ExpectedAttention in the same blue), and a default press keeps its colour
+    whatever else is plotted."""
+    from service.bench import report
+
+    presses = list(report.KNOWN) + ["kvcompose@int4", "kvcompose@int8", "snapkv@int2", "x", "y"]
+    style = report.styles(presses)
+    assert len(presses) == len(report.PALETTE) and len({s["color"] for s in style.values()}) == len(presses)
+    more = report.styles(presses + ["z"])  # past the palette: a colour again, never with the same marker
+    assert len({(s["color"], s["marker"]) for s in more.values()}) == len(presses) + 1
+    assert report.styles(["tova", "kvcompose@int4"])["tova"] == style["tova"]
+    codecs = report.styles(["kvcompose", "kvcompose@int4", "kvcompose@int8"])
+    assert len({s["color"] for s in codecs.values()}) == 3

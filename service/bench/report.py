@@ -127,42 +127,91 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Distinct colours and markers, one per curve in a plot: matplotlib's default cycle repeats after 10
+# colours, and the 2k plot has 11 presses (TOVA and ExpectedAttention were both blue). The default
+# presses keep their colour in every plot; the baseline is black.
+PALETTE = ("#2ca02c", "#1f77b4", "#ff7f0e", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#393b79", "#e7ba52", "#843c39", "#5254a3", "#637939", "#d6616b")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*")
+KNOWN = ("kvcompose", "tova", "streamingllm", "snapkv", "knorm", "pyramidkv", "expectedattention",
+         "think+kvcompose", "think+snapkv", "kvcompose-1pass", "kvcompose-aware")
+
+
+def styles(names: list[str]) -> dict[str, dict]:
+    """name -> plot keywords (colour, marker), a different pair for each name: the default presses
+    (``KNOWN``) by their place there, other names (``kvcompose@int4``) in sorted order in the places
+    that no name of this plot holds."""
+    slots = {name: KNOWN.index(name) for name in names if name in KNOWN}
+    free = (i for i in range(len(KNOWN) + len(names)) if i not in slots.values())
+    slots |= {name: next(free) for name in sorted(set(names) - set(KNOWN))}
+    return {name: {"color": PALETTE[slots[name] % len(PALETTE)], "marker": MARKERS[slots[name] % len(MARKERS)]}
+            for name in names}
+
+
+def _baseline_label(name: str) -> str:
+    codec = name.partition("@")[2]
+    return "uncompressed" + (f" @{codec}" if codec else " (float16)")
+
+
 def plots(rows: list[dict], out_dir: Path) -> list[Path]:
-    """accuracy_vs_compression.png (all, retrieval, aggregation) and bytes_vs_accuracy.png (stored bytes)."""
+    """accuracy_vs_compression.png (all, retrieval, aggregation) and bytes_vs_accuracy.png (stored
+    bytes, log scale), each with the uncompressed baseline in black."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     families = {"all tasks": None, "retrieval": set(TASKS) - AGGREGATION, "aggregation": AGGREGATION}
+    style = styles(sorted(curves(rows)))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
     for ax, (title, tasks) in zip(axes, families.items()):
-        for press, pts in sorted(curves(rows, tasks).items()):
-            ax.plot([r for r, _ in pts], [a for _, a in pts], marker="o", label=press)
+        family = curves(rows, tasks)
+        for press, pts in sorted(family.items()):
+            ax.plot([r for r, _ in pts], [a for _, a in pts], label=press, **style[press])
+        if family:
+            base = next(iter(family.values()))[0][1]
+            ax.axhline(base, color="black", linestyle="--", linewidth=1, label=f"uncompressed ({base:.1f})")
         ax.set_title(title)
         ax.set_xlabel("compression ratio")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()  # "all tasks" has every curve; a family may have none
+    axes[-1].legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     first = out_dir / "accuracy_vs_compression.png"
-    fig.savefig(first, dpi=120)
+    fig.savefig(first, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     per_token = stored_bytes_per_token(rows)
     acc = accuracy(rows)
-    for press in sorted({k[0] for k in acc}):
+    names = sorted({k[0] for k in acc})
+    style = styles([n for n in names if n.partition("@")[0] != "none"])
+    baselines = [n for n in names if n.partition("@")[0] == "none"]
+    for press in [n for n in names if n not in baselines] + baselines:  # the baseline's entries last
         pts = sorted((per_token[k], acc[k][0]) for k in acc if k[0] == press)
-        ax.plot([b for b, _ in pts], [a for _, a in pts], marker="o", label=press)
-    ax.set_xlabel("stored bytes per context token (float16, or the row's @codec)")
+        if press in baselines:
+            marker = "*" if press == "none" else MARKERS[1 + baselines.index(press) % (len(MARKERS) - 1)]
+            ax.plot([b for b, _ in pts], [a for _, a in pts], linestyle="none", color="black", marker=marker,
+                    markersize=11 if press == "none" else 7, label=_baseline_label(press), zorder=3)
+        else:
+            ax.plot([b for b, _ in pts], [a for _, a in pts], label=press, **style[press])
+    if ("none", 0.0) in acc:
+        base = acc[("none", 0.0)][0]
+        ax.axhline(base, color="black", linestyle="--", linewidth=1, label=f"uncompressed accuracy ({base:.1f})")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}" if f"{x:.0e}"[0] in "25" else ""))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("stored bytes per context token (float16, or the row's @codec; log scale)")
     ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     second = out_dir / "bytes_vs_accuracy.png"
-    fig.savefig(second, dpi=120)
+    fig.savefig(second, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return [first, second]
