@@ -98,7 +98,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.serve.launch import CONFIG, run_local
+    from service.local.run import run_local
+    from service.serve.launch import CONFIG
 
     run_local(Path(args.config) if args.config else CONFIG, args.store_port, args.store_metrics_port,
               args.ray_metrics_port, tls=args.tls, state_dir=args.state_dir, host=args.host)
@@ -242,7 +243,7 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     from service.bench.haystack import needle_document
     from service.config import EngineConfig
     from service.engine.models import embedded_model_dir
-    from service.serve.launch import LocalStack
+    from service.local.stack import LocalStack
 
     clients = [int(n) for n in args.clients.split(",")]
     if not clients or any(n < 1 for n in clients):
@@ -252,7 +253,7 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         address, token = args.addr, args.token
         if address is None:  # the local stack of `make serve`, on free ports
-            from service.store.embedded import free_port
+            from service.local.processes import free_port
 
             local = stack.enter_context(LocalStack(top={
                 "grpc_options": {"port": free_port(), "grpc_servicer_functions": [
@@ -279,8 +280,8 @@ def cmd_bench_chaos(args: argparse.Namespace) -> int:
     from service.bench.haystack import needle_document
     from service.config import EngineConfig
     from service.engine.models import embedded_model_dir
-    from service.serve.launch import LocalStack
-    from service.store.embedded import free_port
+    from service.local.processes import free_port
+    from service.local.stack import LocalStack
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(EngineConfig().cache_dir))
     candidates = []
@@ -309,8 +310,8 @@ def cmd_bench_soak(args: argparse.Namespace) -> int:
     from service.bench.haystack import needle_document
     from service.config import EngineConfig
     from service.engine.models import embedded_model_dir
-    from service.serve.launch import LocalStack
-    from service.store.embedded import free_port
+    from service.local.processes import free_port
+    from service.local.stack import LocalStack
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(EngineConfig().cache_dir))
     docs = [needle_document(tokenizer, args.doc_tokens, seed=i)[0] for i in range(8)]

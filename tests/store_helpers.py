@@ -61,7 +61,7 @@ class ServerProcess:
     """A real PrefixStore gRPC server in its own process, configured by ``config`` through its env."""
 
     def __init__(self, config: StoreConfig, metrics_port: int = 0):
-        from service.serve.launch import StoreProcess
+        from service.local.store_process import StoreProcess
 
         env = {f"KVCOMPOSE_STORE_{name.upper()}": json.dumps(value) if isinstance(value, dict) else str(value)
                for name, value in config.__dict__.items() if name != "redis_url"}
@@ -103,6 +103,6 @@ class ServerProcess:
 
 
 def free_port() -> int:
-    from service.store.embedded import free_port as port
+    from service.local.processes import free_port as port
 
     return port()

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from service.client import KVComposeClient
-from service.store.embedded import free_port
+from service.local.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "image.py"

@@ -300,8 +300,9 @@ def test_redis_creates_the_read_only_user_the_decoders_read_as(tmp_path):
 
     import redis
 
+    from service.local.processes import free_port
     from service.store.acl import READER, reader_rules
-    from service.store.embedded import free_port, redis_server_binary
+    from service.store.embedded import redis_server_binary
 
     docs = rendered("cpu-dev")
     by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}

@@ -36,10 +36,12 @@ def offenders(package: str, forbidden: tuple[str, ...]) -> list[str]:
 
 
 @pytest.mark.parametrize("package, forbidden", [
-    ("engine", ("service.store", "service.serve", "service.bench", "service.cli")),
+    ("engine", ("service.store", "service.serve", "service.local", "service.bench", "service.cli")),
     ("store", ("service.engine", "service.serve", "service.bench", "service.cli",
-               "service.cache.kvcache", "service.cache.codec")),   # the format, not the tensors
-    ("cache", ("service.engine", "service.store", "service.serve", "service.bench")),
+               "service.cache.kvcache", "service.cache.codec",   # the format, not the tensors
+               "service.local.stack", "service.local.run", "service.local.store_process")),  # processes only
+    ("cache", ("service.engine", "service.store", "service.serve", "service.local", "service.bench")),
+    ("local", ("service.bench", "service.cli")),
 ])
 def test_packages_import_only_downstream_of_the_data_path(package, forbidden):
     assert offenders(package, forbidden) == []
@@ -57,7 +59,7 @@ def loaded_after(module: str) -> list[str]:
 
 
 @pytest.mark.parametrize("module", ["service.store.server", "service.store.client", "service.cache.format",
-                                    "service.cache.ids"])
+                                    "service.cache.ids", "service.local.processes"])
 def test_the_store_and_the_byte_format_load_no_model_stack(module):
     """The store server process starts without torch: it checks caches with ``cache/format.py``."""
     assert loaded_after(module) == []

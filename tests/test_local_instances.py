@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 
 from service.client import KVComposeClient
-from service.store.embedded import free_port
+from service.local.processes import free_port
 from service.tls import TLSFiles
 from tests.test_redis_auth import UNAUTHENTICATED, raw_reply
 from tests.test_serve_command import ROOT, serve_config

@@ -24,8 +24,8 @@ import pytest
 from test_serve_command import ROOT, serve_config
 
 from service.client import KVComposeClient
+from service.local.processes import free_port
 from service.serve.binding import listeners
-from service.store.embedded import free_port
 from service.tls import TLSFiles, channel
 
 COMPRESS = "/kvcompose.v1.KVCompose/Compress"

@@ -20,8 +20,10 @@ import pytest
 import yaml
 
 from service.client import KVComposeClient
-from service.serve.launch import APP, CONFIG, StoreProcess, load_config
-from service.store.embedded import EmbeddedRedis, free_port
+from service.local.processes import free_port
+from service.local.store_process import StoreProcess
+from service.serve.launch import APP, CONFIG, load_config
+from service.store.embedded import EmbeddedRedis
 
 BIN = Path(sys.executable).parent
 # Ray's token authentication (the default for new clusters in Ray 2.60; the token is ~/.ray/auth_token):

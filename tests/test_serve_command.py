@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from service.client import KVComposeClient
+from service.local.processes import free_port
 from service.serve.launch import CONFIG
-from service.store.embedded import free_port
 from service.tls import TLSFiles
 
 ROOT = Path(__file__).resolve().parents[1]

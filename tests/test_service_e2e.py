@@ -14,7 +14,7 @@ import pytest
 
 from service.bench.haystack import needle_document
 from service.client import KVComposeClient
-from service.store.embedded import free_port
+from service.local.processes import free_port
 
 pytestmark = pytest.mark.model
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
@@ -24,7 +24,7 @@ SHARED_REDIS = "redis://127.0.0.1:6379/0"
 def stack():
     from ray.cluster_utils import Cluster
 
-    from service.serve.launch import LocalStack
+    from service.local.stack import LocalStack
 
     prefix = f"kvc-e2e-{uuid.uuid4().hex[:8]}"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"compress_node": 1}})

@@ -17,10 +17,10 @@ from store_helpers import SHARED_REDIS, ServerProcess, make_cache
 
 from service.client import KVComposeClient
 from service.config import StoreConfig
+from service.local.processes import free_port
 from service.local_ca import LocalCA
 from service.serve.launch import CONFIG
 from service.store.client import PrefixStoreClient
-from service.store.embedded import free_port
 from service.store.errors import NotFound, Unavailable
 from service.tls import TLSFiles
 

@@ -12,8 +12,8 @@ import yaml
 from conftest import models_once_up
 
 from service.client import KVComposeClient
+from service.local.processes import free_port
 from service.serve.launch import CONFIG
-from service.store.embedded import free_port
 
 
 def test_the_worker_enforces_the_configured_api_tokens(tiny_model_dir, tmp_path):

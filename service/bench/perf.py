@@ -476,10 +476,11 @@ class StoreStack:
     def __enter__(self) -> StoreStack:
         import secrets
 
-        from service.serve.launch import StoreProcess
+        from service.local.processes import free_port
+        from service.local.store_process import StoreProcess
         from service.store.client import PrefixStoreClient
         from service.store.direct import DirectReader
-        from service.store.embedded import EmbeddedRedis, free_port
+        from service.store.embedded import EmbeddedRedis
 
         token = secrets.token_urlsafe(24)
         self.redis = EmbeddedRedis(maxmemory=self.maxmemory, reader_password=secrets.token_urlsafe(16)).start()

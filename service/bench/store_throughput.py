@@ -23,8 +23,9 @@ import redis
 
 from service.bench.perf import synthetic_cache
 from service.cache.ids import CacheKey
+from service.local.processes import free_port
 from service.store.client import PrefixStoreClient
-from service.store.embedded import EmbeddedRedis, free_port
+from service.store.embedded import EmbeddedRedis
 
 TOKEN = secrets.token_urlsafe(24)
 

@@ -20,8 +20,8 @@ def main() -> None:
     from service.bench.haystack import needle_document
     from service.client import KVComposeClient
     from service.engine.engine import Engine
-    from service.serve.launch import LocalStack
-    from service.store.embedded import free_port
+    from service.local.processes import free_port
+    from service.local.stack import LocalStack
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2000)

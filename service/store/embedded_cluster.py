@@ -23,8 +23,9 @@ from pathlib import Path
 
 import redis
 
+from service.local.processes import dying_with_parent
 from service.store.acl import reader_url
-from service.store.embedded import dying_with_parent, redis_server_binary, write_secret_config
+from service.store.embedded import redis_server_binary, write_secret_config
 
 _BUS_OFFSET = 10000  # Redis Cluster's node-to-node bus listens on port + 10000
 

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from service.client import KVComposeClient
-from service.store.embedded import free_port
+from service.local.processes import free_port
 
 SERVICERS = ["kvcompose.v1.api_pb2_grpc.add_KVComposeServicer_to_server"]
 DOCUMENT = "The blue lighthouse on Kessel Point was built in 1871 by the engineer Mara Quell. " * 12
@@ -43,7 +43,7 @@ def reference(client):
 def tiny_stack(model_dir, decoders: int = 1, decoder_options: dict | None = None, **args):
     """A LocalStack serving the tiny model (``args``: more app args; ``decoder_options``: the Decoder's
     deployment options)."""
-    from service.serve.launch import LocalStack
+    from service.local.stack import LocalStack
 
     small = {"ray_actor_options": {"num_cpus": 0.2}}
     decoder = {**small, "num_replicas": decoders, "autoscaling_config": None} if decoders > 1 else small
