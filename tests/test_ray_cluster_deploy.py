@@ -92,8 +92,7 @@ def test_serve_deploy_of_the_config_on_a_two_node_cluster_answers_over_grpc(ray_
                              for name in ("Ingress", "Compressor", "Decoder")},
                 proxy_location="HeadOnly",  # one gRPC port on this one machine
                 http_options={"host": "127.0.0.1", "port": free_port()},
-                grpc_options={"port": grpc_port, "grpc_servicer_functions": [
-                    "kvcompose.v1.api_pb2_grpc.add_KVComposeServicer_to_server"]})
+                grpc_options={"port": grpc_port})
             app = next(a for a in config["applications"] if a["name"] == APP)
             app["runtime_env"] = {"env_vars": {"KVCOMPOSE_STORE_SERVICE_TOKEN": token}}
             path = tmp_path / "serve.yaml"

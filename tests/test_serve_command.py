@@ -127,6 +127,30 @@ def test_every_deployment_option_of_the_config_reaches_serve_run():
         application(app["args"], {"Decodr": {}})
 
 
+def test_load_config_deep_merges_every_override():
+    """An override names only what changes: a port keeps the file's gRPC servicer functions, one engine
+    arg keeps the others; lists and other values replace; the overrides given are not aliased."""
+    from service.serve.launch import load_config
+
+    file = yaml.safe_load(CONFIG.read_text())
+    file_app = file["applications"][0]
+    top = {"grpc_options": {"port": 9123}, "http_options": {"host": "127.0.0.1"}, "proxy_location": "HeadOnly"}
+    config = load_config(CONFIG, args={"engine": {"max_context_tokens": 1024}},
+                         deployments={"Decoder": {"ray_actor_options": {"num_cpus": 0.1}}}, **top)
+    assert config["grpc_options"] == {**file["grpc_options"], "port": 9123}
+    assert config["http_options"] == {**file["http_options"], "host": "127.0.0.1"}
+    assert config["proxy_location"] == "HeadOnly" and config["logging_config"] == file["logging_config"]
+    app = config["applications"][0]
+    assert app["args"]["engine"] == {**file_app["args"]["engine"], "max_context_tokens": 1024}
+    assert app["args"]["store"] == file_app["args"]["store"]
+    decoder, file_decoder = ({d["name"]: d for d in a["deployments"]}["Decoder"] for a in (app, file_app))
+    assert decoder == {**file_decoder, "ray_actor_options": {**file_decoder["ray_actor_options"], "num_cpus": 0.1}}
+    config["grpc_options"]["port"] = 1
+    assert top["grpc_options"] == {"port": 9123}
+    assert load_config(CONFIG, grpc_options={"grpc_servicer_functions": []})["grpc_options"] == {
+        **file["grpc_options"], "grpc_servicer_functions": []}
+
+
 def test_make_serve_takes_the_device_and_dtype_from_the_environment(monkeypatch):
     """``KVCOMPOSE_DEVICE=cuda KVCOMPOSE_COMPUTE_DTYPE=bfloat16 make serve``: the engine args and a share of
     the GPU for each engine deployment, over the config file's values; nothing set leaves the file as it is."""

@@ -37,8 +37,7 @@ def stack():
         deployments={"Compressor": {"ray_actor_options": {"resources": {"compress_node": 0.1}}},
                      "Decoder": {"ray_actor_options": {"resources": {"decode_node": 0.1}}}},
         top={"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": free_port()},
-             "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [
-                 "kvcompose.v1.api_pb2_grpc.add_KVComposeServicer_to_server"]}},
+             "grpc_options": {"port": grpc_port}},
         ray_init={"address": cluster.address},
     )
     try:

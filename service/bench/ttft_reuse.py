@@ -27,8 +27,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2000)
     args = parser.parse_args()
     doc, question, needle = needle_document(Engine().loaded.tokenizer, args.tokens)
-    top = {"grpc_options": {"port": free_port(), "grpc_servicer_functions": [
-        "kvcompose.v1.api_pb2_grpc.add_KVComposeServicer_to_server"]}, "http_options": {"port": free_port()}}
+    top = {"grpc_options": {"port": free_port()}, "http_options": {"port": free_port()}}
     with LocalStack(top=top) as stack, KVComposeClient(stack.address, token=stack.api_token) as client:
         context = client.compress_request(doc, {"press": "kvcompose", "compression_ratio": 0.5})
         runs = [client.ask(question, context=context, max_new_tokens=32) for _ in range(2)]

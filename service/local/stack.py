@@ -9,13 +9,11 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from service.config import EngineConfig, RequestLimits, StoreConfig, api_auth_tokens
 from service.local.processes import free_port
 from service.local.store_process import StoreProcess
 from service.serve import binding
-from service.serve.launch import APP, CONFIG, app_args, deploy, give_redis_url, load_config
+from service.serve.launch import APP, CONFIG, app_args, deep_merge, deploy, give_redis_url, load_config
 from service.serve.tls_front import TLSFront
 from service.store.embedded import EmbeddedRedis
 from service.tls import TLSFiles
@@ -75,9 +73,8 @@ class LocalStack:
             log.info("no REDIS_URL: started an embedded, supervised redis-server at %s", self.redis.safe_url)
         # "": the URL (maybe with a password) reaches the writers by environment (give_redis_url)
         args = {**self.args, "store": {**self.args.get("store", {}), "redis_url": ""}}
-        http = {**yaml.safe_load(Path(self.config_path).read_text()).get("http_options", {}), "host": "127.0.0.1"}
-        self.config = load_config(self.config_path, args=args, deployments=self.deployments,
-                                  **{"http_options": http, **self.top})
+        top = deep_merge({"http_options": {"host": "127.0.0.1"}}, self.top)  # Serve's HTTP proxy: unused, local
+        self.config = load_config(self.config_path, args=args, deployments=self.deployments, **top)
         app = next(a for a in self.config["applications"] if a["name"] == APP)
         typed = app_args(self.config)
         engine = EngineConfig(**typed.engine)

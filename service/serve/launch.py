@@ -18,29 +18,32 @@ APP = "kvcompose"
 
 def load_config(path: Path = CONFIG, args: dict | None = None, deployments: dict | None = None,
                 **top: object) -> dict:
-    """The Serve config with overrides: ``args`` deep-merged into the app's builder args,
-    ``deployments`` {name: {option: value}} merged into deployment options, ``top`` replacing top-level keys."""
-    config = copy.deepcopy(yaml.safe_load(Path(path).read_text()))
-    config.update(top)
+    """The Serve config with overrides, each deep-merged (``deep_merge``): ``top`` into the top level
+    (``grpc_options={"port": 9001}`` keeps the file's servicer functions), ``args`` into the app's
+    builder args, ``deployments`` {name: {option: value}} into each deployment's options."""
+    config = deep_merge(yaml.safe_load(Path(path).read_text()), top)
     app = next(a for a in config["applications"] if a["name"] == APP)
-    _merge(app.setdefault("args", {}), args or {})
+    deep_merge(app.setdefault("args", {}), args or {})
     for name, options in (deployments or {}).items():
         target = next((d for d in app["deployments"] if d["name"] == name), None)
         if target is None:
             raise ValueError(f"no deployment {name!r} in {path}")
-        _merge(target, options)
+        deep_merge(target, options)
     from ray.serve.schema import ServeDeploySchema
 
     ServeDeploySchema.model_validate(config)  # Ray's own schema: fail before anything starts
     return config
 
 
-def _merge(base: dict, extra: dict) -> None:
+def deep_merge(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` merged in, dict by dict (any other value, lists too, replaces); returns
+    ``base``, changed in place. ``extra`` is copied, so later changes to the result leave it as it was."""
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
+            deep_merge(base[key], value)
         else:
-            base[key] = value
+            base[key] = copy.deepcopy(value)
+    return base
 
 
 def deploy(config: dict) -> None:

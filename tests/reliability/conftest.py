@@ -10,7 +10,6 @@ import pytest
 from service.client import KVComposeClient
 from service.local.processes import free_port
 
-SERVICERS = ["kvcompose.v1.api_pb2_grpc.add_KVComposeServicer_to_server"]
 DOCUMENT = "The blue lighthouse on Kessel Point was built in 1871 by the engineer Mara Quell. " * 12
 QUESTION = "Who built the lighthouse?"
 MAX_NEW = 8
@@ -52,7 +51,7 @@ def tiny_stack(model_dir, decoders: int = 1, decoder_options: dict | None = None
         args={"engine": {"model": str(model_dir), "codec": "float16", "max_context_tokens": 4096},
               "allow_unauthenticated": True, **args},  # development mode: tests name tenants in x-tenant
         deployments={"Ingress": small, "Compressor": small, "Decoder": decoder},
-        top={"grpc_options": {"port": free_port(), "grpc_servicer_functions": SERVICERS},
+        top={"grpc_options": {"port": free_port()},
              "http_options": {"host": "127.0.0.1", "port": free_port()}},
         ray_init={"num_cpus": 2},
     )
