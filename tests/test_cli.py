@@ -32,7 +32,8 @@ def test_every_flag_and_argument_has_help():
 
 
 @pytest.mark.parametrize("argv, flag", [
-    (["compress", "doc.txt", "--out", "x.kvc", "--press", "kvcompose"], "--press"),
+    (["compress", "doc.txt", "--out", "x.kvc", "--press", "tova 0.5"], "--press"),
+    (["remote", "compress", "doc.txt", "--press", "think+"], "--press"),
     (["remote", "ask", "q", "--cache-id", "x", "--press", "[1]"], "--press"),
     (["bench", "accuracy", "--presses", '{"press": "tova"}'], "--presses"),
     (["remote", "ask", "q", "--cache-id", "x", "--top-p", "high"], "--top-p"),
@@ -57,3 +58,64 @@ def test_remote_token_comes_from_the_flag_else_the_environment(monkeypatch):
     assert ClientConfig.from_env(token="from-flag").token == "from-flag"
     monkeypatch.delenv("KVCOMPOSE_TOKEN")
     assert ClientConfig.from_env().token is None
+
+
+@pytest.mark.parametrize("press, ratio, spec", [
+    ("tova", "0.75", {"press": "tova", "compression_ratio": 0.75}),
+    ("kvcompose", None, {"press": "kvcompose", "compression_ratio": 0.5}),  # the service's default ratio
+    ("think+kvcompose", "0.6", {"compose": [{"press": "think"}, {"press": "kvcompose", "compression_ratio": 0.6}]}),
+    ('{"press": "knorm", "compression_ratio": 0.3}', None, {"press": "knorm", "compression_ratio": 0.3}),
+    (None, None, None),  # the model's default press
+])
+def test_press_shorthands_beside_the_json_form(press, ratio, spec):
+    from service import press_spec
+
+    for command in (["compress", "d.txt", "--out", "x.kvc"], ["remote", "compress", "d.txt"],
+                    ["remote", "lookup", "d.txt"], ["remote", "ask", "q", "--document", "d.txt"]):
+        argv = command + (["--press", press] if press else []) + (["--ratio", ratio] if ratio else [])
+        args = cli.parser().parse_args(argv)
+        assert press_spec.resolve(args.press, args.ratio) == spec, argv
+
+
+def test_shorthands_build_and_a_bad_one_names_the_known_presses():
+    """The shorthand's specs are valid presses; an unknown name is refused in one line listing the
+    known ones (by the registry: the engine's or the service's)."""
+    from service import press_spec
+    from service.engine.presses import PressSpecError, canonical
+
+    assert canonical(press_spec.resolve("think+kvcompose", 0.5))["compose"][0]["press"] == "think"
+    with pytest.raises(PressSpecError, match=r"unknown press 'tovaa'; known: .*kvpress_kvcompose, "):
+        canonical(press_spec.resolve("tovaa", None))
+
+
+@pytest.mark.parametrize("press, ratio, message", [
+    ('{"press": "tova"}', 0.5, "--ratio goes with a press name"),
+    (None, 0.5, "--ratio goes with a press name"),
+    ("tova", 1.0, "--ratio must be in [0, 1)"),
+])
+def test_a_ratio_without_a_press_name_is_refused(press, ratio, message, tmp_path, capsys):
+    doc = tmp_path / "d.txt"
+    doc.write_text("text")
+    argv = ["remote", "compress", str(doc), "--addr", "127.0.0.1:1", "--ratio", str(ratio)]
+    assert cli.main(argv + (["--press", press] if press else [])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvcompose: error: ") and message in err and err.count("\n") == 1
+
+
+def test_the_sampling_penalties_are_flags_of_both_asks():
+    for argv in (["ask", "c.kvc", "q"], ["remote", "ask", "q", "--cache-id", "c"]):
+        args = cli.parser().parse_args(argv + ["--repetition-penalty", "1.3", "--presence-penalty", "-0.5"])
+        assert (args.repetition_penalty, args.frequency_penalty, args.presence_penalty) == (1.3, None, -0.5)
+        from service.serve.remote import penalties
+
+        assert penalties(args) == {"repetition_penalty": 1.3, "frequency_penalty": None, "presence_penalty": -0.5}
+
+
+def test_a_refused_connection_names_the_address_and_make_serve(capsys):
+    """Nobody listens on a free port: one line, the address, `make serve`; exit code 1."""
+    from service.local.processes import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    assert cli.main(["remote", "models", "--addr", address]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"nothing answers at {address}" in err and "make serve" in err, err
