@@ -119,3 +119,9 @@ def test_a_refused_connection_names_the_address_and_make_serve(capsys):
     assert cli.main(["remote", "models", "--addr", address]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"nothing answers at {address}" in err and "make serve" in err, err
+
+
+def test_sizes_for_people():
+    from service.serve.remote import size
+
+    assert [size(5), size(2048), size(3 * 1024**2 + 5), size(5 << 30)] == ["5 B", "2.0 KiB", "3.0 MiB", "5.0 GiB"]

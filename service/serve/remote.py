@@ -89,11 +89,10 @@ def _print_json(data: dict) -> None:
 
 def size(n: int) -> str:
     """Bytes for people: 1.5 MiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    value, unit = float(n), 0
+    while value >= 1024 and unit < 3:
+        value, unit = value / 1024, unit + 1
+    return f"{n:,} B" if unit == 0 else f"{value:.1f} {('KiB', 'MiB', 'GiB')[unit - 1]}"
 
 
 def compress(args: argparse.Namespace) -> int:
