@@ -20,7 +20,7 @@ STATIC = {"ragged": False, "static-steps": True, "static-kernel": "kernel"}
 def decode_loop(engine, limits: BatchLimits, static: bool | str) -> DecodeLoop:
     """A loop whose steps are ragged (row by row), static, or static through the batched Triton kernel
     (``service.engine.ragged_attention``, interpreted here: the path CUDA takes)."""
-    loop = DecodeLoop(engine, limits, static_steps=bool(static))
+    loop = engine.new_decode_loop(limits, static_steps=bool(static))
     if static == "kernel":
         loop._static = StepGraph(engine.loaded.model, capture=False, kernel=True)
     return loop
@@ -77,7 +77,7 @@ def test_batched_answers_equal_answers_alone(tiny_engine, caches, static):
 
 @pytest.mark.parametrize("static", [False, True], ids=["ragged", "static-steps"])
 def test_a_cancelled_answer_leaves_the_batch_and_the_others_go_on(tiny_engine, caches, static):
-    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=4), static_steps=static)
+    loop = tiny_engine.new_decode_loop(BatchLimits(max_batch=4), static_steps=static)
     short, long = Sampling(max_new_tokens=20), Sampling(max_new_tokens=1000)
     expected = alone(tiny_engine, caches[1], "Go on.", short)
 
@@ -97,7 +97,7 @@ def test_a_cancelled_answer_leaves_the_batch_and_the_others_go_on(tiny_engine, c
 
 def test_a_failing_answer_ends_alone_not_its_batch(tiny_engine, caches):
     """One row whose token cannot be picked (a fault injected into the pick) fails; the rest goes on."""
-    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=4))
+    loop = tiny_engine.new_decode_loop(BatchLimits(max_batch=4))
     good = alone(tiny_engine, caches[1], "Go on.", Sampling(max_new_tokens=12))
     broken = Sampling(max_new_tokens=12, temperature=1.0, seed=4242)  # marked by its seed
 
@@ -126,7 +126,7 @@ def held_loop(engine, limits: BatchLimits) -> tuple[DecodeLoop, threading.Event]
     """A decode loop whose question prefill waits for the returned event: an answer held there
     cannot finish (and free a place) while a test checks admission, so the test is about
     admission, not about timing."""
-    loop = DecodeLoop(engine, limits)
+    loop = engine.new_decode_loop(limits)
     gate, prefill = threading.Event(), loop._prefill
     loop._prefill = lambda rows: (gate.wait(), prefill(rows))[1]
     return loop, gate
@@ -210,7 +210,7 @@ def test_a_finished_answer_frees_its_place_before_its_client_hears_the_end(tiny_
 
 
 def test_memory_budget_admits_what_fits(tiny_engine, caches):
-    loop = DecodeLoop(tiny_engine, BatchLimits(max_batch=8, memory_bytes=loop_bytes(tiny_engine, caches[4])))
+    loop = tiny_engine.new_decode_loop(BatchLimits(max_batch=8, memory_bytes=loop_bytes(tiny_engine, caches[4])))
 
     async def main():
         return await asyncio.gather(*[collect(loop, caches[4], "Hi", Sampling(max_new_tokens=6)) for _ in range(3)])
@@ -218,11 +218,11 @@ def test_memory_budget_admits_what_fits(tiny_engine, caches):
     answers = asyncio.run(main())
     assert len({"".join(a) for a in answers}) == 1 and loop.peak_batch == 1  # one at a time, all answered
     with pytest.raises(ValueError, match="memory_bytes"):  # can never fit: a client error, not "retry"
-        asyncio.run(collect(DecodeLoop(tiny_engine, BatchLimits(memory_bytes=1000)), caches[0], "Hi", Sampling()))
+        asyncio.run(collect(tiny_engine.new_decode_loop(BatchLimits(memory_bytes=1000)), caches[0], "Hi", Sampling()))
 
 
 def loop_bytes(engine, kv) -> int:
-    return DecodeLoop(engine)._row_bytes(kv, 64)
+    return engine.new_decode_loop()._row_bytes(kv, 64)
 
 
 @pytest.mark.parametrize("static", [True, "kernel"], ids=["static-steps", "static-kernel"])

@@ -160,10 +160,8 @@ def test_targets_pick_the_decode_bound_by_device_and_mark_each_row():
 
 def test_decode_rows_record_how_the_steps_ran():
     from service.config import BatchLimits
-    from service.engine.batching import DecodeLoop
 
     model = gpu._build("qwen3-8b", "cpu", "float32", tiny=True)["model"]
-    engine = gpu._RandomEngine(model)
-    assert gpu.graph_state(DecodeLoop(engine, BatchLimits())) == "eager (static steps off)"  # the CPU's default
-    static = DecodeLoop(engine, BatchLimits(), static_steps=True)
+    assert gpu.graph_state(gpu.random_loop(model, BatchLimits())) == "eager (static steps off)"  # the CPU's default
+    static = gpu.random_loop(model, BatchLimits(), static_steps=True)
     assert gpu.graph_state(static) == static._static.state == "eager (not CUDA)"

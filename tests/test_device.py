@@ -20,7 +20,7 @@ from test_registry import OFFLINE, spec_for
 
 from service.cache import codec
 from service.config import CODECS
-from service.engine.batching import BatchLimits, DecodeLoop, Request, decode_tokens
+from service.engine.batching import BatchLimits, Request, decode_tokens
 from service.engine.decode import Sampling, question_logits
 from service.engine.prefill import prefill
 from service.engine.presses import build
@@ -132,7 +132,7 @@ def test_decode_loop_thread(tiny_engine, static):
         return await asyncio.gather(*(one(kv) for kv in caches))
 
     got = on_meta(asyncio.run, answer_all(decode_loop(tiny_engine, BatchLimits(max_batch=4), static)))
-    assert got == asyncio.run(answer_all(DecodeLoop(tiny_engine, BatchLimits(max_batch=4))))
+    assert got == asyncio.run(answer_all(tiny_engine.new_decode_loop(BatchLimits(max_batch=4))))
 
 
 def test_engine_compress_with_its_codec(tiny_engine):

@@ -42,8 +42,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # the model stack loads only for the rows that run it
+    from service.config import BatchLimits
+    from service.engine.batching import DecodeLoop
 
 DECODE_TOKENS = 256  # steady decoding: a capture and two eager steps are noise against it
 BATCH = 16
@@ -432,27 +437,8 @@ class _Ids:
         return "x" * len(tokens)
 
 
-@dataclass
-class _RandomEngine:
-    """What ``DecodeLoop`` needs of an engine, for a random model: fixed question ids, no stop tokens."""
-
-    model: torch.nn.Module
-
-    @property
-    def loaded(self):
-        return self
-
-    @property
-    def tokenizer(self) -> _Ids:
-        return _Ids()
-
-    def prepare(self, kv, question: str, sampling):
-        return _ids(self.model, QUESTION_TOKENS, seed=1), sampling
-
-
 def _decode(row: Row, state: dict, guard: Guard) -> dict:
     from service.config import BatchLimits
-    from service.engine.batching import DecodeLoop
     from service.engine.decode import Sampling
 
     model = state["model"]
@@ -462,8 +448,7 @@ def _decode(row: Row, state: dict, guard: Guard) -> dict:
         state.update(cache=_prefill(model, row.tokens, "plain" if row.method == "full" else row.method, guard),
                      cache_key=key)
     kv = state["cache"]  # made on the model's device
-    loop = DecodeLoop(_RandomEngine(model), BatchLimits(max_batch=BATCH, memory_bytes=1 << 40,
-                                                        cuda_graphs=row.cuda_graphs))
+    loop = random_loop(model, BatchLimits(max_batch=BATCH, memory_bytes=1 << 40, cuda_graphs=row.cuda_graphs))
     sampling = Sampling(max_new_tokens=DECODE_TOKENS)
 
     async def answer() -> tuple[int, float]:
@@ -486,6 +471,15 @@ def _decode(row: Row, state: dict, guard: Guard) -> dict:
     tokens = sum(n - 1 for n, _ in answers)  # after each answer's first token (its question's prefill)
     return {"tokens_per_s": tokens / (end - first), "ttft_s": first - start, "new_tokens": tokens + len(answers),
             "steps": loop.steps, "graph": graph_state(loop)}
+
+
+def random_loop(model: torch.nn.Module, limits: BatchLimits, static_steps: bool | None = None) -> DecodeLoop:
+    """The service's decode loop over a random model: every question is the same fixed ids, and
+    answers are counted, not read (no stop tokens)."""
+    from service.engine.batching import DecodeLoop
+
+    question = _ids(model, QUESTION_TOKENS, seed=1)
+    return DecodeLoop(model, _Ids(), lambda kv, text, sampling: (question, sampling), limits, static_steps)
 
 
 def graph_state(loop) -> str:

@@ -29,7 +29,7 @@ from service.bench import metrics, ruler
 from service.cache import codec
 from service.cache.kvcache import CacheMeta, CompressedKV
 from service.config import BatchLimits
-from service.engine.batching import DecodeLoop, Request
+from service.engine.batching import Request
 from service.engine.engine import Engine
 from service.engine.prefill import collect
 from service.engine.presses import build, canonical, presses_in
@@ -228,7 +228,7 @@ class AccuracyRun:
 
         # The service's decode loop, in this thread: ANSWER_BATCH rows at a time, a row leaving frees its place.
         sampling = Sampling(max_new_tokens=sample.max_new_tokens, stop_token_ids=self.engine.stop_token_ids())
-        loop = DecodeLoop(self.engine, BatchLimits(max_batch=ANSWER_BATCH, memory_bytes=1 << 50))
+        loop = self.engine.new_decode_loop(BatchLimits(max_batch=ANSWER_BATCH, memory_bytes=1 << 50))
         answers = loop.answer([Request(kv, question, sampling, until=finished) for kv in kvs])
         return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in answers]
 

@@ -36,7 +36,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -44,14 +43,14 @@ from service.cache.kvcache import CompressedKV
 from service.config import BatchLimits
 from service.engine.decode import Sampling, padded_cache, pick_token, ragged_cache
 from service.engine.step_graph import StepGraph
-from service.engine.text_stream import TextStream
+from service.engine.text_stream import TextStream, Tokenizer
 from service.protocol import Overloaded
-
-if TYPE_CHECKING:  # the engine answers through this loop (``Engine.stream``): no import at run time
-    from service.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 _DONE = object()
+
+# (cache, question, sampling) -> (question ids, sampling as decoded), or ValueError: ``Engine.prepare``
+Prepare = Callable[[CompressedKV, str, Sampling], tuple[list[int], Sampling]]
 
 
 @dataclass(frozen=True)
@@ -112,15 +111,18 @@ class DecodeLoop:
     """The replica's decode loop; ``stream`` is its only entry. ``steps``, ``peak_batch`` and
     ``peak_joining`` (most questions prefilled in one forward) are for metrics and tests."""
 
-    def __init__(self, engine: Engine, limits: BatchLimits | None = None, static_steps: bool | None = None):
-        """static_steps: decode steps over fixed buffers (``service.engine.step_graph``), replayed as CUDA
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None, prepare: Prepare | None = None,
+                 limits: BatchLimits | None = None, static_steps: bool | None = None):
+        """tokenizer: None = token ids only, no text. prepare: turns ``stream``'s question into ids
+        (``Engine.prepare``); None = ``stream`` is refused, ``answer`` and ``stream_here`` take ids.
+        static_steps: decode steps over fixed buffers (``service.engine.step_graph``), replayed as CUDA
         graphs on CUDA (unless ``decode_batch.cuda_graphs`` is false); None = on CUDA only."""
-        self.engine = engine
+        self.model, self.tokenizer, self.prepare = model, tokenizer, prepare
         self.limits = limits or BatchLimits()
-        device = engine.loaded.model.device
+        device = model.device
         self._static = None
         if static_steps if static_steps is not None else device.type == "cuda":
-            self._static = StepGraph(engine.loaded.model, capture=device.type == "cuda" and self.limits.cuda_graphs)
+            self._static = StepGraph(model, capture=device.type == "cuda" and self.limits.cuda_graphs)
         self.steps = 0
         self.peak_batch = 0
         self.peak_joining = 0
@@ -155,7 +157,9 @@ class DecodeLoop:
                      stop_strings: tuple[str, ...] = ()) -> AsyncIterator[tuple[int, str]]:
         """(tokens so far, text piece) as this answer is decoded in the batch. Leaving early (a
         cancelled or disconnected client) takes the answer out of the batch at the next step."""
-        question_ids, sampling = await asyncio.to_thread(self.engine.prepare, kv, question, sampling)
+        if self.prepare is None:
+            raise TypeError("this decode loop has no prepare: give it question ids through answer()")
+        question_ids, sampling = await asyncio.to_thread(self.prepare, kv, question, sampling)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         answer = self._answer(Request(kv, question_ids, sampling, stop_strings), _emitter(loop, queue))
         with self._cond:
@@ -220,7 +224,7 @@ class DecodeLoop:
                     self._waiting.clear()
 
     def _answer(self, r: Request, emit: Callable[[object], None]) -> _Answer:
-        answer = _Answer(r.kv, r.question_ids, r.sampling, TextStream(self.engine.loaded.tokenizer, r.stop_strings),
+        answer = _Answer(r.kv, r.question_ids, r.sampling, TextStream(self.tokenizer, r.stop_strings),
                          emit, self._row_bytes(r.kv, _padded_width(len(r.question_ids)) + r.sampling.max_new_tokens),
                          until=r.until)
         if answer.nbytes > self.limits.memory_bytes:  # retrying cannot help: a client error
@@ -230,7 +234,7 @@ class DecodeLoop:
         return answer
 
     def _row_bytes(self, kv: CompressedKV, room: int) -> int:
-        size = self.engine.loaded.model.dtype.itemsize
+        size = self.model.dtype.itemsize
         return sum(2 * k.shape[0] * (k.shape[1] + room) * k.shape[2] * size for k in kv.keys)
 
     def _start_thread(self) -> None:
@@ -302,7 +306,7 @@ class DecodeLoop:
 
     def _prefill(self, answers: list[_Answer]) -> None:
         """The questions of newly admitted answers, in one forward, each row padded at its end."""
-        model = self.engine.loaded.model
+        model = self.model
         device = model.device
         width = max(len(a.question_ids) for a in answers)
         for a in answers:
@@ -343,7 +347,7 @@ class DecodeLoop:
         _take_all(answers, logits)
 
     def _ragged_step(self, answers: list[_Answer]) -> torch.Tensor:
-        model = self.engine.loaded.model
+        model = self.model
         device = model.device
         layers = len(answers[0].evicted)
         out = model(input_ids=torch.tensor([[a.last] for a in answers], device=device),
@@ -353,22 +357,11 @@ class DecodeLoop:
         return out.logits[:, -1]
 
 
-class _TokensOnly:
-    """What the loop needs of an engine when only token ids matter: a model, and no text."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.loaded, self.tokenizer, self.model = self, self, model
-
-    @staticmethod
-    def decode(tokens: list[int], skip_special_tokens: bool = True) -> str:
-        return ""
-
-
 def decode_tokens(model: torch.nn.Module, requests: list[Request],
                   limits: BatchLimits | None = None) -> list[list[int]]:
     """The loop over a bare model, token ids in and out (benchmarks and tests on random models):
-    ``DecodeLoop.answer`` without an engine."""
-    return DecodeLoop(_TokensOnly(model), limits or BatchLimits(memory_bytes=1 << 50)).answer(requests)
+    ``DecodeLoop.answer`` without a tokenizer."""
+    return DecodeLoop(model, None, limits=limits or BatchLimits(memory_bytes=1 << 50)).answer(requests)
 
 
 def _padded_width(question_tokens: int) -> int:

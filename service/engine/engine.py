@@ -69,8 +69,12 @@ class Engine:
         own loop code, driven in the caller's thread, one per thread; no memory budget but the host's."""
         loop = getattr(self._loops, "loop", None)
         if loop is None:
-            loop = self._loops.loop = DecodeLoop(self, BatchLimits(memory_bytes=1 << 50))
+            loop = self._loops.loop = self.new_decode_loop(BatchLimits(memory_bytes=1 << 50))
         return loop
+
+    def new_decode_loop(self, limits: BatchLimits | None = None, static_steps: bool | None = None) -> DecodeLoop:
+        """A decode loop over this engine's model, its questions prepared by ``prepare``."""
+        return DecodeLoop(self.loaded.model, self.loaded.tokenizer, self.prepare, limits, static_steps)
 
     @property
     def device(self) -> torch.device:

@@ -1,16 +1,23 @@
 """Generated token ids -> text pieces, for streaming: a piece is sent once it can no longer change.
 
 Text is held back while it may be the start of a stop string or an incomplete character; a stop
-string ends the answer (not included).
+string ends the answer (not included). Without a tokenizer only the token ids are kept (benchmarks
+and tests on random models).
 """
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+from typing import Protocol
+
+
+class Tokenizer(Protocol):
+    """What a stream needs of a tokenizer (a transformers ``PreTrainedTokenizerBase`` is one)."""
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
 class TextStream:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_strings: tuple[str, ...] = ()):
+    def __init__(self, tokenizer: Tokenizer | None, stop_strings: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.stop_strings = stop_strings
         self.tokens: list[int] = []
@@ -20,6 +27,8 @@ class TextStream:
     def add(self, token: int) -> str:
         """The new piece of text this token makes final ("" if none)."""
         self.tokens.append(token)
+        if self.tokenizer is None:
+            return ""
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         cut = min((text.find(s) for s in self.stop_strings if s in text), default=-1)
         if cut >= 0:
@@ -32,7 +41,7 @@ class TextStream:
 
     def finish(self) -> str:
         """What is left once no more tokens come."""
-        if self.stopped:
+        if self.stopped or self.tokenizer is None:
             return ""
         return self._send(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
 

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from service.cache import codec
 from service.cache.kvcache import CompressedKV
 from service.config import BatchLimits
-from service.engine.batching import DecodeLoop
 from service.engine.decode import Sampling
 from service.engine.engine import Engine
 from service.malloc import keep_freed_memory
@@ -69,7 +68,7 @@ class Answerer:
         self.revalidate_s = revalidate_s
         self.fetches = 0
         self._checked: dict[tuple[str, str], tuple[float, bytes]] = {}  # key -> (monotonic time, sha256)
-        self.decoder = DecodeLoop(engine, batch)
+        self.decoder = engine.new_decode_loop(batch)
         self._fetching: dict[tuple[str, str], asyncio.Future] = {}  # one fetch per cache at a time
         keep_freed_memory()  # a decode process: fetches reuse freed pages (service/malloc.py)
 
