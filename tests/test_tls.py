@@ -129,7 +129,7 @@ def test_a_tls_store_answers_plaintext_health_probes_on_their_own_port(pki):
     health_port = free_port()
 
     async def go():
-        server, port, store = await start_server(config, "127.0.0.1:0", health_address=f"127.0.0.1:{health_port}")
+        server = await start_server(config, "127.0.0.1:0", health_address=f"127.0.0.1:{health_port}")
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as probe:
                 stub = health_pb2_grpc.HealthStub(probe)
@@ -139,13 +139,11 @@ def test_a_tls_store_answers_plaintext_health_probes_on_their_own_port(pki):
                         break
                     await asyncio.sleep(0.1)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:  # the store itself: TLS only
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as plain:  # the store itself: TLS only
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)
                 assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         finally:
-            await server._kvc_health_server.stop(None)
-            await server.stop(None)
-            await store.close()
+            await server.stop()
 
     asyncio.run(go())

@@ -15,6 +15,7 @@ import logging
 import signal
 import time
 import uuid
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -204,9 +205,30 @@ def add_to_server(servicer: PrefixStoreServicer, server: grpc.aio.Server) -> Non
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
+@dataclass(eq=False)
+class StoreServer:
+    """A running store server (``start_server``): its port, and ``stop`` for all it started."""
+
+    port: int
+    store: RedisStore
+    _server: grpc.aio.Server
+    _probe: grpc.aio.Server | None  # the plaintext health port, if any
+    _watchers: tuple[asyncio.Task, ...]  # health and usage; held here so they live as long as the server
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop serving (calls in flight get ``grace`` seconds), then the health port, the watchers
+        and the Redis connections."""
+        await self._server.stop(grace)
+        if self._probe is not None:
+            await self._probe.stop(None)
+        for task in self._watchers:
+            task.cancel()
+        await self.store.close()
+
+
 async def start_server(config: StoreConfig, address: str = "127.0.0.1:0", metrics_address: str = "",
-                       health_address: str = "") -> tuple[grpc.aio.Server, int, RedisStore]:
-    """Start serving on ``address`` (port 0 = any free port); returns (server, port, store).
+                       health_address: str = "") -> StoreServer:
+    """Start serving on ``address`` (port 0 = any free port).
     ``metrics_address`` (host:port): where Prometheus scrapes ``/metrics`` ("" = not exported).
     ``health_address``: gRPC health alone, in plaintext, for probes that cannot speak TLS (the
     kubelet's gRPC probe): it tells whether the store serves, nothing else.
@@ -228,17 +250,15 @@ async def start_server(config: StoreConfig, address: str = "127.0.0.1:0", metric
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = add_port(server, address, config.tls)
     await server.start()
-    # lives with the server
-    server._kvc_health_task = asyncio.create_task(_watch_redis(store, health_servicer, metrics))
-    server._kvc_usage_task = asyncio.create_task(_watch_usage(store, metrics))
-    server._kvc_health_server = None
+    watchers = (asyncio.create_task(_watch_redis(store, health_servicer, metrics)),
+                asyncio.create_task(_watch_usage(store, metrics)))
+    probe = None
     if health_address:
         probe = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe)
         probe.add_insecure_port(health_address)
         await probe.start()
-        server._kvc_health_server = probe
-    return server, port, store
+    return StoreServer(port, store, server, probe, watchers)
 
 
 async def serve(config: StoreConfig, address: str, metrics_address: str = "", health_address: str = "") -> None:
@@ -249,19 +269,18 @@ async def serve(config: StoreConfig, address: str, metrics_address: str = "", he
         embedded = EmbeddedRedis().start()
         config = StoreConfig(**{**config.__dict__, "redis_url": embedded.url})
         log.info("no REDIS_URL: started an embedded redis-server at %s", embedded.safe_url)
-    server, port, store = await start_server(config, address, metrics_address, health_address)
+    running = await start_server(config, address, metrics_address, health_address)
     tls = config.tls
     mode = "plaintext" if tls is None or not tls.serves else "mutual TLS" if tls.client_auth else "TLS"
-    log.info("PrefixStore serving on port %d over %s (Redis %s)", port, mode, redacted(config.redis_url))
+    log.info("PrefixStore serving on port %d over %s (Redis %s)", running.port, mode, redacted(config.redis_url))
+    stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop cleanly: finish calls in flight (5 s), no traceback
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop(grace=5)))
+        loop.add_signal_handler(sig, stopping.set)
     try:
-        await server.wait_for_termination()
+        await stopping.wait()
     finally:
-        if server._kvc_health_server is not None:
-            await server._kvc_health_server.stop(grace=None)
-        await store.close()
+        await running.stop(grace=5)
         if embedded:
             embedded.stop()
         log.info("PrefixStore stopped")
