@@ -66,7 +66,7 @@ def test_a_granted_read_returns_the_stored_bytes_read_directly(server, direct_cl
     m, chunks = direct_client.fetch_chunks(manifest.cache_id)
     assert b"".join(chunks) == data and m.cache_id == manifest.cache_id
     assert len(chunks) == manifest.chunk_count  # as stored, not copied into one buffer
-    assert direct_client.reads == {"direct": 1, "fetch": 0, "fallback": 0}
+    assert direct_client.read_counts() == {"direct": 1, "fetch": 0, "fallback": 0}
     # the chunks decode as the joined bytes do, without the codec hashing them again
     from_chunks, from_bytes = codec.decode(chunks, verified=True), codec.decode(data)
     assert all((a == b).all() for a, b in zip(from_chunks.keys + from_chunks.values,
@@ -80,7 +80,7 @@ def test_a_grant_is_for_the_callers_tenant_only(server, direct_client, tiny_engi
     _, names = direct_client.grant(manifest.cache_id, tenant="acme")
     assert names and all(k.startswith(f"kvc:{{acme/{manifest.cache_id}}}:chunk:") for k in names)
     assert direct_client.fetch_chunks(manifest.cache_id, tenant="acme")[1]
-    assert direct_client.reads["fallback"] == 0
+    assert direct_client.read_counts()["fallback"] == 0
 
 
 @pytest.mark.parametrize("how,error", [("flip", DataLoss), ("delete", NotFound)])
@@ -92,7 +92,7 @@ def test_a_damaged_or_missing_chunk_is_never_returned_and_the_store_decides(serv
     damage(server, "default", manifest.cache_id, 1, how)
     with pytest.raises(error):
         direct_client.fetch_chunks(manifest.cache_id)
-    assert direct_client.reads == {"direct": 0, "fetch": 0, "fallback": 1}
+    assert direct_client.read_counts() == {"direct": 0, "fetch": 0, "fallback": 1}
     with pytest.raises(NotFound):
         direct_client.stat(manifest.cache_id)  # the entry is gone for everyone
 
@@ -119,9 +119,9 @@ def test_wrong_reader_credentials_or_no_redis_fall_back_to_fetch(server, redis_s
     for url in (wrong, "redis://127.0.0.1:1/0"):
         with server.client(direct=DirectReader(url, timeout_s=1.0)) as client:
             assert client.fetch(manifest.cache_id)[1] == data
-            assert client.reads == {"direct": 0, "fetch": 1, "fallback": 1}
+            assert client.read_counts() == {"direct": 0, "fetch": 1, "fallback": 1}
             assert client.fetch(manifest.cache_id)[1] == data
-            assert client.reads == {"direct": 0, "fetch": 2, "fallback": 1} and not client.direct.usable()
+            assert client.read_counts() == {"direct": 0, "fetch": 2, "fallback": 1} and not client.direct.usable()
 
 
 def test_a_cluster_without_the_reader_user_falls_back_and_never_fails_a_decoder(tiny_engine, redis_cluster):
@@ -135,7 +135,7 @@ def test_a_cluster_without_the_reader_user_falls_back_and_never_fails_a_decoder(
     with ServerProcess(config) as server, server.client(direct=DirectReader(wrong, cluster=True)) as client:
         m, _ = client.put(key, ids, data)
         assert client.fetch(m.cache_id)[1] == data
-        assert client.reads == {"direct": 0, "fetch": 1, "fallback": 1}
+        assert client.read_counts() == {"direct": 0, "fetch": 1, "fallback": 1}
 
 
 def test_the_reader_user_can_only_read_the_stores_keys(redis_server):
@@ -181,7 +181,7 @@ def test_a_cluster_entry_is_read_from_the_node_holding_its_slot(tiny_engine, red
     with ServerProcess(config) as server, server.client(direct=DirectReader(url, cluster=True)) as client:
         m, _ = client.put(key, ids, data)
         assert client.fetch(m.cache_id)[1] == data
-        assert client.reads == {"direct": 1, "fetch": 0, "fallback": 0}
+        assert client.read_counts() == {"direct": 1, "fetch": 0, "fallback": 0}
 
 
 @pytest.mark.parametrize("press", [None, {"press": "kvcompose", "compression_ratio": 0.6, "structured": False}])

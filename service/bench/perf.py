@@ -378,8 +378,8 @@ def _reader(stack: StoreStack, method: str, cache_id: str):
 
     def read() -> list[bytes]:
         chunks = client.fetch_chunks(cache_id)[1]
-        if client.reads["fallback"]:  # a broken reader would time the store's Fetch as the grant's
-            raise RuntimeError(f"the read grant fell back to Fetch: {client.reads}")
+        if client.read_counts()["fallback"]:  # a broken reader would time the store's Fetch as the grant's
+            raise RuntimeError(f"the read grant fell back to Fetch: {client.read_counts()}")
         return chunks
 
     read()  # warm: channel and connections, as a running decoder has them

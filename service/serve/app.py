@@ -95,11 +95,10 @@ class Decoder:
         from service.serve.answerer import Answerer
         from service.serve.metrics import ServiceMetrics
 
-        client = _store_client(store, store_address)
-        self.reads = client.client.reads  # which way the client read each cache: direct, fetch, fallback
-        self.worker = Answerer(Engine(engine), client, lru_bytes, batch=decode_batch)
+        self.store = _store_client(store, store_address)
+        self.worker = Answerer(Engine(engine), self.store, lru_bytes, batch=decode_batch)
         self.metrics = ServiceMetrics()
-        self._reads_exported = dict(self.reads)
+        self._reads_exported = self.store.read_counts()  # which way the client read each cache
 
     async def generate(self, tenant: str, cache_id: str, question: str, sampling, stop: tuple) -> AsyncIterator:
         try:
@@ -115,15 +114,16 @@ class Decoder:
             yield messages.error_dict(e)
 
     def _export_reads(self) -> None:
-        """The store client's fetch paths since the last export (on the replica's loop: no race)."""
-        for path, count in self.reads.items():
+        """The store client's fetch paths since the last export (on the replica's loop, so only
+        the client's own counting races this, and its lock covers that)."""
+        for path, count in self.store.read_counts().items():
             if count > self._reads_exported[path]:
                 self.metrics.fetches.inc(count - self._reads_exported[path], tags={"path": path})
                 self._reads_exported[path] = count
 
     def counters(self) -> dict:
         loop = self.worker.decoder
-        return {"fetches": self.worker.fetches, "fetch_paths": dict(self.reads),
+        return {"fetches": self.worker.fetches, "fetch_paths": self.store.read_counts(),
                 "lru_entries": len(self.worker.lru.items), "decode_steps": loop.steps, "peak_batch": loop.peak_batch}
 
     async def record_routing_stats(self) -> dict:  # async: runs on the replica's loop, beside the LRU's users

@@ -8,8 +8,8 @@ With ``tls`` (``StoreConfig.tls``) it verifies the store's certificate and prese
 
 With a ``direct`` reader (``StoreConfig.redis_read_url``), ``fetch`` asks the store for a read grant
 and reads the chunks from Redis itself (``direct.py``), falling back to the store's Fetch when that
-fails; ``reads`` counts the ways: ``direct`` reads, ``fetch`` streams (after a fallback too) and
-``fallback``s (direct reads that failed).
+fails; ``read_counts()`` counts the ways: ``direct`` reads, ``fetch`` streams (after a fallback too)
+and ``fallback``s (direct reads that failed).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class PrefixStoreClient:
                  direct: DirectReader | None = None):
         self.target = target
         self.direct = direct
-        self.reads = {"direct": 0, "fetch": 0, "fallback": 0}
+        self._reads = {"direct": 0, "fetch": 0, "fallback": 0}
         self._reads_lock = threading.Lock()  # fetches run on several threads (asyncio.to_thread)
         self.channel = channel(target, tls, store_options())
         self.stub = pb_grpc.PrefixStoreStub(self.channel)
@@ -139,7 +139,12 @@ class PrefixStoreClient:
 
     def _count(self, path: str) -> None:
         with self._reads_lock:
-            self.reads[path] += 1
+            self._reads[path] += 1
+
+    def read_counts(self) -> dict[str, int]:
+        """How many caches this client read each way so far (a copy): direct, fetch, fallback."""
+        with self._reads_lock:
+            return dict(self._reads)
 
     def grant(self, cache_id: str, *, tenant: str | None = None) -> tuple[pb.Manifest, list[str]]:
         """A read grant: (manifest, chunk key names) of the tenant's live entry (raises NotFound)."""
@@ -187,6 +192,10 @@ class AsyncPrefixStoreClient:
 
     def close(self) -> None:
         self.client.close()
+
+    def read_counts(self) -> dict[str, int]:
+        """``PrefixStoreClient.read_counts``."""
+        return self.client.read_counts()
 
     async def put(self, key: CacheKey, context_ids: Sequence[int], data: bytes,
                   ttl_s: int | None = None) -> tuple[Manifest, bool]:
