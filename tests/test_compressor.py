@@ -11,6 +11,7 @@ from conftest import random_ids
 from store_helpers import with_store
 
 from service.serve.compressor import CacheCompressor
+from service.serve.metrics import TallyExport
 from service.store.manifest import Manifest
 
 PRESS = {"press": "knorm", "compression_ratio": 0.5}
@@ -32,6 +33,33 @@ def test_a_stored_document_does_not_wait_behind_a_prefill(tiny_engine):
         assert compressor.prefills == 2
 
     with_store(go)
+
+
+class Recorded:
+    """Stands in for a ``ray.util.metrics.Counter`` (which cannot be read back): its increments."""
+
+    def __init__(self):
+        self.increments = []
+
+    def inc(self, value: float = 1.0, tags: dict | None = None) -> None:
+        self.increments.append((value, tags))
+
+
+def test_the_compressors_own_writes_count_as_stored_entries(tiny_engine):
+    """The Compressor writes caches to Redis itself, never through the store server's Put, so it
+    counts its entries too, and its deployment exports them (``ray_kvcompose_store_entries_total``)."""
+    counter = Recorded()
+    export = TallyExport(counter, "outcome")
+
+    async def go(store):
+        compressor = CacheCompressor(tiny_engine, store)
+        for ids in (random_ids(90, seed=85), random_ids(90, seed=85), random_ids(95, seed=86)):
+            await compressor.compress("default", ids, PRESS)
+            export.export(compressor.store.outcomes)  # as ``app.Compressor.compress`` does after each
+        return compressor.store.outcomes["put"]
+
+    assert with_store(go) == 2  # the second is reused: nothing written
+    assert counter.increments == [(1, {"outcome": "put"}), (1, {"outcome": "put"})]
 
 
 def test_kept_tokens_mean_the_same_in_the_engine_the_api_and_the_store(tiny_engine):

@@ -58,19 +58,22 @@ class Compressor:
     def __init__(self, engine: EngineConfig, store: dict):
         from service.engine.engine import Engine
         from service.serve.compressor import CacheCompressor
-        from service.serve.metrics import ServiceMetrics
+        from service.serve.metrics import ServiceMetrics, TallyExport
         from service.store.redis_store import RedisStore, connect
 
         store_config = StoreConfig.from_env(**store)
         self.worker = CacheCompressor(Engine(engine),
                                       RedisStore(connect(store_config, store_config.redis_url), store_config))
         self.metrics = ServiceMetrics()
+        self._entries = TallyExport(self.metrics.store_entries, "outcome")  # what it wrote to Redis itself
 
     async def compress(self, tenant: str, kwargs: dict) -> dict:
         try:
             r = await self.worker.compress(tenant, **kwargs)
         except Exception as e:  # noqa: BLE001 - errors cross the handle as data
             return messages.error_dict(e)
+        finally:
+            self._entries.export(self.worker.store.outcomes)
         self.metrics.compress_s.observe(r.seconds, tags={"reused": str(r.reused).lower()})
         self.metrics.cache.inc(tags={"result": "hit" if r.reused else "miss"})
         if not r.reused:
@@ -93,12 +96,12 @@ class Decoder:
                  decode_batch: BatchLimits):
         from service.engine.engine import Engine
         from service.serve.answerer import Answerer
-        from service.serve.metrics import ServiceMetrics
+        from service.serve.metrics import ServiceMetrics, TallyExport
 
         self.store = _store_client(store, store_address)
         self.worker = Answerer(Engine(engine), self.store, lru_bytes, batch=decode_batch)
         self.metrics = ServiceMetrics()
-        self._reads_exported = self.store.read_counts()  # which way the client read each cache
+        self._fetch_paths = TallyExport(self.metrics.fetches, "path", self.store.read_counts())  # how it read caches
 
     async def generate(self, tenant: str, cache_id: str, question: str, sampling, stop: tuple) -> AsyncIterator:
         try:
@@ -108,18 +111,10 @@ class Decoder:
                 else:
                     if item.fetched_bytes:  # Ray counters take positive increments only
                         self.metrics.bytes_fetched.inc(item.fetched_bytes)
-                        self._export_reads()
+                        self._fetch_paths.export(self.store.read_counts())
                     yield {"stats": item}
         except Exception as e:  # noqa: BLE001
             yield messages.error_dict(e)
-
-    def _export_reads(self) -> None:
-        """The store client's fetch paths since the last export (on the replica's loop, so only
-        the client's own counting races this, and its lock covers that)."""
-        for path, count in self.store.read_counts().items():
-            if count > self._reads_exported[path]:
-                self.metrics.fetches.inc(count - self._reads_exported[path], tags={"path": path})
-                self._reads_exported[path] = count
 
     def counters(self) -> dict:
         loop = self.worker.decoder

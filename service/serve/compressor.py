@@ -17,15 +17,17 @@ from service.engine.engine import Engine
 from service.engine.presses import canonical
 from service.engine.selection import SELECTION_REVISION
 from service.protocol import CompressResult
+from service.store.metered import MeteredStore
 from service.store.redis_store import RedisStore
 
 
 class CacheCompressor:
-    """Engine + prefix store. ``prefills`` counts model prefills done by this process."""
+    """Engine + prefix store. ``prefills`` counts model prefills done by this process; ``store.outcomes``
+    the entries it wrote (it writes to Redis itself, so the store server never sees these puts)."""
 
     def __init__(self, engine: Engine, store: RedisStore):
         self.engine = engine
-        self.store = store
+        self.store = MeteredStore(store)
         self.prefills = 0
         self._model_lock = asyncio.Lock()  # one model call at a time per replica
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from ray.util.metrics import Counter, Histogram
 
 _LATENCY_S = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
@@ -24,6 +26,24 @@ class ServiceMetrics:
                                "grant), fetch (the store's stream, fallbacks included), fallback (a read "
                                "grant's read failed)",
                                tag_keys=("path",))
+        self.store_entries = Counter("kvcompose_store_entries_total", "Entries the Compressor wrote to Redis "
+                                     "itself (outcome=put); the store server counts those written through it",
+                                     tag_keys=("outcome",))
         self.kept_fraction = Histogram("kvcompose_kept_fraction",
                                        "Fraction of context tokens kept by compression (net of head-wise evictions)",
                                        boundaries=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+
+
+class TallyExport:
+    """Exports a tally kept by Ray-free code (name -> count so far) to a Ray counter tagged by name:
+    each ``export`` adds what grew since the last (Ray counters take increments, not totals)."""
+
+    def __init__(self, counter: Counter, tag: str, start: Mapping[str, int] | None = None):
+        self.counter, self.tag = counter, tag
+        self.sent = dict(start or {})
+
+    def export(self, tally: Mapping[str, int]) -> None:
+        for name, count in tally.items():
+            if count > self.sent.get(name, 0):
+                self.counter.inc(count - self.sent.get(name, 0), tags={self.tag: name})
+                self.sent[name] = count

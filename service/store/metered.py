@@ -4,13 +4,15 @@ Outcomes (``outcomes``, exported as ``kvcompose_store_entries{outcome}``): ``put
 ``hit`` (a verified read), ``grant`` (a direct reader was given the chunk names; whether its bytes
 verify, the store does not see), ``miss`` with ``missing_chunk_deleted`` (chunks were evicted under
 an entry), ``corrupt_deleted`` (bytes failed their checksum). An entry that simply is not there is no
-outcome of an entry; the server's request counts show it as NOT_FOUND.
+outcome of an entry; the server's request counts show it as NOT_FOUND. Whoever writes entries counts
+them: the store server around its ``RedisStore``, and the Compressor around its own, which writes to
+Redis without the server (``get_or_create``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from service.cache.ids import CacheKey
@@ -22,8 +24,8 @@ OUTCOMES = ("put", "hit", "grant", "miss", "missing_chunk_deleted", "corrupt_del
 
 
 class MeteredStore:
-    """A ``PrefixStore`` that counts what happens to entries; ``stream`` and ``grant`` pass through to
-    backends that have them (``RedisStore``)."""
+    """A ``PrefixStore`` that counts what happens to entries; ``stream``, ``grant`` and
+    ``get_or_create`` pass through to backends that have them (``RedisStore``)."""
 
     def __init__(self, inner: PrefixStore):
         self.inner = inner
@@ -36,6 +38,14 @@ class MeteredStore:
         if not existed:
             self.outcomes["put"] += 1
         return m, existed
+
+    async def get_or_create(self, key: CacheKey, context_ids: Sequence[int], compute: Callable[[], Awaitable[bytes]],
+                            ttl_s: int | None = None) -> tuple[Manifest, bool]:
+        """The backend's single flight (``RedisStore.get_or_create``); a created entry is a put."""
+        m, created = await self.inner.get_or_create(key, context_ids, compute, ttl_s)
+        if created:
+            self.outcomes["put"] += 1
+        return m, created
 
     async def fetch(self, cache_id: str, *, tenant: str) -> tuple[Manifest, list[bytes]]:
         with self._reading():
