@@ -40,6 +40,20 @@ class _Bucket:
     at: float
 
 
+@dataclass
+class _Fading:
+    """A count that fades by e every second (half-life about 0.7 s): a tenant's recent refusals."""
+
+    count: float
+    at: float
+
+    def add(self, now: float) -> float:
+        """Count one at ``now``; the faded count before it."""
+        before = self.count * math.exp(-(now - self.at))
+        self.count, self.at = before + 1, now
+        return before
+
+
 class Admission:
     """The retry hint of a refusal says when a retry is likely to get in, counting the tenant's other
     recent refusals (decaying, half-life about 0.7 s): 16 clients refused together are told to come
@@ -50,7 +64,7 @@ class Admission:
         self.limits, self.clock, self.shared = limits, clock, shared
         self._buckets: dict[str, _Bucket] = {}
         self._inflight: dict[tuple[str, str], int] = {}
-        self._refused: dict[tuple[str, str], _Bucket] = {}  # recent refusals, decaying
+        self._refused: dict[tuple[str, str], _Fading] = {}  # recent refusals
         # how long one lasts (EWMA): the retry hint of a refused one, when one of the tenant's ends
         self._typical_s = {kind: 1.0 for kind in KINDS}
         self._local_until = -math.inf  # limits are this process's alone until then (Redis failed)
@@ -133,11 +147,8 @@ class Admission:
         self._local_until = time.monotonic() + RETRY_SHARED_S
 
     def _refusal(self, tenant: str, kind: str, now: float) -> float:
-        """Count one refusal; the tenant's recent refusals before it (decayed)."""
-        seen = self._refused.setdefault((tenant, kind), _Bucket(0.0, now))
-        before = seen.tokens * math.exp(-(now - seen.at))
-        seen.tokens, seen.at = before + 1, now
-        return before
+        """Count one refusal; the tenant's recent refusals before it (faded)."""
+        return self._refused.setdefault((tenant, kind), _Fading(0.0, now)).add(now)
 
     def inflight(self, tenant: str, kind: str) -> int:
         """This process's admitted ``kind`` calls of ``tenant`` now in flight."""
