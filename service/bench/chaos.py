@@ -243,8 +243,17 @@ def window_s(report: ChaosReport) -> int:
 
 
 def rolling(values: list[int], window: int) -> list[float]:
-    """The mean of each ``window`` bins from each one on (shorter at the end)."""
+    """The mean of each ``window`` bins from each one on (shorter at the end): throughput as the
+    recovery reads it and the plot draws it."""
     return [statistics.mean(values[t : t + window]) for t in range(len(values))]
+
+
+def baseline(report: ChaosReport) -> float:
+    """Answers per second before the first fault, after two seconds of warm-up (the whole run's
+    mean when the first fault comes too early for that)."""
+    ok, _ = report.bins()
+    first = int(report.faults[0].at_s) if report.faults else len(ok)
+    return statistics.mean(ok[2:first]) if first > 3 else statistics.mean(ok or [0])
 
 
 def recovery(report: ChaosReport) -> None:
@@ -252,24 +261,21 @@ def recovery(report: ChaosReport) -> None:
     pre-fault baseline (None: not before the next fault or the end)."""
     ok, _ = report.bins()
     window = window_s(report)
-    first = int(report.faults[0].at_s) if report.faults else len(ok)
-    baseline = statistics.mean(ok[2:first]) if first > 3 else statistics.mean(ok or [0])
+    base = baseline(report)
     smooth = rolling(ok, window)
     ends = [int(f.at_s) for f in report.faults[1:]] + [len(ok)]
     for fault, end in zip(report.faults, ends):
         begin = int(fault.at_s)
         for t in range(begin, max(begin, end - window + 1)):
-            if smooth[t] >= 0.8 * baseline:
+            if smooth[t] >= 0.8 * base:
                 fault.recovered_s = round(max(0.0, t - fault.at_s), 1)
                 break
 
 
 def summary(report: ChaosReport) -> dict:
-    ok, _ = report.bins()
-    first = int(report.faults[0].at_s) if report.faults else len(ok)
     return {"duration_s": report.duration_s, "clients": report.clients, "deadline_s": report.deadline_s,
             "calls": len(report.calls), "statuses": dict(report.statuses()), "wrong": len(report.wrong),
-            "late": len(report.late), "baseline_answers_per_s": round(statistics.mean(ok[2:first] or [0]), 2),
+            "late": len(report.late), "baseline_answers_per_s": round(baseline(report), 2),
             "window_s": window_s(report), "faults": [asdict(f) for f in report.faults],
             "wrong_examples": [asdict(c) for c in report.wrong[:5]]}
 
@@ -307,8 +313,7 @@ def write(report: ChaosReport, out_dir: Path, title: str) -> list[Path]:
     fig, ax = plt.subplots(figsize=(9, 3.6))
     ax.plot(seconds, ok, color="tab:blue", alpha=0.3, linewidth=0.8, label="answers per second")
     window = window_s(report)
-    trailing = [statistics.mean(ok[max(0, t - window + 1) : t + 1]) for t in range(len(ok))]
-    ax.plot(seconds, trailing, color="tab:blue", label=f"mean over the last {window} s")
+    ax.plot(seconds, rolling(ok, window), color="tab:blue", label=f"mean over the next {window} s")
     ax.bar(seconds, failed, width=BIN_S * 0.9, color="tab:red", alpha=0.5, label="failures/s (retryable)")
     for f in report.faults:
         ax.axvline(f.at_s, color="black", linestyle="--", linewidth=0.8)
