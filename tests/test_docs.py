@@ -138,3 +138,42 @@ def test_quoted_paths_exist(doc):
     missing = sorted({p for p in QUOTED_PATH.findall(prose(doc.read_text()))
                       if not (ROOT / p.rstrip("/")).exists()})
     assert not missing, f"{doc.relative_to(ROOT)} quotes paths that do not exist: {missing}"
+
+
+def layout_block() -> list[str]:
+    """The lines of docs/architecture.md's package layout: the fenced block that starts with ``service/``."""
+    lines = (ROOT / "docs" / "architecture.md").read_text().splitlines()
+    start = lines.index("service/")
+    assert FENCE.match(lines[start - 1]), "the layout is a fenced block starting with 'service/'"
+    end = next(i for i in range(start, len(lines)) if FENCE.match(lines[i]))
+    return lines[start + 1:end]
+
+
+def listed_modules() -> set[str]:
+    """service/-relative paths of the modules the layout lists: a line at the package's indentation
+    that starts with a file lists top-level modules; ``folder/`` starts a folder, whose files go on
+    on the more indented lines below it; comments (#) and the folders outside service/ are not read."""
+    listed, folder = set(), None
+    for line in layout_block():
+        words = line.split("#")[0].split()
+        indent = len(line) - len(line.lstrip())
+        if not words or indent == 0:  # bench/, workers/, proto/: outside the package
+            folder = None if indent == 0 else folder
+            continue
+        if indent == 2:
+            folder = words[0] if words[0].endswith("/") else ""
+        files = [w for w in words if w.endswith(".py")]
+        assert folder is not None, line
+        listed |= {folder + f for f in files}
+    return listed
+
+
+def test_architecture_lists_every_module_once():
+    """docs/architecture.md holds the one copy of the layout: every module under service/ (but
+    __init__.py), and nothing that is not there."""
+    tree = {str(p.relative_to(ROOT / "service")) for p in (ROOT / "service").rglob("*.py") if p.name != "__init__.py"}
+    listed = listed_modules()
+    assert not tree - listed, f"modules missing from docs/architecture.md's layout: {sorted(tree - listed)}"
+    assert not listed - tree, f"docs/architecture.md's layout lists modules that do not exist: {sorted(listed - tree)}"
+    readme = (ROOT / "README.md").read_text()
+    assert "\nservice/\n" not in readme, "the README links to the layout in docs/architecture.md, not a copy"

@@ -1,4 +1,4 @@
-"""Tensors <-> the cache byte format (version 1): pickle-free, self-describing, checksummed.
+"""Tensors <-> the cache byte format (versions 1 and 2): pickle-free, self-describing, checksummed.
 
 Framing (magic, version, JSON header, payload, SHA-256 digest) and every check that needs no
 tensor live in ``format.py``, which the store reads without torch.
