@@ -28,6 +28,12 @@ from service.tls import TLSFiles
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Start-up lines of Ray and Serve that do not concern the user (service/local/quiet.py); the GGUF
+# conversion bar is test_startup_quieted_drops_only_the_named_lines's (the tiny model is no GGUF).
+STARTUP_NOISE = ("Token authentication is enabled", "will not be applied", "is ready at http",
+                 "Started a local Ray instance")
+
+
 def serve_config(path: Path, model_dir: Path) -> tuple[Path, int]:
     """The project's Serve config with the tiny model, small replicas and free ports."""
     config = yaml.safe_load(CONFIG.read_text())
@@ -90,8 +96,9 @@ def test_serve_comes_up_answers_and_stops_cleanly(tiny_model_dir, tmp_path, how)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     output = (tmp_path / "serve.log").read_text()
-    for noise in ("Traceback", "SIGTERM received", "Aborted", "*** "):
+    for noise in ("Traceback", "SIGTERM received", "Aborted", "*** ", *STARTUP_NOISE):
         assert noise not in output, output[-3000:]
+    assert f"gRPC API (kvcompose.v1.KVCompose): 127.0.0.1:{grpc_port}" in output
     assert "Stopped." in output
     time.sleep(2)  # Ray's last workers exit right after the driver
     alive = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
@@ -100,6 +107,41 @@ def test_serve_comes_up_answers_and_stops_cleanly(tiny_model_dir, tmp_path, how)
     shutil.rmtree(scratch, ignore_errors=True)
     assert not left, left  # no Redis or Ray temporary directory left
     assert not state.exists()  # no token or CA left behind
+
+
+def test_startup_quieted_drops_only_the_named_lines():
+    """Serve's INFO lines and Ray's token-auth notice go while the local stack starts, their warnings
+    and errors (and everything after) still show; transformers' GGUF conversion draws no bar."""
+    import logging
+
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    from service.local.quiet import RAY_TOKEN_SETUP, SERVE, startup_quieted
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    keep, levels = Keep(), {name: logging.getLogger(name).level for name in (SERVE, RAY_TOKEN_SETUP)}
+    for name in levels:
+        logging.getLogger(name).addHandler(keep)
+        logging.getLogger(name).setLevel(logging.INFO)
+    try:
+        with startup_quieted():
+            assert gguf.tqdm(range(3)).disable
+            logging.getLogger(SERVE).info("Application 'kvcompose' is ready at http://127.0.0.1:8000/")
+            logging.getLogger(SERVE).warning("a Serve warning")
+            logging.getLogger(RAY_TOKEN_SETUP).warning("Token authentication is enabled")
+            logging.getLogger(RAY_TOKEN_SETUP).error("no token")
+        logging.getLogger(SERVE).info("after start-up")
+        assert not gguf.tqdm(range(3), file=open(os.devnull, "w")).disable
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).removeHandler(keep)
+            logging.getLogger(name).setLevel(level)
+    assert records == ["a Serve warning", "no token", "after start-up"]
 
 
 def test_every_deployment_option_of_the_config_reaches_serve_run():

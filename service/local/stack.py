@@ -11,6 +11,7 @@ from pathlib import Path
 
 from service.config import EngineConfig, RequestLimits, StoreConfig, api_auth_tokens
 from service.local.processes import free_port
+from service.local.quiet import startup_quieted
 from service.local.store_process import StoreProcess
 from service.serve import binding
 from service.serve.launch import APP, CONFIG, app_args, deep_merge, deploy, give_redis_url, load_config
@@ -59,6 +60,10 @@ class LocalStack:
     config: dict | None = None
 
     def start(self) -> LocalStack:
+        with startup_quieted():
+            return self._start()
+
+    def _start(self) -> LocalStack:
         import ray
 
         from service.engine.models import model_shape
@@ -105,6 +110,7 @@ class LocalStack:
         if not ray.is_initialized():
             with binding.local_ray("127.0.0.1" if self.tls_dir is not None else self.api_host) as hook:
                 ray.init(**{"namespace": "serve", "include_dashboard": False, "log_to_driver": False,
+                            "logging_level": logging.WARNING,  # "Started a local Ray instance" and the like
                             **self.ray_init, "runtime_env": {**self.ray_init.get("runtime_env", {}), **hook}})
         public_port = self.config["grpc_options"]["port"]
         if self.tls_dir is not None:  # Serve's plaintext proxy behind the TLS front door, on loopback
