@@ -7,6 +7,8 @@ its CA by itself."""
 from __future__ import annotations
 
 import os
+import pty
+import select
 import shutil
 import signal
 import subprocess
@@ -142,6 +144,47 @@ def test_startup_quieted_drops_only_the_named_lines():
             logging.getLogger(name).removeHandler(keep)
             logging.getLogger(name).setLevel(level)
     assert records == ["a Serve warning", "no token", "after start-up"]
+
+
+def read_until(fd: int, marker: bytes, timeout_s: float = 30) -> bytes:
+    """What a pseudo-terminal's other end shows, up to ``marker`` (or all until it closes)."""
+    seen, deadline = b"", time.monotonic() + timeout_s
+    while marker not in seen and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # closed: everyone on the terminal has exited
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+@pytest.mark.skipif(not (shutil.which("make") and shutil.which("setsid")), reason="needs make and setsid")
+@pytest.mark.parametrize("owns_terminal", [True, False])
+def test_ctrl_c_at_a_terminal_ends_make_serve_with_exit_code_0(tmp_path, owns_terminal):
+    """make answers a Ctrl-C that reaches it by exiting 130 whatever its recipe returns (the probe,
+    ``owns_terminal=False``); ``kvcompose serve`` takes the terminal's foreground under make
+    (``own_terminal``, here in a stand-in that stops at once), so make passes on its 0."""
+    (tmp_path / "serve.py").write_text(
+        "import contextlib, time\nfrom service.local.terminal import own_terminal\n"
+        f"with {'own_terminal()' if owns_terminal else 'contextlib.nullcontext()'}:\n"
+        "    try:\n        print('up', flush=True)\n        time.sleep(60)\n"
+        "    except KeyboardInterrupt:\n        print('stopped', flush=True)\n")
+    (tmp_path / "Makefile").write_text(f"serve:\n\t@{sys.executable} serve.py\n")
+    terminal, its_end = pty.openpty()
+    make = subprocess.Popen(["setsid", "--ctty", "make", "-s", "serve"], cwd=tmp_path, stdin=its_end,
+                            stdout=its_end, stderr=its_end, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    os.close(its_end)
+    try:
+        assert b"up" in read_until(terminal, b"up")
+        os.write(terminal, b"\x03")  # Ctrl-C
+        assert b"stopped" in read_until(terminal, b"stopped")
+        assert (make.wait(timeout=30) == 0) == owns_terminal
+    finally:
+        make.kill()
+        os.close(terminal)
 
 
 def test_every_deployment_option_of_the_config_reaches_serve_run():

@@ -1,4 +1,5 @@
-"""``run_local``: what ``make serve`` runs, the local stack until Ctrl-C or SIGTERM, and its banner."""
+"""``run_local``: what ``make serve`` runs, the local stack until Ctrl-C or SIGTERM (then exit code 0),
+and its banner."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import yaml
 
 from service.config import StoreConfig
 from service.local.stack import LocalStack
+from service.local.terminal import own_terminal
 from service.serve import instance
 from service.serve.launch import CONFIG, local_engine_overrides
 
@@ -30,7 +32,7 @@ def run_local(config_path: Path = CONFIG, store_port: int = 50051, store_metrics
     print("Deploying KVCompose Serve (first start converts the embedded model, ~1 min)...", flush=True)
     ray_dir = tempfile.mkdtemp(prefix="kvc-ray-")
     try:
-        with instance.claimed(instance.state_dir(api_port, state_dir)) as state, \
+        with own_terminal(), instance.claimed(instance.state_dir(api_port, state_dir)) as state, \
                 LocalStack(config_path, redis_url=redis_url, args={"engine": engine},
                            deployments=deployments, store_port=store_port, store_metrics_port=store_metrics_port,
                            ray_init={"_metrics_export_port": ray_metrics_port, "_temp_dir": ray_dir},
@@ -43,16 +45,23 @@ def run_local(config_path: Path = CONFIG, store_port: int = 50051, store_metrics
                                transport=f"TLS, CA {instance.ca_file(state)}" if tls else "plaintext",
                                state=state, state_flag=f" --state-dir {state}" if state_dir else ""),
                   flush=True)
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                print("\nStopping KVCompose Serve...", flush=True)
+            _until_stopped()
+    except KeyboardInterrupt:  # Ctrl-C while starting: LocalStack has stopped what it had started
+        pass
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
     print("Stopped.", flush=True)
+
+
+def _until_stopped() -> None:
+    """Until Ctrl-C or SIGTERM; then a second one must not cut the clean-up short."""
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("\nStopping KVCompose Serve...", flush=True)
 
 
 def _interrupt(signum: int, frame: object) -> None:
