@@ -93,11 +93,14 @@ class KVComposeClient:
 
     def generate(self, question: str, cache_id: str | None = None, context: api.CompressRequest | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, stop: Sequence[str] = ()) -> Iterator[api.GenerateResponse]:
+                 seed: int | None = None, stop: Sequence[str] = (), repetition_penalty: float | None = None,
+                 frequency_penalty: float | None = None, presence_penalty: float | None = None,
+                 ) -> Iterator[api.GenerateResponse]:
+        """Stream an answer; the last message carries the stats. Unset (None) settings take the
+        model's defaults (``ListModels``' ``sampling_defaults_json``)."""
         req = api.GenerateRequest(question=question, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_p=top_p, stop=list(stop))
-        if seed is not None:
-            req.seed = seed
+                                  top_p=top_p, stop=list(stop), seed=seed, repetition_penalty=repetition_penalty,
+                                  frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
         if cache_id:
             req.cache_id = cache_id
         elif context is not None:

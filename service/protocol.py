@@ -13,19 +13,30 @@ from dataclasses import dataclass, field
 
 MIN_TEMPERATURE = 1e-3
 DEFAULT_MAX_NEW_TOKENS = 128
+MAX_REPETITION_PENALTY = 10.0  # beyond it every seen token is all but banned: a typo, not a setting
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """Decoding settings. temperature 0 = greedy; top_p in (0, 1]; seed makes sampling repeatable.
-    Answers end at the model's end token, a stop string, or ``max_new_tokens`` (128 by default: room
-    for an answer to a question, not an essay). No repetition penalty: what the model says is shown."""
+    """Decoding settings, named as vLLM's ``SamplingParams``. temperature 0 = greedy; top_p in (0, 1];
+    seed makes sampling repeatable. Answers end at the model's end token, a stop string, or
+    ``max_new_tokens`` (128 by default: room for an answer to a question, not an essay).
+
+    The penalties count the answer's own tokens only, not the document's or the question's: a
+    document answer quotes its document, and penalising that would push it off the right words.
+    ``repetition_penalty`` (> 0, 1 = off) divides a seen token's positive logit and multiplies its
+    negative one (CTRL, Keskar et al. 2019, as transformers and vLLM apply it);
+    ``frequency_penalty`` and ``presence_penalty`` (in [-2, 2], 0 = off; OpenAI's definitions)
+    subtract per occurrence and once. None = the model's default (``Engine.sampling_defaults``)."""
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -36,6 +47,18 @@ class Sampling:
             raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature}")
         if not 0 < self.top_p <= 1:  # also refuses NaN
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty is not None and not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}] (1 = off), "
+                             f"got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if value is not None and not -2 <= value <= 2:  # also refuses NaN
+                raise ValueError(f"{name} must be in [-2, 2] (0 = off), got {value}")
+
+    @property
+    def penalised(self) -> bool:
+        """Whether any penalty changes the logits (None and the neutral values do not)."""
+        return (self.repetition_penalty or 1.0) != 1.0 or bool(self.frequency_penalty) or bool(self.presence_penalty)
 
 
 def kept_fraction(kept_tokens_per_layer: list[float], original_tokens: int) -> float:

@@ -41,7 +41,7 @@ import torch
 
 from service.cache.kvcache import CompressedKV
 from service.config import BatchLimits
-from service.engine.decode import Sampling, padded_cache, pick_token, ragged_cache
+from service.engine.decode import Sampling, padded_cache, penalise, pick_token, ragged_cache
 from service.engine.step_graph import StepGraph
 from service.engine.text_stream import TextStream, Tokenizer
 from service.protocol import Overloaded
@@ -387,8 +387,11 @@ def _take_all(answers: list[_Answer], logits: torch.Tensor) -> None:
     greedy = logits.argmax(dim=-1).tolist()
     for row, answer in enumerate(answers):
         try:
-            sampled = answer.sampling.temperature != 0
-            token = pick_token(logits[row].float(), answer.sampling, answer.generator) if sampled else greedy[row]
+            s = answer.sampling
+            if s.temperature != 0 or s.penalised:
+                token = pick_token(penalise(logits[row].float(), answer.text.tokens, s), s, answer.generator)
+            else:
+                token = greedy[row]
             answer.take(token)
         except Exception as e:  # noqa: BLE001
             log.exception("picking a token failed")

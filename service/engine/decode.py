@@ -123,6 +123,19 @@ def step_inputs(model: PreTrainedModel, kv: CompressedKV, ids: list[int], start:
     }
 
 
+def penalise(logits: torch.Tensor, tokens: list[int], sampling: Sampling) -> torch.Tensor:
+    """One row's logits with ``sampling``'s penalties applied for the answer's ``tokens`` so far (a
+    new tensor; the logits are left as they were)."""
+    if not tokens or not sampling.penalised:
+        return logits
+    seen, counts = torch.tensor(tokens, device=logits.device).unique(return_counts=True)
+    picked = logits[seen]
+    penalty = sampling.repetition_penalty or 1.0
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    picked = picked - (sampling.frequency_penalty or 0.0) * counts - (sampling.presence_penalty or 0.0)
+    return logits.index_put((seen,), picked.to(logits.dtype))
+
+
 def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
     if sampling.temperature == 0:
         return int(logits.argmax())

@@ -19,7 +19,7 @@ from service.cache.kvcache import CacheMeta, CompressedKV
 from service.config import CODECS, BatchLimits, EngineConfig
 from service.engine.batching import DecodeLoop, Request
 from service.engine.decode import Sampling, question_logits
-from service.engine.models import LoadedModel, load_model, position_limit
+from service.engine.models import PENALTIES, LoadedModel, load_model, position_limit, sampling_defaults
 from service.engine.prefill import prefill
 from service.engine.presses import build, canonical
 from service.engine.prompt import PromptFormat
@@ -62,6 +62,7 @@ class Engine:
         self.max_context_tokens = min(self.config.max_context_tokens, self.window)
         # read once: the tokenizer is not safe to touch from several threads while another encodes
         self._stop_token_ids = self._model_stop_token_ids()
+        self.sampling_defaults = sampling_defaults(self.loaded)  # what an unset penalty means
         self._loops = threading.local()  # each calling thread drives its own loop (see ``decode_loop``)
 
     def decode_loop(self) -> DecodeLoop:
@@ -140,7 +141,7 @@ class Engine:
         loaded = self.loaded
         return {"id": loaded.model_id, "revision": loaded.revision, "layers": loaded.model.config.num_hidden_layers,
                 "max_context_tokens": self.max_context_tokens, "default_press": self.config.default_press,
-                "default_codec": self.config.codec}
+                "default_codec": self.config.codec, "sampling_defaults": self.sampling_defaults}
 
     def check_compatible(self, kv: CompressedKV) -> None:
         if (kv.meta.model_id, kv.meta.model_revision) != (self.loaded.model_id, self.loaded.revision):
@@ -169,12 +170,17 @@ class Engine:
 
     def prepare(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
                 ) -> tuple[list[int], Sampling]:
-        """(question ids, sampling with the model's stop tokens and an answer that ends at the window).
-        Raises ValueError when the cache is not this model's or the question does not fit."""
+        """(question ids, sampling with the model's stop tokens and default penalties, and an answer
+        that ends at the window). Raises ValueError when the cache is not this model's or the
+        question does not fit."""
         self.check_compatible(kv)
         sampling = sampling or Sampling()
         if not sampling.stop_token_ids:
             sampling = dataclasses.replace(sampling, stop_token_ids=self.stop_token_ids())
+        unset = {name: self.sampling_defaults[name] for name in PENALTIES
+                 if getattr(sampling, name) is None and name in self.sampling_defaults}
+        if unset:
+            sampling = dataclasses.replace(sampling, **unset)
         question_ids = self.prompt.question_ids(question)
         room = self.window - kv.meta.original_length - len(question_ids)
         if room < 1:

@@ -122,6 +122,22 @@ def position_limit(config) -> tuple[int, str]:
     return limit, why
 
 
+# The GGUF carries no generation_config. Measured on examples/field-guide.md (README): greedy without a
+# penalty answers "600 kilograms" and then repeats the sentence until max_new_tokens.
+EMBEDDED_SAMPLING_DEFAULTS = {"repetition_penalty": 1.2}
+PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")
+
+
+def sampling_defaults(loaded: LoadedModel) -> dict[str, float]:
+    """What an unset penalty means for this model: its ``generation_config.json`` (a key set there,
+    as vLLM reads it), or the embedded model's defaults. Neutral values are left out."""
+    if loaded.model_id == EMBEDDED_MODEL:
+        return dict(EMBEDDED_SAMPLING_DEFAULTS)
+    config = loaded.model.generation_config
+    found = {name: float(getattr(config, name)) for name in PENALTIES if getattr(config, name, None) is not None}
+    return {name: value for name, value in found.items() if value != (1.0 if name == "repetition_penalty" else 0.0)}
+
+
 def load_model(config: EngineConfig) -> LoadedModel:
     transformers_logging.disable_progress_bar()  # one bar line per tensor otherwise
     dtype = getattr(torch, config.compute_dtype)

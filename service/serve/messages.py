@@ -141,6 +141,9 @@ def compress_response(r: CompressResult) -> api.CompressResponse:
         codec=r.codec)
 
 
+_PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")  # unset = the model's default
+
+
 def sampling_args(req: api.GenerateRequest, limits: RequestLimits) -> tuple[Sampling, tuple[str, ...]]:
     if not req.question.strip():
         raise _invalid("question is empty")
@@ -153,8 +156,9 @@ def sampling_args(req: api.GenerateRequest, limits: RequestLimits) -> tuple[Samp
     stop = [s for s in req.stop if s]
     _check_texts("stop", stop, limits.max_stop_strings, "max_stop_strings", limits.max_stop_bytes, "max_stop_bytes")
     try:
+        penalties = {name: getattr(req, name) for name in _PENALTIES if req.HasField(name)}
         sampling = Sampling(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p or 1.0,
-                            seed=req.seed if req.HasField("seed") else None)
+                            seed=req.seed if req.HasField("seed") else None, **penalties)
     except ValueError as e:
         raise _invalid(str(e)) from None
     return sampling, tuple(stop)
@@ -164,7 +168,8 @@ def list_models_response(info: dict) -> api.ListModelsResponse:
     """From ``Engine.info()``."""
     return api.ListModelsResponse(models=[api.ModelInfo(
         id=info["id"], revision=info["revision"], layers=info["layers"], max_context_tokens=info["max_context_tokens"],
-        default_press_json=json.dumps(info["default_press"]), default_codec=info["default_codec"])])
+        default_press_json=json.dumps(info["default_press"]), default_codec=info["default_codec"],
+        sampling_defaults_json=json.dumps(info.get("sampling_defaults", {}), sort_keys=True))])
 
 
 def stats_message(s: AnswerStats, cache_hit: bool, compressed: CompressResult | None) -> api.GenerateStats:
