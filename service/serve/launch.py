@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from service.config import EngineConfig
+
+if TYPE_CHECKING:  # app.py imports Ray Serve and the gRPC stubs: only when a caller needs it
+    from service.serve.app import AppArgs
 
 CONFIG = Path(__file__).with_name("serve_config.yaml")
 APP = "kvcompose"
@@ -91,7 +95,7 @@ def give_redis_url(app: dict, redis_url: str) -> None:
         actor.setdefault("runtime_env", {}).setdefault("env_vars", {})["REDIS_URL"] = redis_url
 
 
-def app_args(config: dict):
+def app_args(config: dict) -> AppArgs:
     """The kvcompose application's builder args of a Serve config, typed."""
     from service.serve.app import AppArgs
 
