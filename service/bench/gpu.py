@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from service.bench.table import cell
+
 if TYPE_CHECKING:  # the model stack loads only for the rows that run it
     from service.config import BatchLimits
     from service.engine.batching import DecodeLoop
@@ -574,18 +576,8 @@ def table(results: list[dict]) -> str:
     cols = [c for c in COLUMNS if any(c in r for r in results)]
     lines = ["| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in results:
-        lines.append(f"| {r['row']} | " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
+        lines.append(f"| {r['row']} | " + " | ".join(cell(r.get(c)) for c in cols) + " |")
     return "\n".join(lines)
-
-
-def _cell(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
-    return str(v).replace("|", "/")
 
 
 def device_name(device: str) -> str:

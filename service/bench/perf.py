@@ -51,6 +51,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from service.bench.table import cell
+
 SMOLLM2_KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2  # layers x (K, V) x KV heads x head dim x fp16
 _FETCH_ITERATIONS = {1: 36, 16: 18, 64: 12, 256: 6}  # multiples of the 6 ways: each order as often
 _MGET_BATCHES = (8, 16, 64)
@@ -176,19 +178,11 @@ def table(rows: list[dict]) -> str:
         header = ["row", "runs", f"{what} (median)", "spread", ratio_of, *extra]
         lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         for r in chosen:
-            cells = [r["case"], str(r["runs"]), f"{r[what]:.3g}", r["spread"], _cell(r["ratio"]),
-                     *(_cell(r.get(k)) for k in extra)]
+            cells = [r["case"], str(r["runs"]), f"{r[what]:.3g}", r["spread"], cell(r["ratio"]),
+                     *(cell(r.get(k)) for k in extra)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
-
-
-def _cell(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return f"{v:,.0f}" if isinstance(v, float) and v >= 100 else f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def write(results: list[dict], rows: list[dict], out_dir: Path, machine: str) -> list[Path]:
