@@ -67,8 +67,20 @@ def kept_fraction(kept_tokens_per_layer: list[float], original_tokens: int) -> f
     return sum(kept_tokens_per_layer) / (len(kept_tokens_per_layer) * original_tokens)
 
 
+class KeptFraction:
+    """``kept_fraction`` of a result with ``kept_tokens_per_layer`` and ``original_tokens``
+    (``CompressResult``, the engine's ``CompressStats``)."""
+
+    kept_tokens_per_layer: list[float]
+    original_tokens: int
+
+    @property
+    def kept_fraction(self) -> float:
+        return kept_fraction(self.kept_tokens_per_layer, self.original_tokens)
+
+
 @dataclass
-class CompressResult:
+class CompressResult(KeptFraction):
     """A stored (or found) cache: what Compress returns."""
 
     cache_id: str
@@ -82,10 +94,6 @@ class CompressResult:
     model: str
     press: dict
     codec: str
-
-    @property
-    def kept_fraction(self) -> float:
-        return kept_fraction(self.kept_tokens_per_layer, self.original_tokens)
 
 
 @dataclass

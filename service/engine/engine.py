@@ -23,20 +23,16 @@ from service.engine.models import PENALTIES, LoadedModel, load_model, position_l
 from service.engine.prefill import prefill
 from service.engine.presses import build, canonical
 from service.engine.prompt import PromptFormat
-from service.protocol import kept_fraction
+from service.protocol import KeptFraction
 
 
 @dataclass(frozen=True)
-class CompressStats:
+class CompressStats(KeptFraction):
     original_tokens: int
     kept_tokens_per_layer: list[float]
     compressed_bytes: int
     uncompressed_bytes: int
     seconds: float
-
-    @property
-    def kept_fraction(self) -> float:
-        return kept_fraction(self.kept_tokens_per_layer, self.original_tokens)
 
     def to_json(self) -> dict:
         return {
