@@ -35,7 +35,7 @@ import collections
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -62,6 +62,7 @@ class Request:
     question_ids: list[int]
     sampling: Sampling
     stop_strings: tuple[str, ...] = ()
+    keep_stop: bool = False  # the stop string's text stays in the answer (a model's default sentence end)
     until: Callable[[list[int]], bool] | None = None
 
 
@@ -112,12 +113,15 @@ class DecodeLoop:
     ``peak_joining`` (most questions prefilled in one forward) are for metrics and tests."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None, prepare: Prepare | None = None,
-                 limits: BatchLimits | None = None, static_steps: bool | None = None):
+                 limits: BatchLimits | None = None, static_steps: bool | None = None,
+                 default_stop: tuple[str, ...] = ()):
         """tokenizer: None = token ids only, no text. prepare: turns ``stream``'s question into ids
         (``Engine.prepare``); None = ``stream`` is refused, ``answer`` and ``stream_here`` take ids.
         static_steps: decode steps over fixed buffers (``service.engine.step_graph``), replayed as CUDA
-        graphs on CUDA (unless ``decode_batch.cuda_graphs`` is false); None = on CUDA only."""
+        graphs on CUDA (unless ``decode_batch.cuda_graphs`` is false); None = on CUDA only.
+        default_stop: ``stream``'s stop strings when a request names none (the model's, kept in the answer)."""
         self.model, self.tokenizer, self.prepare = model, tokenizer, prepare
+        self.default_stop = default_stop
         self.limits = limits or BatchLimits()
         device = model.device
         self._static = None
@@ -161,7 +165,8 @@ class DecodeLoop:
             raise TypeError("this decode loop has no prepare: give it question ids through answer()")
         question_ids, sampling = await asyncio.to_thread(self.prepare, kv, question, sampling)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        answer = self._answer(Request(kv, question_ids, sampling, stop_strings), _emitter(loop, queue))
+        answer = self._answer(self.with_stops(Request(kv, question_ids, sampling, stop_strings)),
+                              _emitter(loop, queue))
         with self._cond:
             self._check_locked()
             self._waiting.append(answer)
@@ -223,8 +228,14 @@ class DecodeLoop:
                 with self._cond:
                     self._waiting.clear()
 
+    def with_stops(self, r: Request) -> Request:
+        """``r`` ending at the model's default stop strings if it names none of its own."""
+        if r.stop_strings or not self.default_stop:
+            return r
+        return replace(r, stop_strings=self.default_stop, keep_stop=True)
+
     def _answer(self, r: Request, emit: Callable[[object], None]) -> _Answer:
-        answer = _Answer(r.kv, r.question_ids, r.sampling, TextStream(self.tokenizer, r.stop_strings),
+        answer = _Answer(r.kv, r.question_ids, r.sampling, TextStream(self.tokenizer, r.stop_strings, r.keep_stop),
                          emit, self._row_bytes(r.kv, _padded_width(len(r.question_ids)) + r.sampling.max_new_tokens),
                          until=r.until)
         if answer.nbytes > self.limits.memory_bytes:  # retrying cannot help: a client error

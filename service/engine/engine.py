@@ -71,7 +71,8 @@ class Engine:
 
     def new_decode_loop(self, limits: BatchLimits | None = None, static_steps: bool | None = None) -> DecodeLoop:
         """A decode loop over this engine's model, its questions prepared by ``prepare``."""
-        return DecodeLoop(self.loaded.model, self.loaded.tokenizer, self.prepare, limits, static_steps)
+        return DecodeLoop(self.loaded.model, self.loaded.tokenizer, self.prepare, limits, static_steps,
+                          tuple(self.sampling_defaults.get("stop", ())))
 
     @property
     def device(self) -> torch.device:
@@ -192,7 +193,8 @@ class Engine:
         """As ``stream``, with the number of tokens generated so far beside each piece (through the
         service's decode loop, ``batching.DecodeLoop``, driven in this thread)."""
         question_ids, sampling = self.prepare(kv, question, sampling)
-        yield from self.decode_loop().stream_here(Request(kv, question_ids, sampling, stop_strings))
+        loop = self.decode_loop()
+        yield from loop.stream_here(loop.with_stops(Request(kv, question_ids, sampling, stop_strings)))
 
     def answer(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
                stop_strings: tuple[str, ...] = ()) -> str:

@@ -122,17 +122,21 @@ def position_limit(config) -> tuple[int, str]:
     return limit, why
 
 
-# The GGUF carries no generation_config. Measured on examples/field-guide.md (README): greedy without a
-# penalty answers "600 kilograms" and then repeats the sentence until max_new_tokens.
-EMBEDDED_SAMPLING_DEFAULTS = {"repetition_penalty": 1.2}
+# The GGUF carries no generation_config. Measured on examples/field-guide.md (the README's example),
+# greedy from KVCompose at 0.5: the 135M model's first sentence holds the answer ("...up to 600
+# kilograms.") and then it drifts (the same sentence repeated to max_new_tokens, or invented facts).
+# Penalties did not help: repetition 1.1-1.2 and frequency 0.3-0.6 swapped the loop for invented
+# facts and cut digits that repeat ("7463343" -> "7463"). So its answers end with their first
+# sentence, its period kept; a request's own stop strings replace these.
+EMBEDDED_SAMPLING_DEFAULTS: dict = {"stop": [". ", ".\n"]}
 PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")
 
 
-def sampling_defaults(loaded: LoadedModel) -> dict[str, float]:
-    """What an unset penalty means for this model: its ``generation_config.json`` (a key set there,
-    as vLLM reads it), or the embedded model's defaults. Neutral values are left out."""
+def sampling_defaults(loaded: LoadedModel) -> dict:
+    """What an unset penalty (or no stop string) means for this model: its ``generation_config.json``
+    (a key set there, as vLLM reads it), or the embedded model's defaults. Neutral values are left out."""
     if loaded.model_id == EMBEDDED_MODEL:
-        return dict(EMBEDDED_SAMPLING_DEFAULTS)
+        return {k: list(v) if isinstance(v, list) else v for k, v in EMBEDDED_SAMPLING_DEFAULTS.items()}
     config = loaded.model.generation_config
     found = {name: float(getattr(config, name)) for name in PENALTIES if getattr(config, name, None) is not None}
     return {name: value for name, value in found.items() if value != (1.0 if name == "repetition_penalty" else 0.0)}

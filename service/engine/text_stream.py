@@ -1,7 +1,8 @@
 """Generated token ids -> text pieces, for streaming: a piece is sent once it can no longer change.
 
 Text is held back while it may be the start of a stop string or an incomplete character; a stop
-string ends the answer (not included). Without a tokenizer only the token ids are kept (benchmarks
+string ends the answer (not included, unless ``keep_stop``: then its text up to trailing whitespace
+is, as a model's default sentence end keeps its period). Without a tokenizer only the token ids are kept (benchmarks
 and tests on random models).
 """
 
@@ -17,9 +18,10 @@ class Tokenizer(Protocol):
 
 
 class TextStream:
-    def __init__(self, tokenizer: Tokenizer | None, stop_strings: tuple[str, ...] = ()):
+    def __init__(self, tokenizer: Tokenizer | None, stop_strings: tuple[str, ...] = (), keep_stop: bool = False):
         self.tokenizer = tokenizer
         self.stop_strings = stop_strings
+        self.keep_stop = keep_stop
         self.tokens: list[int] = []
         self.sent = ""
         self.stopped = False  # a stop string appeared: take no more tokens
@@ -30,10 +32,11 @@ class TextStream:
         if self.tokenizer is None:
             return ""
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cut = min((text.find(s) for s in self.stop_strings if s in text), default=-1)
-        if cut >= 0:
+        found = [(text.find(s), s) for s in self.stop_strings if s in text]
+        if found:
+            cut, stop = min(found)
             self.stopped = True
-            return self._send(text[:cut])
+            return self._send(text[: cut + len(stop.rstrip())] if self.keep_stop else text[:cut])
         safe = len(text) - max((len(s) - 1 for s in self.stop_strings), default=0)
         if text.endswith("\ufffd"):
             safe = min(safe, len(text) - 1)

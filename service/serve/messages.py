@@ -92,11 +92,13 @@ def _check_text(name: str, text: str, limit: int, limit_name: str) -> None:
         raise _invalid(f"{name} is {size} bytes; the limit is {limit} (limits.{limit_name})")
 
 
-def _check_texts(name: str, texts: list[str], count: int, count_name: str, size: int, size_name: str) -> None:
+def _check_texts(name: str, texts: list[str], count: int, count_name: str, size: int, size_name: str,
+                 whitespace: bool = False) -> None:
+    """whitespace: a text of spaces or newlines counts (a stop string such as "\n\n")."""
     if len(texts) > count:
         raise _invalid(f"{name}: {len(texts)} given; the limit is {count} (limits.{count_name})")
     for i, text in enumerate(texts):
-        if not text.strip():
+        if not (text if whitespace else text.strip()):
             raise _invalid(f"{name}[{i}] is empty")
         _check_text(f"{name}[{i}]", text, size, size_name)
 
@@ -154,7 +156,8 @@ def sampling_args(req: api.GenerateRequest, limits: RequestLimits) -> tuple[Samp
     if req.temperature > limits.max_temperature:
         raise _invalid(f"temperature must be <= {limits.max_temperature} (limits.max_temperature)")
     stop = [s for s in req.stop if s]
-    _check_texts("stop", stop, limits.max_stop_strings, "max_stop_strings", limits.max_stop_bytes, "max_stop_bytes")
+    _check_texts("stop", stop, limits.max_stop_strings, "max_stop_strings", limits.max_stop_bytes, "max_stop_bytes",
+                 whitespace=True)
     try:
         penalties = {name: getattr(req, name) for name in _PENALTIES if req.HasField(name)}
         sampling = Sampling(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p or 1.0,

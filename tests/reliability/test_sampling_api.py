@@ -45,3 +45,9 @@ def test_a_bad_penalty_is_refused_by_name_and_nothing_is_lost(client, reference,
         pytest.fail(f"{setting} was accepted")
     assert code_of(lambda: client.stat(reference["cache_id"])) == grpc.StatusCode.OK
     normal_request_works(client, reference)
+
+
+def test_a_whitespace_stop_string_is_a_stop_string(client, reference):
+    """"\n\n" is a common stop string: accepted, unlike one that is empty."""
+    text, _ = client.ask(QUESTION, cache_id=reference["cache_id"], max_new_tokens=MAX_NEW, stop=["\n\n"])
+    assert text == reference["answer"].split("\n\n")[0]

@@ -1,5 +1,6 @@
 """Repetition, frequency and presence penalties (vLLM's ``SamplingParams`` names): the arithmetic,
-the checks, the model's defaults, and that they change what the decode loop picks."""
+the checks, the model's defaults, and that they change what the decode loop picks; and a model's
+default stop strings, which end an answer that names none, their text kept."""
 
 import copy
 
@@ -75,3 +76,32 @@ def test_unset_penalties_take_the_models_generation_config(tiny):
     finally:
         model.generation_config = before
     assert Engine(loaded=tiny).sampling_defaults == {}  # a model that sets none: no penalty
+
+
+def test_a_kept_stop_string_ends_the_answer_with_its_text_up_to_its_whitespace():
+    from service.engine.text_stream import TextStream
+
+    class Chars:  # one character a token
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(map(chr, ids))
+
+    def run(stream):
+        text = "".join(stream.add(ord(c)) for c in "It weighs 2.5 tonnes. Then it drifts")
+        return text + stream.finish(), stream.stopped
+
+    assert run(TextStream(Chars(), (". ",), keep_stop=True)) == ("It weighs 2.5 tonnes.", True)
+    assert run(TextStream(Chars(), (". ",))) == ("It weighs 2.5 tonnes", True)
+
+
+def test_the_models_default_stop_applies_only_where_a_request_names_none(tiny):
+    kv_ids, question = random_ids(60), "q"
+    engine = Engine(loaded=tiny)
+    kv, _ = engine.compress(kv_ids, {})
+    free = engine.answer(kv, question, Sampling(max_new_tokens=12))
+    assert len(free) > 4
+    stop = free[2:4]
+    engine.sampling_defaults = {"stop": [stop]}  # as a model's defaults would set it
+    engine._loops = type(engine._loops)()  # a fresh decode loop, made with the new defaults
+    assert engine.answer(kv, question, Sampling(max_new_tokens=12)) == free[: free.index(stop) + len(stop)]
+    other = free[5:7] if free[5:7] and free[5:7] not in free[:5] else free[-1]
+    assert engine.answer(kv, question, Sampling(max_new_tokens=12), (other,)) == free[: free.index(other)]
