@@ -186,9 +186,9 @@ def test_a_cancelled_compress_does_not_break_the_next_ones(stack, document):
     assert digests == fresh
 
 
-def test_the_readmes_first_example_answers_right(stack, capsys, monkeypatch):
-    """The command the README shows first, against the real service with SmolLM2: the right answer."""
-    import re
+def test_the_readmes_first_example_answers_right_and_stops(stack, capsys, monkeypatch):
+    """The command the README shows first, against the real service with SmolLM2: exactly the answer
+    the README shows, ended by the model (not cut at the token limit, not repeating itself)."""
     import shlex
     from pathlib import Path
 
@@ -196,15 +196,19 @@ def test_the_readmes_first_example_answers_right(stack, capsys, monkeypatch):
     from service.serve import instance
 
     root = Path(__file__).resolve().parents[1]
-    line = next(line for line in (root / "README.md").read_text().splitlines()
-                if "kvcompose remote ask" in line and "examples/" in line)
-    argv = shlex.split(line.split("#")[0])[1:]  # drop the program, keep its arguments
+    readme = (root / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if "kvcompose remote ask" in line and "examples/" in line)
+    argv = shlex.split(line)[1:]  # drop the program, keep its arguments
     argv[argv.index("--addr") + 1] = stack["address"]
     argv[argv.index("--document") + 1] = str(root / argv[argv.index("--document") + 1])
-    expected = re.search(r"# answers: (.+)$", line).group(1).strip()
+    shown = readme.split("It prints, verbatim", 1)[1].split("```\n", 2)[1].splitlines()
     monkeypatch.setattr(instance, "for_address", lambda *_: None)  # no token: dev stack
     assert cli.main(argv) == 0
-    assert expected in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert out == shown[0] + "\n"
+    assert "600 kilograms" in out
+    assert "cut at" not in err and "repetitive" not in err, err
+    assert err.split(" · ")[2:3] == shown[1].split(" · ")[2:3]  # "kept 50% of 754 tokens"
 
 
 def test_an_int4_cache_is_stored_fetched_and_answers_on_another_node(stack, document):
