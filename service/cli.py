@@ -236,7 +236,19 @@ def _quiet() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 1 the service refused or failed (one line: what to do, where known) or the
-    command's own failure (e.g. ``remote lookup``: not stored); 2 bad input."""
+    command's own failure (e.g. ``remote lookup``: not stored); 2 bad input; 141 the reader of
+    stdout left (``| head``), as a shell reports a command that SIGPIPE ended."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a reader that left shows here, not as a traceback at exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to write to
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     _quiet()
     try:

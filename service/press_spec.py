@@ -3,9 +3,12 @@
     --press '{"press": "snapkv", "compression_ratio": 0.5}'   the JSON form, as the API's press_json
     --press tova --ratio 0.75                                  {"press": "tova", "compression_ratio": 0.75}
     --press think+kvcompose                                    a composition: ``+`` joins presses, in order
+    --press think:0.25+kvcompose --ratio 0.8                   ``name:ratio`` gives one press its own ratio
 
-A shorthand's ``--ratio`` (default 0.5, as the service's default press) is the ``compression_ratio`` of
-its last press; the others keep their own defaults (the JSON form sets anything else). Names are
+Every press of a shorthand gets a ratio: its own ``:ratio``, else ``--ratio`` for the last press, else
+0.5 (the service's default press's). It is the press's ``compression_ratio``, or for ThinK, which
+prunes key channels, its ``key_channel_compression_ratio`` (left at kvpress's default 0 it would prune
+nothing). The JSON form sets anything else. Names are
 checked where the spec is built (``service.engine.presses.registry``: the engine, or the service),
 so an unknown one is refused in one line that lists the known presses.
 """
@@ -17,10 +20,13 @@ import json
 import re
 
 DEFAULT_RATIO = 0.5
-_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
-HELP = ("a press name, presses joined by '+' (think+kvcompose), or a JSON spec, e.g. "
+_NAME = re.compile(r"([A-Za-z][A-Za-z0-9_-]*)(?::(0(?:\.\d+)?|\.\d+))?")  # name, or name:ratio
+RATIO_FIELD = {"think": "key_channel_compression_ratio"}  # what a press's ratio means, if not compression_ratio
+HELP = ("a press name, presses joined by '+' (think+kvcompose), a name:ratio (think:0.25+kvcompose), or a "
+        "JSON spec, e.g. "
         '\'{"press": "kvcompose", "compression_ratio": 0.5}\' (default: the model\'s)')
-RATIO_HELP = f"compression ratio of a --press name (of the last press with '+'); default {DEFAULT_RATIO}"
+RATIO_HELP = (f"compression ratio of a --press name (of the last press with '+', the others {DEFAULT_RATIO} "
+              f"unless name:ratio); default {DEFAULT_RATIO}")
 
 
 def press_arg(text: str) -> dict | str:
@@ -37,7 +43,7 @@ def press_arg(text: str) -> dict | str:
     parts = text.split("+")
     if not all(_NAME.fullmatch(p.strip()) for p in parts):
         raise argparse.ArgumentTypeError(f"{text!r} is not a press name, names joined by '+' (think+kvcompose), "
-                                         "or a JSON object")
+                                         "a name:ratio with a ratio in [0, 1) (think:0.25), or a JSON object")
     return text
 
 
@@ -62,7 +68,10 @@ def resolve(press: dict | str | None, ratio: float | None) -> dict | None:
             raise ValueError("--ratio goes with a press name (--press tova --ratio 0.75); in a JSON spec, "
                              "set compression_ratio")
         return press
-    names = [p.strip() for p in press.split("+")]
-    parts: list[dict] = [{"press": name} for name in names]
-    parts[-1]["compression_ratio"] = DEFAULT_RATIO if ratio is None else ratio
+    matches = [_NAME.fullmatch(p.strip()) for p in press.split("+")]
+    parts: list[dict] = []
+    for i, m in enumerate(matches):
+        name, own = m.group(1), m.group(2)
+        value = float(own) if own else ratio if ratio is not None and i == len(matches) - 1 else DEFAULT_RATIO
+        parts.append({"press": name, RATIO_FIELD.get(name.lower(), "compression_ratio"): value})
     return parts[0] if len(parts) == 1 else {"compose": parts}

@@ -34,6 +34,7 @@ def test_every_flag_and_argument_has_help():
 @pytest.mark.parametrize("argv, flag", [
     (["compress", "doc.txt", "--out", "x.kvc", "--press", "tova 0.5"], "--press"),
     (["remote", "compress", "doc.txt", "--press", "think+"], "--press"),
+    (["remote", "compress", "doc.txt", "--press", "think:1.5+kvcompose"], "--press"),
     (["remote", "ask", "q", "--cache-id", "x", "--press", "[1]"], "--press"),
     (["bench", "accuracy", "--presses", '{"press": "tova"}'], "--presses"),
     (["remote", "ask", "q", "--cache-id", "x", "--top-p", "high"], "--top-p"),
@@ -63,7 +64,11 @@ def test_remote_token_comes_from_the_flag_else_the_environment(monkeypatch):
 @pytest.mark.parametrize("press, ratio, spec", [
     ("tova", "0.75", {"press": "tova", "compression_ratio": 0.75}),
     ("kvcompose", None, {"press": "kvcompose", "compression_ratio": 0.5}),  # the service's default ratio
-    ("think+kvcompose", "0.6", {"compose": [{"press": "think"}, {"press": "kvcompose", "compression_ratio": 0.6}]}),
+    ("think+kvcompose", "0.6", {"compose": [{"press": "think", "key_channel_compression_ratio": 0.5},
+                                            {"press": "kvcompose", "compression_ratio": 0.6}]}),
+    ("think:0.25+snapkv:0.3+kvcompose", None, {"compose": [{"press": "think", "key_channel_compression_ratio": 0.25},
+                                                           {"press": "snapkv", "compression_ratio": 0.3},
+                                                           {"press": "kvcompose", "compression_ratio": 0.5}]}),
     ('{"press": "knorm", "compression_ratio": 0.3}', None, {"press": "knorm", "compression_ratio": 0.3}),
     (None, None, None),  # the model's default press
 ])
@@ -83,7 +88,8 @@ def test_shorthands_build_and_a_bad_one_names_the_known_presses():
     from service import press_spec
     from service.engine.presses import PressSpecError, canonical
 
-    assert canonical(press_spec.resolve("think+kvcompose", 0.5))["compose"][0]["press"] == "think"
+    think = canonical(press_spec.resolve("think+kvcompose", 0.5))["compose"][0]
+    assert think["press"] == "think" and think["key_channel_compression_ratio"] == 0.5  # it prunes
     with pytest.raises(PressSpecError, match=r"unknown press 'tovaa'; known: .*kvpress_kvcompose, "):
         canonical(press_spec.resolve("tovaa", None))
 
@@ -125,3 +131,18 @@ def test_sizes_for_people():
     from service.serve.remote import size
 
     assert [size(5), size(2048), size(3 * 1024**2 + 5), size(5 << 30)] == ["5 B", "2.0 KiB", "3.0 MiB", "5.0 GiB"]
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """``kvcompose ... | head``: output to a pipe its reader closed ends quietly (exit 141, as SIGPIPE)."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from service import cli\n"
+              "cli._main = lambda argv: print('{\"x\": 1}\\n' * 100_000) or 0\n"
+              "sys.exit(cli.main([]))")
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # before the interpreter has started: every write meets a closed pipe (a command's
+    # output longer than a pipe holds, as `remote compress --json | head -1`)
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 141 and err == ""
