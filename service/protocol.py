@@ -108,6 +108,15 @@ class AnswerStats:
     fetched_bytes: int
     context_tokens: int = 0  # the document's tokens before compression
     kept_fraction: float = 1.0  # of them, what each KV head still attends to (``kept_fraction``)
+    timings: dict[str, float] = field(default_factory=dict)  # GenerateStats.timings, as far as known
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Answer text as a Decoder sent it (``sent_unix``: its wall clock then), on its way to a client."""
+
+    text: str
+    sent_unix: float
 
 
 class PressSpecError(ValueError):

@@ -287,3 +287,39 @@ def test_kernel_steps_keep_one_batch_per_size_for_new_answers(tiny_engine, cache
     assert loop._static._batches[2] is kept and set(loop._static._batches) == {2}
     assert ["".join(g) for g in first + second] == ["".join(alone(tiny_engine, kv, "Tell me.", sampling))
                                                      for kv in caches[:4]]
+
+
+def test_stream_messages_coalesce_after_the_first_token():
+    """The first token leaves alone; later ones that wait go together, up to ``max_tokens`` or
+    ``hold_s``; an error comes after what preceded it; nothing is lost or reordered."""
+    import asyncio
+
+    from service.engine.batching import _DONE, _coalesced
+
+    async def run(items: list, max_tokens: int, hold_s: float, trickle_s: float = 0.0) -> tuple[list, object]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def feed() -> None:
+            for item in items:
+                queue.put_nowait(item)
+                if trickle_s:
+                    await asyncio.sleep(trickle_s)
+
+        feeder = asyncio.create_task(feed())
+        out, error = [], None
+        try:
+            async for message in _coalesced(queue, max_tokens, hold_s):
+                out.append(message)
+        except ValueError as e:
+            error = e
+        await feeder
+        return out, error
+
+    pieces = [(i, f"t{i} ") for i in range(1, 8)]
+    out, _ = asyncio.run(run([*pieces, _DONE], max_tokens=3, hold_s=0.5))
+    assert out == [(1, "t1 "), (4, "t2 t3 t4 "), (7, "t5 t6 t7 ")]  # all waiting: joined by threes
+    out, _ = asyncio.run(run([*pieces[:3], _DONE], max_tokens=8, hold_s=0.0, trickle_s=0.05))
+    assert out == [(1, "t1 "), (2, "t2 "), (3, "t3 ")]  # nothing waits and no hold: one token a message
+    boom = ValueError("step failed")
+    out, error = asyncio.run(run([*pieces[:3], boom], max_tokens=8, hold_s=0.5))
+    assert out == [(1, "t1 "), (3, "t2 t3 ")] and error is boom

@@ -34,6 +34,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -84,9 +85,16 @@ class _Answer:
     generator: torch.Generator | None = None
     until: Callable[[list[int]], bool] | None = None
     done: bool = False
+    # where its first token's time went (seconds): batch_wait_s (queued until admitted to the batch),
+    # prefill_s (admitted until its first token: the question prefills of that round); ``stream`` adds
+    timings: dict[str, float] = field(default_factory=dict)
+    queued_at: float = field(default_factory=time.perf_counter)
+    admitted_at: float = 0.0
 
     def take(self, token: int) -> None:
         """A generated token: stream its text, or end the answer."""
+        if not self.text.tokens:
+            self.timings["prefill_s"] = time.perf_counter() - self.admitted_at
         if token in self.sampling.stop_token_ids:
             return self.finish()
         piece = self.text.add(token)
@@ -158,27 +166,29 @@ class DecodeLoop:
                              f"waiting; decode_batch.max_waiting={self.limits.max_waiting}): retry shortly")
 
     async def stream(self, kv: CompressedKV, question: str, sampling: Sampling,
-                     stop_strings: tuple[str, ...] = ()) -> AsyncIterator[tuple[int, str]]:
-        """(tokens so far, text piece) as this answer is decoded in the batch. Leaving early (a
-        cancelled or disconnected client) takes the answer out of the batch at the next step."""
+                     stop_strings: tuple[str, ...] = (), timings: dict[str, float] | None = None,
+                     ) -> AsyncIterator[tuple[int, str]]:
+        """(tokens so far, text) as this answer is decoded in the batch: the first token alone, then
+        tokens coalesced as ``BatchLimits`` says (``stream_max_tokens``, ``stream_hold_s``). Leaving
+        early (a cancelled or disconnected client) takes the answer out of the batch at the next step.
+        ``timings`` gets prepare_s (tokenizing the question), batch_wait_s and prefill_s by the first token."""
         if self.prepare is None:
             raise TypeError("this decode loop has no prepare: give it question ids through answer()")
+        started = time.perf_counter()
         question_ids, sampling = await asyncio.to_thread(self.prepare, kv, question, sampling)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         answer = self._answer(self.with_stops(Request(kv, question_ids, sampling, stop_strings)),
                               _emitter(loop, queue))
+        if timings is not None:
+            timings["prepare_s"] = answer.queued_at - started
+            answer.timings = timings
         with self._cond:
             self._check_locked()
             self._waiting.append(answer)
             self._start_thread()
             self._cond.notify()
         try:
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in _coalesced(queue, self.limits.stream_max_tokens, self.limits.stream_hold_s):
                 yield item
         finally:
             answer.cancelled.set()
@@ -292,6 +302,8 @@ class DecodeLoop:
             self._active.append(answer)
             self._memory += answer.nbytes
             joining.append(answer)
+            answer.admitted_at = time.perf_counter()
+            answer.timings["batch_wait_s"] = answer.admitted_at - answer.queued_at
         self.peak_batch = max(self.peak_batch, len(self._active))
         self.peak_joining = max(self.peak_joining, len(joining))
         return joining
@@ -407,6 +419,39 @@ def _take_all(answers: list[_Answer], logits: torch.Tensor) -> None:
         except Exception as e:  # noqa: BLE001
             log.exception("picking a token failed")
             answer.finish(e)
+
+
+async def _coalesced(queue: asyncio.Queue, max_tokens: int, hold_s: float) -> AsyncIterator[tuple[int, str]]:
+    """The (tokens so far, piece) items of ``queue`` until ``_DONE``: the first alone, the rest joined
+    until ``max_tokens`` pieces or ``hold_s`` since the first of them (what already waits goes at once
+    with them); an exception item is raised after what came before it is sent."""
+    first, ending = True, None
+    while ending is None:
+        item = await queue.get()
+        if not isinstance(item, tuple):
+            ending = item
+            break
+        count, text, pieces = *item, 1
+        deadline = time.perf_counter() + hold_s
+        while not first and pieces < max_tokens:
+            if queue.empty():
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(queue.get(), left)
+                except TimeoutError:
+                    break
+            else:
+                item = queue.get_nowait()
+            if not isinstance(item, tuple):
+                ending = item
+                break
+            count, text, pieces = item[0], text + item[1], pieces + 1
+        first = False
+        yield count, text
+    if isinstance(ending, BaseException):
+        raise ending
 
 
 def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[object], None]:

@@ -140,8 +140,9 @@ class Answerer:
         start = time.perf_counter()
         self.decoder.check_capacity()  # before fetching anything
         kv, source, fetched = await self.cache(tenant, cache_id)
+        timings = {"cache_s": time.perf_counter() - start}
         first, tokens = None, 0
-        async for count, piece in self.decoder.stream(kv, question, sampling, stop):
+        async for count, piece in self.decoder.stream(kv, question, sampling, stop, timings):
             tokens = count
             if first is None:
                 first = time.perf_counter() - start
@@ -149,4 +150,4 @@ class Answerer:
         total = time.perf_counter() - start
         context = kv.meta.original_length
         yield AnswerStats(cache_id, source, first if first is not None else total, tokens, total, fetched,
-                          context, kept_fraction(kv.kept_tokens_per_layer(), context))
+                          context, kept_fraction(kv.kept_tokens_per_layer(), context), timings)

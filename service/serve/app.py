@@ -10,6 +10,7 @@ typed settings, ``deployments`` carry replicas, autoscaling and ``ray_actor_opti
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from service.config import BatchLimits, EngineConfig, RequestLimits, StoreConfig, TenantLimits, api_auth_tokens
+from service.protocol import Piece
 from service.serve import messages
 from service.serve.frontend import Frontend
 from service.store.auth import Auth
@@ -104,11 +106,13 @@ class Decoder:
         self._fetch_paths = TallyExport(self.metrics.fetches, "path", self.store.read_counts())  # how it read caches
 
     async def generate(self, tenant: str, cache_id: str, question: str, sampling, stop: tuple) -> AsyncIterator:
+        received = time.time()
         try:
             async for item in self.worker.answer(tenant, cache_id, question, sampling, stop):
                 if isinstance(item, str):
-                    yield {"text": item}
+                    yield {"text": item, "at": time.time()}  # one Ray message: coalesced by the loop
                 else:
+                    item.timings["received_unix"] = received
                     if item.fetched_bytes:  # Ray counters take positive increments only
                         self.metrics.bytes_fetched.inc(item.fetched_bytes)
                         self._fetch_paths.export(self.store.read_counts())
@@ -162,7 +166,7 @@ class Ingress:
         stream = self.decoder.options(stream=True).generate.remote(tenant, cache_id, question, sampling, stop)
         async for item in stream:
             messages.raise_error(item)
-            yield item["text"] if "text" in item else item["stats"]
+            yield Piece(item["text"], item["at"]) if "text" in item else item["stats"]
 
     async def _unary(self, method: str, grpc_context, handler, empty):
         try:

@@ -18,6 +18,7 @@ import grpc
 from kvcompose.v1 import api_pb2 as api
 
 from service.config import RequestLimits, TenantLimits
+from service.protocol import Piece
 from service.serve import messages
 from service.serve.admission import Admission
 from service.store.auth import Auth
@@ -109,14 +110,21 @@ class Frontend:
             cache_id = request.cache_id
         else:
             raise messages.ApiError(grpc.StatusCode.INVALID_ARGUMENT, "send cache_id or context")
-        first = None
+        first, first_hop = None, None
         for attempt in (1, 2):
             try:
+                admitted, asked = time.perf_counter() - started, time.time()
                 async for item in answer(tenant, cache_id, request.question, sampling, stop):
-                    if isinstance(item, str):
-                        first = first or time.perf_counter() - started
-                        yield api.GenerateResponse(text=item)
+                    if isinstance(item, str | Piece):
+                        now = time.time()
+                        piece = item if isinstance(item, Piece) else Piece(item, now)  # in-process: sent now
+                        if first is None:
+                            first, first_hop = time.perf_counter() - started, now - piece.sent_unix
+                        yield api.GenerateResponse(text=piece.text, sent_unix_s=piece.sent_unix)
                         continue
+                    received = item.timings.pop("received_unix", asked)
+                    item.timings.update(admission_s=admitted, to_decoder_s=max(0.0, received - asked),
+                                        first_hop_s=max(0.0, first_hop or 0.0))
                     item.time_to_first_token_s = first or time.perf_counter() - started
                     item.seconds = time.perf_counter() - started
                     if self.metrics is not None:

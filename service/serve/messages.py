@@ -179,7 +179,7 @@ def stats_message(s: AnswerStats, cache_hit: bool, compressed: CompressResult | 
     return api.GenerateStats(
         cache_id=s.cache_id, cache_hit=cache_hit, cache_source=s.cache_source,
         time_to_first_token_s=s.time_to_first_token_s, new_tokens=s.new_tokens, seconds=s.seconds,
-        context_tokens=s.context_tokens, kept_fraction=s.kept_fraction,
+        context_tokens=s.context_tokens, kept_fraction=s.kept_fraction, timings=s.timings,
         compressed=compress_response(compressed) if compressed else None)
 
 

@@ -14,10 +14,16 @@ def test_load_levels_report_throughput_latency_and_errors(stack, tmp_path):
     for r in results:
         assert r.ok == r.requests == max(8, 2 * r.clients) and not r.errors and r.tokens > 0
         assert 0 < r.ttft_p50_s <= r.ttft_p99_s <= r.latency_p99_s
+        # where the first token waited: every stage reported, and together no more than the TTFT
+        assert set(r.stages) == set(load.STAGES) and all(0 <= p50 <= p99 for p50, p99 in r.stages.values())
+        assert r.stages["prefill_s"][0] > 0 and r.stages["cache_s"][1] > 0
+        assert sum(r.slowest[s] for s in load.STAGES) <= r.slowest["client_ttft_s"] + 0.05
+        assert 0 <= r.overhead_p50_ms <= r.overhead_p99_ms < 1000 and 0 < r.messages_per_token <= 1
     paths = load.write(results, tmp_path)
     rows = list(csv.DictReader(open(paths[0])))
     assert [int(row["clients"]) for row in rows] == [1, 4] and paths[2].stat().st_size > 1000
-    assert "| 4 |" in paths[1].read_text()
+    assert "| 4 |" in paths[1].read_text() and "messages per token" in paths[1].read_text()
+    assert float(rows[1]["prefill_s_p99"]) > 0
 
 
 def test_a_burst_beyond_admission_is_resource_exhausted_and_nothing_else(stack):
