@@ -12,7 +12,7 @@ from conftest import meta, random_ids, tiny_llama
 from transformers import DynamicCache
 
 from service.engine.decode import question_logits
-from service.engine.prefill import collect, prefill
+from service.engine.prefill import _evicted_mask, collect, prefill
 from service.engine.presses import PressSpecError, build, canonical
 
 LENGTH, LAYERS = 128, 4
@@ -89,13 +89,15 @@ def test_a_press_leaves_the_model_as_it_found_it_and_can_be_reused(model):
         model.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
     assert not model.model._forward_pre_hooks  # the context-ids hook went with the block
     assert press._state == {}
-    # the head masks are the press's result, shaped like each layer's cache; none is left on the model
+    # the head masks are the press's result, shaped like each layer's cache; the modules carry them as
+    # kvpress's marks (its pipeline decodes after the block), until collect takes them off
     assert press.head_masks
     for i, mask in press.head_masks.items():
         assert mask.dtype == torch.bool and mask.shape == cache.layers[i].keys.shape[1:3]
-    assert all(getattr(layer.self_attn, "masked_key_indices", None) is None for layer in model.model.layers)
+        assert _evicted_mask(model.model.layers[i].self_attn.masked_key_indices, cache.layers[i]).equal(mask)
     kv = collect(model, cache, meta(LENGTH), press)
     assert any(e is not None for e in kv.evicted)  # collect moved them into the cache
+    assert all(layer.self_attn.masked_key_indices is None for layer in model.model.layers)
     with press(model):  # entering again starts a new document
         assert press.head_masks == {}
     first = prefill(model, ids, press, meta(LENGTH))

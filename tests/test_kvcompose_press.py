@@ -4,9 +4,12 @@ import kvpress
 import pytest
 import torch
 from conftest import meta, random_ids, tiny_llama
+from torch.utils.hooks import RemovableHandle
+from transformers import DynamicCache
 
+from service.cache.kvcache import CompressedKV
 from service.engine.decode import question_logits
-from service.engine.prefill import prefill
+from service.engine.prefill import collect, prefill
 from service.engine.presses import build
 from service.engine.presses.kvcompose import KVComposePress
 from service.engine.presses.scoring import TaskAttention
@@ -144,6 +147,103 @@ def test_kvpress_composition_refuses_the_reference_but_accepts_ours():
     build({"compose": [{"press": "snapkv", "compression_ratio": 0.3}, {"press": "kvcompose"}]})
     with pytest.raises(PressSpecError, match="compose\\[0\\].press"):
         build({"compose": [{"press": "kvpress_kvcompose"}]})
+
+
+def our_decode(model, cache, press: KVComposePress, length: int, tokens: list[int], masked: bool = True):
+    """Our decode path's logits for ``tokens`` after what ``press`` kept in ``cache`` (its first slots:
+    a foreign decode loop may have appended more), the padding hidden unless ``masked`` is False."""
+    kept = [p.shape[1] for p in press.last_selection["positions"]]
+    kv = CompressedKV(keys=[layer.keys[0, :, :n] for layer, n in zip(cache.layers, kept)],
+                      values=[layer.values[0, :, :n] for layer, n in zip(cache.layers, kept)],
+                      evicted=[press.head_masks.get(i) if masked else None for i in range(len(kept))],
+                      meta=meta(length))
+    return question_logits(model, kv, tokens)
+
+
+def logits_of_each_call(module) -> tuple[list[torch.Tensor], RemovableHandle]:
+    """Last-position logits of every call of ``module`` (an LM head), and the hook to remove."""
+    seen: list[torch.Tensor] = []
+    return seen, module.register_forward_hook(lambda m, args, out: seen.append(out[0, -1].float()))
+
+
+def test_kvpress_pipeline_decodes_an_unstructured_cache_as_we_do(model, tokenizer):
+    """kvpress's pipeline decodes after the ``with press`` block, knowing head-wise masks only from the
+    attention modules: the padding of our packed heads must be marked there (here on our attention,
+    the only one on which a multi-token question over unequal layer lengths runs in transformers 5)."""
+    pipe = kvpress.KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
+    context, question = tokenizer.decode(random_ids(150, seed=12)), "What is the number?"
+    inputs = pipe.preprocess(context, [question], "", 10**6)
+    length, question_ids = inputs["context_ids"].shape[1], inputs["questions_ids"][0][0].tolist()
+    press, cache = KVComposePress(compression_ratio=0.5, structured=False), DynamicCache()
+    seen, hook = logits_of_each_call(model.lm_head)
+    try:
+        with torch.inference_mode():
+            pipe(context, question=question, press=press, cache=cache, max_new_tokens=3)
+    finally:
+        hook.remove()
+    assert press.head_masks, "no head left padding: the test would not test it"
+    answer = [int(logits.argmax()) for logits in seen]
+    ours = our_decode(model, cache, press, length, question_ids + answer[:-1])[len(question_ids) - 1:]
+    unmasked = our_decode(model, cache, press, length, question_ids + answer[:-1], masked=False)
+    assert (unmasked[len(question_ids) - 1:] - ours).abs().max() > 1e-3  # the padding moves them
+    assert (torch.stack(seen) - ours).abs().max() < 1e-5
+
+
+def test_generate_under_the_press_hides_the_padding_on_kvpress_attention(model):
+    """``generate`` inside ``with press(model)``, on transformers' SDPA as kvpress patches it (single-
+    token steps: longer questions over unequal layer lengths fail there, huggingface/transformers#35168)."""
+    stock = tiny_llama(layers=4, seed=3)  # the same weights as ``model``
+    stock.set_attn_implementation("sdpa")
+    ids = random_ids(128, seed=11)
+    press, cache = KVComposePress(compression_ratio=0.5, structured=False), DynamicCache()
+    with torch.inference_mode(), press(stock):
+        out = stock.generate(torch.tensor([ids]), past_key_values=cache, max_new_tokens=4, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    assert press.head_masks
+    steps = torch.cat(out.logits[1:]).float()  # after each generated token but the last
+    fed = out.sequences[0, len(ids):-1].tolist()
+    ours = our_decode(model, cache, press, len(ids), fed)
+    assert (our_decode(model, cache, press, len(ids), fed, masked=False) - ours).abs().max() > 1e-3
+    assert (steps - ours).abs().max() < 1e-5
+
+
+def test_marks_left_for_kvpress_never_become_another_caches_evictions(model):
+    """The bench scores once and selects per ratio from a copy of the uncompressed cache: the scoring
+    run's marks are cleared by ``collect``, not taken (our presses hand theirs over as ``head_masks``)."""
+    ids = torch.tensor([random_ids(128, seed=3)])
+    plain, scored = DynamicCache(), DynamicCache()
+    with torch.inference_mode():
+        model.model(input_ids=ids, past_key_values=plain)
+        with KVComposePress(compression_ratio=0.5, structured=False)(model):
+            model.model(input_ids=ids, past_key_values=scored)
+    assert any(layer.self_attn.masked_key_indices is not None for layer in model.model.layers)
+    kv = collect(model, plain, meta(128))
+    assert kv.evicted == [None] * len(kv.evicted) and kv.layer_lengths == [128] * len(kv.evicted)
+    assert all(layer.self_attn.masked_key_indices is None for layer in model.model.layers)
+
+
+def test_entering_kvpress_wrappers_leaves_no_hook_behind(model):
+    """Wrappers such as kvpress's ComposedPress call ``post_init_from_model`` and never enter our block:
+    nothing may stay registered. A context replay there has no ids, and says what to do instead."""
+    hooks = dict(model.model._forward_pre_hooks)
+    press = KVComposePress(compression_ratio=0.5)
+    press.post_init_from_model(model)
+    assert model.model._forward_pre_hooks == hooks
+    ids = torch.tensor([random_ids(64, seed=4)])
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="set_context"), \
+            kvpress.ComposedPress([press])(model):
+        model.model(input_ids=ids, past_key_values=DynamicCache())
+    for given in (KVComposePress(compression_ratio=0.5), KVComposePress(compression_ratio=0.5, replay_context=False)):
+        cache = DynamicCache()
+        with torch.inference_mode(), kvpress.ComposedPress([given])(model):
+            if given.replay_context:
+                given.set_context(ids)
+            model.model(input_ids=ids, past_key_values=cache)
+        assert sum(layer.keys.shape[2] for layer in cache.layers) < 64 * len(cache.layers)
+        assert model.model._forward_pre_hooks == hooks
+    with press(model):  # our own block records the ids while it is open
+        assert len(model.model._forward_pre_hooks) == len(hooks) + 1
+    assert model.model._forward_pre_hooks == hooks
 
 
 def test_attention_over_context_gives_each_layer_the_same_attention_mass(model):

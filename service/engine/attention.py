@@ -13,9 +13,14 @@ own key length calls for:
   from that head's queries.
 
 The per-layer evicted masks travel as a forward keyword (``kvc_evicted``), never as state on
-the model, so one model serves many caches concurrently. A caller that needs the softmax
-normaliser of every query (KVCompose's scoring) passes a dict as ``kvc_lse``; on CPU it is filled
-from the fused kernel at no extra cost, per layer, with (heads, q_len) log-sum-exp values.
+the model, so one model serves many caches concurrently. Only a caller that passes none (kvpress's
+pipeline, ``generate`` under a press) gets kvpress's convention instead: head-wise presses leave
+``masked_key_indices`` on the attention modules, hidden from decode steps until the next prefill
+(``kvpress_evicted``), as kvpress's attention patch does for the functions it wraps (not this one).
+
+A caller that needs the softmax normaliser of every query (KVCompose's scoring) passes a dict as
+``kvc_lse``; on CPU it is filled from the fused kernel at no extra cost, per layer, with (heads,
+q_len) log-sum-exp values.
 """
 
 from __future__ import annotations
@@ -85,6 +90,8 @@ def per_layer_sdpa(
     (q, k) mask materialised, no K/V repeated per query head.
     """
     evicted = kvc_evicted[module.layer_idx] if kvc_evicted is not None else None
+    if kvc_evicted is None and not isinstance(key, list):
+        evicted = kvpress_evicted(module, query.shape[2], key)
     if kvc_static:  # a static decode step (``service.engine.step_graph``)
         if not isinstance(key, list):  # the batched kernel: ``key`` is the layer's ``ragged_attention.RaggedRows``
             from service.engine.ragged_attention import attend
@@ -122,6 +129,24 @@ def per_layer_sdpa(
             kvc_lse[module.layer_idx] = lse
             return out.transpose(1, 2).contiguous(), None
     return _sdpa(query, key, value, evicted, dropout, scaling).transpose(1, 2).contiguous(), None
+
+
+def kvpress_evicted(module: torch.nn.Module, q_len: int, key: torch.Tensor) -> torch.Tensor | None:
+    """(batch, kv_heads, k_len) bool mask of the keys kvpress's ``masked_key_indices`` hide, or None.
+
+    As kvpress's attention patch: a prefill (as many queries as keys) drops the module's indices, so
+    a later cache never inherits an earlier one's; other calls hide the indexed keys.
+    """
+    indices = getattr(module, "masked_key_indices", None)
+    if indices is None:
+        return None
+    if q_len == key.shape[2]:
+        module.masked_key_indices = None
+        return None
+    batch, head, position = indices
+    mask = torch.zeros(key.shape[:3], dtype=torch.bool, device=key.device)
+    mask[batch, head, position] = True
+    return mask
 
 
 def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, evicted: torch.Tensor | None,

@@ -119,7 +119,9 @@ def step_inputs(model: PreTrainedModel, kv: CompressedKV, ids: list[int], start:
     return {
         "input_ids": torch.tensor([ids], device=device),
         "position_ids": torch.arange(start, start + len(ids), device=device).unsqueeze(0),
-        "kvc_evicted": kv.evicted_for(device),
+        # a list even without evictions: the attention function falls back to kvpress's module marks
+        # only for callers that pass none (kvpress's own decode loops)
+        "kvc_evicted": kv.evicted_for(device) or [None] * kv.num_layers,
     }
 
 

@@ -11,6 +11,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from service.cache.kvcache import CacheMeta, CompressedKV
 from service.engine.cancel import stop_between_layers
+from service.engine.presses.kvcompose import PaddingIndices
 from service.engine.presses.registry import presses_in
 from service.engine.selection import select
 
@@ -46,10 +47,13 @@ def collect(model: PreTrainedModel, cache: DynamicCache, meta: CacheMeta,
     Our presses return their head masks as a value (``head_masks``). kvpress's own head-wise presses
     (AdaKV, CriticalAdaKV) can only leave them as ``masked_key_indices`` on the attention modules,
     which its attention patch reads: those are taken from there and cleared, so the model keeps no
-    per-document state.
+    per-document state. KVCompose's marks there (``PaddingIndices``, for kvpress's decode loops) are
+    cleared but not taken: its ``head_masks`` hold them, and a mark may be another run's.
     """
     attn = [layer.self_attn for layer in model.model.layers]
-    evicted = [_evicted_mask(getattr(m, "masked_key_indices", None), layer) for m, layer in zip(attn, cache.layers)]
+    marks = [getattr(m, "masked_key_indices", None) for m in attn]
+    evicted = [None if isinstance(mark, PaddingIndices) else _evicted_mask(mark, layer)
+               for mark, layer in zip(marks, cache.layers)]
     for module in attn:
         module.masked_key_indices = None
     for part in presses_in(press):

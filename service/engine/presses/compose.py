@@ -11,7 +11,7 @@ The kept fraction is then the product of the parts' kept fractions, in any order
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,11 +113,11 @@ class ComposedPress(BasePress):
     @contextmanager
     def __call__(self, model: nn.Module):
         try:
-            with super().__call__(model):
+            with super().__call__(model), ExitStack() as parts:
+                for press in self.presses:  # KVCompose records the context ids while the block is open
+                    recording = getattr(press, "recording_context_ids", None)
+                    if recording is not None:
+                        parts.enter_context(recording(model))
                 yield
         finally:  # a reused composition starts clean, also after a failure midway
             self._deferred = []
-            for press in self.presses:
-                release = getattr(press, "release", None)
-                if release is not None:
-                    release()

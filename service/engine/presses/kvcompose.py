@@ -14,10 +14,12 @@ Differences from kvpress 0.5.5's KVComposePress (same positions on the same scor
   is not doubled and nothing of the replay is left behind;
 - it is a plain forward hook (no patched ``model.forward``), so it composes (``presses.compose``):
   at the last layer it scores what is cached, allocates globally and compresses every layer;
-- its state is declared and cleaned up: the context-ids hook and per-document state go when the
-  ``with press(model)`` block ends, stale head masks are cleared when it starts;
+- its state is declared and cleaned up: the context-ids hook exists only while the
+  ``with press(model)`` block is open (``post_init_from_model`` registers nothing), per-document
+  state goes when the block ends, stale head masks are cleared when it starts;
 - unstructured mode packs each head's picks densely (the layer is as wide as its busiest head)
-  and marks the padding evicted, instead of keeping every position and masking.
+  and marks the padding evicted, instead of keeping every position and masking; the padding is
+  also marked as kvpress's ``masked_key_indices``, so kvpress's pipeline and ``generate`` hide it.
 """
 
 from __future__ import annotations
@@ -69,6 +71,18 @@ def _read_only(cache: Cache) -> Cache:
     return Cache(layers=[_ReadOnlyLayer(layer) for layer in cache.layers])
 
 
+class PaddingIndices(tuple):
+    """kvpress's ``masked_key_indices`` triple (batch, head, position) for the padding slots of an
+    unstructured layer. A type of its own because the press also returns them as ``head_masks``:
+    ``prefill.collect`` takes those, and must not take a mark left by another run of the press."""
+
+    @classmethod
+    def of(cls, padding: torch.Tensor) -> PaddingIndices:
+        """From a (kv_heads, slots) bool mask, True = padding (batch 1, as the press)."""
+        head, position = padding.nonzero(as_tuple=True)
+        return cls((torch.zeros_like(head), head, position))
+
+
 @dataclass
 class KVComposePress(BasePress):
     """Structured KV-cache compression with composite tokens and global layer allocation.
@@ -106,7 +120,7 @@ class KVComposePress(BasePress):
     task_ids: list[list[int]] | None = None
     last_selection: dict[str, list] | None = field(default=None, init=False, repr=False, compare=False)
     # (kv_heads, slots) bool masks of the slots each head left empty, by layer (structured=False):
-    # a result of the compression, read by ``prefill.collect``, never left on the model's modules.
+    # a result of the compression, read by ``prefill.collect`` (the modules' copies are for kvpress).
     head_masks: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
     _state: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
     _input_hook: Any = field(default=None, init=False, repr=False, compare=False)
@@ -126,14 +140,21 @@ class KVComposePress(BasePress):
         if self.task_ids is not None and not all(len(ids) > 0 for ids in self.task_ids):
             raise ValueError("task_ids must be non-empty token id lists")
 
-    # kvpress calls this when the press (or a composition holding it) is entered.
+    # kvpress calls this when the press (or a composition holding it) is entered; wrappers may call it
+    # without ever entering this press's ``with`` block, so it registers nothing on the model.
     def post_init_from_model(self, model: nn.Module) -> None:
-        self.release()
         self.head_masks = {}  # an earlier document's masks must not apply to this one
-        decoder = model.model
-        # The context ids are needed to replay it, and an attention hook only sees hidden states.
-        self._input_hook = decoder.register_forward_pre_hook(self._remember_input, with_kwargs=True)
-        self._state = {"model": model, "num_layers": len(decoder.layers)}
+        self._state = {"model": model, "num_layers": len(model.model.layers)}
+
+    @contextmanager
+    def recording_context_ids(self, model: nn.Module) -> Iterator[None]:
+        """While open, the decoder's input ids are recorded: the context replay needs them, and an
+        attention hook only sees hidden states. On exit the hook and per-document state go."""
+        self._input_hook = model.model.register_forward_pre_hook(self._remember_input, with_kwargs=True)
+        try:
+            yield
+        finally:
+            self.release()
 
     def release(self) -> None:
         """Remove the context-ids hook and drop per-document state (the head masks stay, for ``collect``)."""
@@ -144,11 +165,8 @@ class KVComposePress(BasePress):
 
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator[None]:
-        try:
-            with super().__call__(model):
-                yield
-        finally:
-            self.release()
+        with super().__call__(model), self.recording_context_ids(model):
+            yield
 
     def _remember_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._state.get("replaying"):
@@ -211,7 +229,13 @@ class KVComposePress(BasePress):
             tasks = [torch.tensor([t], device=device) for t in self.task_ids]
             prompts = [(ids, self._task_positions(ids.shape[1], device)) for ids in tasks]
         else:
-            ids = state["context_ids"]
+            ids = state.get("context_ids")
+            if ids is None:
+                raise RuntimeError(
+                    "KVComposePress replays the context, whose ids it records only inside its own "
+                    "`with press(model)` block or a service.engine.presses composition; under a wrapper that "
+                    "only calls post_init_from_model (such as kvpress's ComposedPress), call set_context(ids) "
+                    "inside the block before the forward, give task_ids, or set replay_context=False")
             positions = self._task_positions(ids.shape[1], device)
             picked = self._sampled(ids.shape[1], device)
             prompts = [(ids, positions) if picked is None else (ids[:, picked], positions[:, picked])]
@@ -304,6 +328,18 @@ class KVComposePress(BasePress):
             scores.append(selection.enhance(s, values, self.add_mean_across_heads))
         self.compress_with_scores(scores, cache)
         self.last_selection["replayed"] = state["replay"]
+        if not self.structured:
+            self._mark_padding(state["model"])
+
+    def _mark_padding(self, model: nn.Module) -> None:
+        """Mark every layer's padding on its attention module as kvpress's head-wise presses mark
+        their evictions: kvpress's pipeline and ``generate`` decode after the ``with`` block, with
+        nothing but the modules to carry masks (its attention patch, or ours called without
+        ``kvc_evicted``, hides the marked keys). Left as kvpress leaves them: a prefill over an
+        empty cache drops them, and so does ``prefill.collect``."""
+        for i, layer in enumerate(model.model.layers):
+            padding = self.head_masks.get(i)
+            layer.self_attn.masked_key_indices = None if padding is None else PaddingIndices.of(padding)
 
     def compress_with_scores(self, scores: list[torch.Tensor], cache: Cache) -> None:
         """Select and gather with given per-layer (kv_heads, len) scores: one scoring, many ratios."""
@@ -313,6 +349,7 @@ class KVComposePress(BasePress):
         else:
             counts = selection.allocate_per_head(scores, self.compression_ratio, self.keep_token_lower_bound)
         self.last_selection = {"scores": scores, "counts": counts, "positions": []}  # for inspection
+        self.head_masks = {}  # this document's, also where the ``with`` block holds several
         for i, layer in enumerate(cache.layers):
             positions, padding = selection.select(scores[i], counts[i])
             self.last_selection["positions"].append(positions)
