@@ -36,6 +36,12 @@ STARTUP_NOISE = ("Token authentication is enabled", "will not be applied", "is r
                  "Started a local Ray instance")
 
 
+def as_at_a_terminal() -> None:
+    """In the child: Ctrl-C's default action, as a shell gives a command at a terminal. Run from a
+    background job of a non-interactive shell (``cmd &``), the suite inherits SIGINT ignored, and a
+    Python started so never sees KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 def serve_config(path: Path, model_dir: Path) -> tuple[Path, int]:
     """The project's Serve config with the tiny model, small replicas and free ports."""
     config = yaml.safe_load(CONFIG.read_text())
@@ -62,7 +68,8 @@ def test_serve_comes_up_answers_and_stops_cleanly(tiny_model_dir, tmp_path, how)
         [sys.executable, "-m", "service.cli", "serve", "--config", str(config), "--store-port", str(free_port()),
          "--store-metrics-port", str(free_port()), "--ray-metrics-port", str(free_port()),
          *(["--tls"] if how == "tls" else [])],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # its own terminal group
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its own terminal group
+        preexec_fn=as_at_a_terminal)
     try:
         deadline = time.monotonic() + 240
         while "KVCompose Serve is up" not in (tmp_path / "serve.log").read_text():
@@ -175,7 +182,8 @@ def test_ctrl_c_at_a_terminal_ends_make_serve_with_exit_code_0(tmp_path, owns_te
     (tmp_path / "Makefile").write_text(f"serve:\n\t@{sys.executable} serve.py\n")
     terminal, its_end = pty.openpty()
     make = subprocess.Popen(["setsid", "--ctty", "make", "-s", "serve"], cwd=tmp_path, stdin=its_end,
-                            stdout=its_end, stderr=its_end, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stdout=its_end, stderr=its_end, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=as_at_a_terminal)
     os.close(its_end)
     try:
         assert b"up" in read_until(terminal, b"up")

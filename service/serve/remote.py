@@ -71,6 +71,8 @@ def _typed(message, out: dict) -> dict:
             continue
         value = getattr(message, field.name)
         repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == F.LABEL_REPEATED
+        if field.type == F.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+            continue  # a map (GenerateStats.timings: string -> double): MessageToDict's is right
         if field.type == F.TYPE_MESSAGE:
             if repeated:
                 out[field.json_name] = [_typed(m, d) for m, d in zip(value, out[field.json_name])]

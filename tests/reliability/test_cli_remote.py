@@ -46,6 +46,7 @@ def test_remote_ask_prints_the_answer_and_one_stats_line(stack, reference, capsy
     stats = json.loads(capsys.readouterr().err)
     assert stats["cacheId"] == reference["cache_id"] and stats["contextTokens"] > 0
     assert 0 < stats["keptFraction"] <= 1
+    assert stats["timings"]["prefill_s"] > 0 and stats["newTokens"] > 0  # a map keeps its keys as sent
 
 
 def test_the_stats_line_shows_a_cut_or_repetitive_answer():
