@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import random_ids
 
-from service.engine.batching import BatchLimits, DecodeLoop, Overloaded
+from service.engine.batching import BatchLimits, DecodeLoop, Overloaded, Request
 from service.engine.decode import Sampling
 from service.engine.step_graph import StepGraph
 
@@ -207,6 +207,31 @@ def test_a_finished_answer_frees_its_place_before_its_client_hears_the_end(tiny_
 
     answers = asyncio.run(main())
     assert len(answers) == 2 and answers[0] == answers[1]
+
+
+def test_a_question_that_arrives_during_a_prefill_is_prefilled_before_the_next_step(tiny_engine, caches):
+    """Prefill first: a request that comes while another's question is prefilled gets its first
+    token before the batch takes a decode step (its time to first token does not include a step),
+    and both answers are still what each gives alone."""
+    loop = tiny_engine.new_decode_loop(BatchLimits(max_batch=4))
+    sampling = Sampling(max_new_tokens=5)
+    first, second = (Request(kv, *tiny_engine.prepare(kv, q, sampling))
+                     for kv, q in ((caches[0], "Go on."), (caches[1], "And then?")))
+    events, late, prefill, step = [], [], loop._prefill, loop._step
+
+    def prefilling(rows):
+        events.append(("prefill", len(rows)))
+        if not late:  # the second request arrives while the first question is prefilled
+            late.append(loop._answer(second, lambda item: None))
+            with loop._cond:
+                loop._waiting.append(late[0])
+        prefill(rows)
+
+    loop._prefill = prefilling
+    loop._step = lambda rows: (events.append(("step", len(rows))), step(rows))[1]
+    [tokens] = loop.answer([first])
+    assert events[:3] == [("prefill", 1), ("prefill", 1), ("step", 2)], events
+    assert late[0].done and tokens == loop.answer([first])[0] and late[0].text.tokens == loop.answer([second])[0]
 
 
 def test_memory_budget_admits_what_fits(tiny_engine, caches):

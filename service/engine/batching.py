@@ -11,14 +11,15 @@ and TGI do).
   attention function attends row by row (``service.engine.attention``), while the projections and MLPs,
   where the weights are read, run once for the whole batch. Nothing is padded or copied when a
   row joins or leaves.
-- **Question prefill as its own step.** The questions of the requests admitted together (tens of
-  tokens each) are prefilled in one forward per group of similar lengths (``_by_length``), right
-  after admission, padded at the end to the group's longest (each row's padding is dropped from
-  its cache afterwards; causal attention keeps it from touching the real tokens), then the
-  requests join the decode batch. A burst of new requests
-  thus costs one forward, not one per request, and every answer stays token-for-token what it
-  would be alone (tested). Mixing question tokens into the decode step itself (chunked prefill)
-  would save little more at these question lengths.
+- **Question prefill as its own step, before the decode step.** The questions of the requests
+  admitted together (tens of tokens each) are prefilled in one forward per group of similar lengths
+  (``_by_length``), padded at the end to the group's longest (each row's padding is dropped from its
+  cache afterwards; causal attention keeps it from touching the real tokens), then the requests join
+  the decode batch. A burst of new requests thus costs one forward, not one per request, and every
+  answer stays token-for-token what it would be alone (tested). Those who arrive during a prefill
+  are admitted and prefilled before the next decode step (prefill first, as vLLM's scheduler orders
+  them): under load a first token waits a step less. Mixing question tokens into the decode step
+  itself (chunked prefill) would save little more at these question lengths.
 - **One loop for every caller.** The service streams through ``stream`` (the loop runs in its own
   thread); the CLI and the benchmarks call ``answer`` / ``stream_here``, which drive the same rounds
   in the caller's thread. An answer is the same alone and inside any batch (tested).
@@ -119,6 +120,10 @@ class _Answer:
 class DecodeLoop:
     """The replica's decode loop; ``stream`` is its only entry. ``steps``, ``peak_batch`` and
     ``peak_joining`` (most questions prefilled in one forward) are for metrics and tests."""
+
+    # Admission and prefill passes before a step: bounded, so a stream of arrivals that each end at
+    # their first token cannot hold the running answers back for long.
+    PREFILL_PASSES = 4
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None, prepare: Prepare | None = None,
                  limits: BatchLimits | None = None, static_steps: bool | None = None,
@@ -278,12 +283,19 @@ class DecodeLoop:
             self._round()
 
     def _round(self) -> None:
-        """Admit what fits, prefill the newcomers' questions, then one token for every answer."""
-        with self._cond:
-            joining = self._admit_locked()
-        for group in _by_length(joining):
-            self._guarded(group, self._prefill)
-        self._retire()
+        """Admit what fits and prefill the newcomers' questions, then one token for every answer.
+
+        Prefill first: those who arrive while questions are prefilled are admitted and prefilled too
+        before the step (up to ``PREFILL_PASSES`` times), so a first token never waits behind a decode
+        step it could precede; running answers lose one step's time, a newcomer saves a step's."""
+        for _ in range(self.PREFILL_PASSES):
+            with self._cond:
+                joining = self._admit_locked()
+            if not joining:
+                break
+            for group in _by_length(joining):
+                self._guarded(group, self._prefill)
+            self._retire()
         if self._active:
             self._guarded(list(self._active), self._step)
             self._retire()
