@@ -7,17 +7,26 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # service.tls imports grpc, which the CLI's help must not load
     from service.tls import TLSFiles
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
-# Group-wise asymmetric codecs (KIVI, arXiv 2402.02750): name -> (bits, group). Keys per channel over
-# ``group`` tokens, values per token over ``group`` channels of a head; "int4" is KIVI's group of 32.
-GROUPED_CODECS = {f"int{bits}{'' if group == 32 else f'-g{group}'}": (bits, group)
-                  for bits in (4, 2) for group in (32, 64, 128)}
+class Grouped(NamedTuple):
+    """A group-wise asymmetric codec (KIVI, arXiv 2402.02750): keys per channel over ``group`` tokens,
+    values per token over ``group`` channels of a head (at most one head's)."""
+
+    key_bits: int
+    value_bits: int
+    group: int
+
+
+# "int4" is KIVI's group of 32; "k4v2" keeps int4 keys and stores values in int2 (keys are the
+# sensitive half: docs/accuracy.md).
+GROUPED_CODECS = {f"int{bits}{'' if group == 32 else f'-g{group}'}": Grouped(bits, bits, group)
+                  for bits in (4, 2) for group in (32, 64, 128)} | {"k4v2": Grouped(4, 2, 32)}
 CODECS = ("float16", "bfloat16", "float32", "int8", *GROUPED_CODECS)  # see service/cache/codec.py
 
 

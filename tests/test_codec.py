@@ -8,6 +8,7 @@ from conftest import meta, random_ids, tiny_llama
 
 from service.cache import codec
 from service.cache.codec import CorruptCacheError
+from service.config import GROUPED_CODECS
 from service.engine.prefill import prefill
 from service.engine.presses import build
 
@@ -104,7 +105,7 @@ def test_header_records_what_decode_needs(kv):
     assert {t["dtype"] for t in header["tensors"] if t["name"][0] in "kv"} == {"float16"}
 
 
-GROUPED = ["int4", "int4-g128", "int2", "int2-g64"]
+GROUPED = ["int4", "int4-g128", "int2", "int2-g64", "k4v2"]
 
 
 @pytest.mark.parametrize("bits", [4, 2])
@@ -135,9 +136,11 @@ def test_grouped_codecs_shrink_the_cache_and_stay_close(kv, name):
     assert len(data) < len(int8) < len(fp16)
     back = codec.decode(data)
     assert back.meta == kv.meta and all(b.dtype == torch.float16 for b in back.keys + back.values)
-    bits = int(name[3])
-    for a, b in zip(kv.keys + kv.values, back.keys + back.values):  # within a step of the tensor's range
-        assert (a - b.float()).abs().max() <= (a.amax() - a.amin()) / (2**bits - 1)
+    grouped = GROUPED_CODECS[name]
+    halves = [(kv.keys, back.keys, grouped.key_bits), (kv.values, back.values, grouped.value_bits)]
+    for before, after, bits in halves:  # within a step of the tensor's range
+        for a, b in zip(before, after):
+            assert (a - b.float()).abs().max() <= (a.amax() - a.amin()) / (2**bits - 1)
     for a, b in zip(kv.evicted, back.evicted):
         assert (a is None and b is None) or torch.equal(a, b)
 
@@ -171,3 +174,19 @@ def test_grouped_caches_are_format_version_2_and_the_version_must_match_the_code
     data[-32:] = hashlib.sha256(bytes(data[:-32])).digest()
     with pytest.raises(CorruptCacheError, match="format version 2, not 1"):
         codec.decode(bytes(data))
+
+
+def test_k4v2_stores_int4_keys_and_int2_values_and_a_wrong_half_is_refused(kv):
+    """Mixed precision: each half has its own packed dtype in the header, and ``check`` holds each
+    half to its codec's (a k4v2 header over int2 keys is corrupt, not misread)."""
+    import hashlib
+    import json
+
+    data = codec.encode(kv, "k4v2")
+    assert len(data) < len(codec.encode(kv, "int4"))
+    hlen = struct.unpack_from("<I", data, 12)[0]
+    dtypes = {t["name"]: t["dtype"] for t in json.loads(data[16 : 16 + hlen])["tensors"]}
+    assert dtypes["k.0"] == "uint4" and dtypes["v.0"] == "uint2"
+    body = codec.encode(kv, "int2")[:-32].replace(b'"codec":"int2"', b'"codec":"k4v2"')  # re-signed
+    with pytest.raises(CorruptCacheError, match="k.0 is uint2 .*; expected uint4"):
+        codec.decode(body + hashlib.sha256(body).digest())

@@ -17,6 +17,7 @@ Tensors of layer i (H KV heads, n slots, head dim d):
   scheme. Keys per channel over groups of G tokens (``ks.i``, ``kz.i``: float16 scale and zero point,
   (ceil(n/G), columns)), values per token over groups of min(G, d) channels of a head (``vs.i``,
   ``vz.i``: (H, n, groups)); k and v are ``uint4`` / ``uint2``, two or four values per byte.
+  ``k4v2``: int4 keys and int2 values, groups of 32 (keys are the sensitive half).
   Other codecs store k and v in float16 / bfloat16 / float32.
 
 Every read checks magic, version, sizes and the digest before any tensor is built; a truncated or
@@ -134,11 +135,11 @@ def _layer_tensors(i: int, k: torch.Tensor, v: torch.Tensor, e: torch.Tensor | N
         vq, vs = quantize(v, dim=2)
         out += [(f"k.{i}", kq), (f"ks.{i}", ks), (f"v.{i}", vq), (f"vs.{i}", vs)]
     elif codec in GROUPED_CODECS:
-        bits, group = GROUPED_CODECS[codec]
-        kq, ks, kz = quantize_groups(cols, bits, group, dim=0)
-        vq, vs, vz = quantize_groups(v, bits, value_groups(codec, d), dim=2)
-        out += [(f"k.{i}", kq, f"uint{bits}"), (f"ks.{i}", ks), (f"kz.{i}", kz),
-                (f"v.{i}", vq, f"uint{bits}"), (f"vs.{i}", vs), (f"vz.{i}", vz)]
+        grouped = GROUPED_CODECS[codec]
+        kq, ks, kz = quantize_groups(cols, grouped.key_bits, grouped.group, dim=0)
+        vq, vs, vz = quantize_groups(v, grouped.value_bits, value_groups(codec, d), dim=2)
+        out += [(f"k.{i}", kq, f"uint{grouped.key_bits}"), (f"ks.{i}", ks), (f"kz.{i}", kz),
+                (f"v.{i}", vq, f"uint{grouped.value_bits}"), (f"vs.{i}", vs), (f"vz.{i}", vz)]
     else:
         dtype = _DTYPES[codec]
         out += [(f"k.{i}", cols.to(dtype)), (f"v.{i}", v.to(dtype))]
@@ -192,7 +193,7 @@ def decode(data: Data, device: torch.device | str = "cpu", verified: bool = Fals
 def _restore_layer(t: dict[str, torch.Tensor], i: int, codec: str) -> tuple[torch.Tensor, torch.Tensor]:
     cols, v = t[f"k.{i}"], t[f"v.{i}"]
     if codec in GROUPED_CODECS:
-        cols = dequantize_groups(cols, t[f"ks.{i}"], t[f"kz.{i}"], GROUPED_CODECS[codec][1], dim=0)
+        cols = dequantize_groups(cols, t[f"ks.{i}"], t[f"kz.{i}"], GROUPED_CODECS[codec].group, dim=0)
         v = dequantize_groups(v, t[f"vs.{i}"], t[f"vz.{i}"], value_groups(codec, v.shape[-1]), dim=2)
     elif f"ks.{i}" in t:
         cols = (cols.float() * t[f"ks.{i}"].float()).to(torch.float16)

@@ -183,7 +183,7 @@ def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
 
 def value_groups(codec: str, head_dim: int) -> int:
     """The group size of a grouped codec's values: its group, at most one head's channels."""
-    return min(GROUPED_CODECS[codec][1], head_dim)
+    return min(GROUPED_CODECS[codec].group, head_dim)
 
 
 def check(data: Data, verified: bool = False, body_sha256: bytes | None = None) -> dict:
@@ -232,7 +232,7 @@ def _check_structure(header: dict, payload_bytes: int) -> None:
     if end != payload_bytes:
         raise ValueError(f"tensors cover {end} bytes; the payload has {payload_bytes}")
     grouped = GROUPED_CODECS.get(codec)
-    stored = f"uint{grouped[0]}" if grouped else codec
+    k_stored, v_stored = (f"uint{grouped.key_bits}", f"uint{grouped.value_bits}") if grouped else (codec, codec)
     expected: dict[str, tuple[str, list[int] | None]] = {}
     if len(by_name.get("v.0", (None, []))[1]) != 3:
         raise ValueError("layer 0: values missing or not (heads, slots, head_dim)")
@@ -248,13 +248,13 @@ def _check_structure(header: dict, payload_bytes: int) -> None:
         kc = f"kc.{i}" in by_name
         if len(cols) != 2 or cols[0] != n or not (cols[1] <= heads * dim if kc else cols[1] == heads * dim):
             raise ValueError(f"layer {i}: keys missing or not (slots, kept channels)")
-        expected |= {f"k.{i}": (stored, None), f"v.{i}": (stored, None)}
+        expected |= {f"k.{i}": (k_stored, None), f"v.{i}": (v_stored, None)}
         if kc:
             expected[f"kc.{i}"] = ("uint8", [heads, dim])
         if codec == "int8":
             expected |= {f"ks.{i}": ("float16", [cols[1]]), f"vs.{i}": ("float16", [heads, n])}
         if grouped:  # a scale and a zero point per group: keys' over tokens, values' over channels
-            k_groups = [-(-n // grouped[1]), cols[1]]
+            k_groups = [-(-n // grouped.group), cols[1]]
             v_groups = [heads, n, -(-dim // value_groups(codec, dim))]
             expected |= {f"ks.{i}": ("float16", k_groups), f"kz.{i}": ("float16", k_groups),
                          f"vs.{i}": ("float16", v_groups), f"vz.{i}": ("float16", v_groups)}
