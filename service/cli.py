@@ -16,7 +16,7 @@ from pathlib import Path
 
 from service import press_spec
 from service.bench import commands
-from service.config import CODECS
+from service.config import BASE_CODECS, CODECS, ENTROPY_CODING
 from service.protocol import DEFAULT_MAX_NEW_TOKENS
 from service.serve import cache_files, remote
 
@@ -52,7 +52,9 @@ def _compress_flags(p: argparse.ArgumentParser, codec_default: str, stdin: bool 
     p.add_argument("document", help="text file ('-' for stdin)" if stdin else "text file")
     _press_flags(p)
     p.add_argument("--task-prompt", action="append", help="expected question (task-aware KVCompose); repeatable")
-    p.add_argument("--codec", choices=list(CODECS), help=f"storage codec (default: {codec_default})")
+    p.add_argument("--codec", choices=list(CODECS), metavar="CODEC",
+                   help=f"storage codec: {', '.join(BASE_CODECS)}; any of them with {ENTROPY_CODING} "
+                        f"(lossless, fewer bytes; docs/store.md) (default: {codec_default})")
 
 
 REMOTE = {

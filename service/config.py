@@ -27,7 +27,15 @@ class Grouped(NamedTuple):
 # sensitive half: docs/accuracy.md).
 GROUPED_CODECS = {f"int{bits}{'' if group == 32 else f'-g{group}'}": Grouped(bits, bits, group)
                   for bits in (4, 2) for group in (32, 64, 128)} | {"k4v2": Grouped(4, 2, 32)}
-CODECS = ("float16", "bfloat16", "float32", "int8", *GROUPED_CODECS)  # see service/cache/codec.py
+BASE_CODECS = ("float16", "bfloat16", "float32", "int8", *GROUPED_CODECS)  # see service/cache/codec.py
+# "<codec>+zstd": the same tensors, each packed blob then entropy-coded (lossless; format version 3)
+ENTROPY_CODING = "+zstd"
+CODECS = (*BASE_CODECS, *(c + ENTROPY_CODING for c in BASE_CODECS))
+
+
+def base_codec(codec: str) -> str:
+    """The codec that quantises: ``codec`` without its entropy coding ("int4+zstd" -> "int4")."""
+    return codec.removesuffix(ENTROPY_CODING)
 
 
 def _default_cache_dir() -> Path:

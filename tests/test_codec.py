@@ -1,12 +1,13 @@
 """The cache file format: bit-exact round trips, and every kind of damage refused."""
 
+import dataclasses
 import struct
 
 import pytest
 import torch
 from conftest import meta, random_ids, tiny_llama
 
-from service.cache import codec
+from service.cache import codec, format
 from service.cache.codec import CorruptCacheError
 from service.config import GROUPED_CODECS
 from service.engine.prefill import prefill
@@ -190,3 +191,73 @@ def test_k4v2_stores_int4_keys_and_int2_values_and_a_wrong_half_is_refused(kv):
     body = codec.encode(kv, "int2")[:-32].replace(b'"codec":"int2"', b'"codec":"k4v2"')  # re-signed
     with pytest.raises(CorruptCacheError, match="k.0 is uint2 .*; expected uint4"):
         codec.decode(body + hashlib.sha256(body).digest())
+
+
+def on_a_grid(kv):
+    """``kv`` with every value rounded to a multiple of 0.5: bytes with structure, as a real model's are."""
+    return dataclasses.replace(kv, keys=[(k * 2).round() / 2 for k in kv.keys],
+                               values=[(v * 2).round() / 2 for v in kv.values])
+
+
+@pytest.mark.parametrize("name", ["float16", "int8", "int4", "k4v2"])
+@pytest.mark.parametrize("structured", [False, True], ids=["random", "structured"])
+def test_zstd_coding_is_lossless_and_never_larger(kv, name, structured):
+    """``<codec>+zstd`` decodes to exactly what ``<codec>`` decodes to, as format version 3. A blob is
+    coded only where that makes it smaller: a random model's cache barely shrinks (its bytes are
+    noise), one with structure (values on a coarse grid, as a real model's codes are far from
+    uniform) shrinks; the eviction masks stay as they are (the store reads them)."""
+    import json
+
+    if structured:
+        kv = on_a_grid(kv)
+    plain, coded = codec.encode(kv, name), codec.encode(kv, name + "+zstd")
+    assert format.version_of(coded) == 3 and len(coded) < len(plain) * (0.9 if structured else 1.01)
+    a, b = codec.decode(plain), codec.decode(coded)
+    assert all(torch.equal(x, y) for x, y in zip(a.keys + a.values, b.keys + b.values))
+    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(a.evicted, b.evicted))
+    hlen = struct.unpack_from("<I", coded, 12)[0]
+    codings = {t["name"].split(".")[0]: t.get("coding") for t in json.loads(coded[16 : 16 + hlen])["tensors"]}
+    assert codings.get("e") is None and (not structured or codings["k"] == codings["v"] == "zstd")
+    assert format.kept_tokens_per_layer(coded, format.check(coded)) == kv.kept_tokens_per_layer()
+
+
+def reframed(data: bytes, tensor: str, blob: bytes | None = None, **entry) -> bytes:
+    """``data`` rebuilt with a valid length and digest: ``tensor``'s bytes replaced by ``blob`` (the
+    later offsets moved) and/or its header entry changed by ``entry`` (None removes a key), so only
+    the structure and content checks can refuse it."""
+    import hashlib
+    import json
+
+    hlen = struct.unpack_from("<I", data, 12)[0]
+    header, payload = json.loads(data[16 : 16 + hlen]), bytearray(data[16 + hlen : -32])
+    target = next(t for t in header["tensors"] if t["name"] == tensor)
+    if blob is not None:
+        start, end = target["offset"], target["offset"] + target["nbytes"]
+        payload[start:end] = blob
+        for t in header["tensors"]:
+            t["offset"] += len(blob) - (end - start) if t["offset"] > start else 0
+        target["nbytes"] = len(blob)
+    target.update(entry)
+    for key in [k for k, v in target.items() if v is None]:
+        del target[key]
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    body = data[:8] + struct.pack("<II", struct.unpack_from("<I", data, 8)[0], len(text)) + text + bytes(payload)
+    return body + hashlib.sha256(body).digest()
+
+
+def test_a_zstd_frame_that_lies_about_its_size_or_a_missing_coding_mark_is_refused(kv):
+    """A frame must decode to exactly its tensor's size (read from the frame's header before anything
+    is allocated), and a "+zstd" header must mark exactly the coded tensors."""
+    import zstandard
+
+    data = codec.encode(on_a_grid(kv), "int4+zstd")
+    assert codec.decode(reframed(data, "v.0")).meta == kv.meta  # the rebuild alone changes nothing
+    small = zstandard.ZstdCompressor().compress(b"\0" * 7)
+    with pytest.raises(CorruptCacheError, match="v.0: its zstd frame does not hold"):
+        codec.decode(reframed(data, "v.0", small))
+    with pytest.raises(CorruptCacheError, match="v.0: .*bytes do not fit .*coded"):  # no smaller than raw
+        codec.decode(reframed(data, "v.0", bytes(10**6)))
+    with pytest.raises(CorruptCacheError, match="v.0: .*bytes do not fit its dtype and shape$"):  # mark dropped
+        codec.decode(reframed(data, "v.0", coding=None))
+    with pytest.raises(CorruptCacheError, match="e.0: coding 'zstd' has no place in a int4\\+zstd cache"):
+        codec.decode(reframed(data, "e.0", coding="zstd"))

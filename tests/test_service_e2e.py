@@ -211,16 +211,17 @@ def test_the_readmes_first_example_answers_right_and_stops(stack, capsys, monkey
     assert err.split(" · ")[2:3] == shown[1].split(" · ")[2:3]  # "kept 50% of 754 tokens"
 
 
-def test_an_int4_cache_is_stored_fetched_and_answers_on_another_node(stack, document):
-    """``--codec int4`` end to end: the Compressor encodes it (format version 2), the store keeps it at
-    about a quarter of float16's bytes, and the decode node fetches, unpacks and answers from it."""
+def test_an_entropy_coded_int4_cache_is_stored_fetched_and_answers_on_another_node(stack, document):
+    """``--codec int4+zstd`` end to end: the Compressor encodes it (format version 3: int4's packed
+    tensors, each a zstd frame), the store keeps it below int4's bytes, and the decode node fetches,
+    decodes, unpacks and answers from it."""
     doc, question, needle = document
     press = {"press": "kvcompose", "compression_ratio": 0.5}
     with KVComposeClient(stack["address"]) as client:
-        stored = client.compress(doc, press, codec="int4")
-        assert stored.codec == "int4" and not stored.reused
-        assert stored.stored_bytes < 0.17 * stored.uncompressed_bytes  # 0.5 kept x about a third of float16
+        stored = client.compress(doc, press, codec="int4+zstd")
+        assert stored.codec == "int4+zstd" and not stored.reused
+        assert stored.stored_bytes < 0.15 * stored.uncompressed_bytes  # 0.5 kept x int4's 5/16, less zstd's share
         manifest = client.stat(stored.cache_id).manifest
-        assert manifest.format_version == 2 and manifest.key.codec == "int4"
+        assert manifest.format_version == 3 and manifest.key.codec == "int4+zstd"
         text, stats = client.ask(question, cache_id=stored.cache_id, max_new_tokens=24)
         assert stats.cache_source == "store" and needle in text

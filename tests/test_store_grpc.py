@@ -35,7 +35,7 @@ def server():
         yield s
 
 
-@pytest.mark.parametrize("codec_name", ["float16", "bfloat16", "float32", "int8"])
+@pytest.mark.parametrize("codec_name", ["float16", "bfloat16", "float32", "int8", "int4", "k4v2+zstd"])
 def test_put_fetch_round_trip_is_bit_exact(server, tiny_engine, codec_name):
     ids = random_ids(250, seed=41)
     key, data = make_cache(tiny_engine, ids, codec_name, tenant="default")

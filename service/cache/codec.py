@@ -1,4 +1,4 @@
-"""Tensors <-> the cache byte format (versions 1 and 2): pickle-free, self-describing, checksummed.
+"""Tensors <-> the cache byte format (versions 1 to 3): pickle-free, self-describing, checksummed.
 
 Framing (magic, version, JSON header, payload, SHA-256 digest) and every check that needs no
 tensor live in ``format.py``, which the store reads without torch.
@@ -18,6 +18,8 @@ Tensors of layer i (H KV heads, n slots, head dim d):
   (ceil(n/G), columns)), values per token over groups of min(G, d) channels of a head (``vs.i``,
   ``vz.i``: (H, n, groups)); k and v are ``uint4`` / ``uint2``, two or four values per byte.
   ``k4v2``: int4 keys and int2 values, groups of 32 (keys are the sensitive half).
+- ``<codec>+zstd`` (format version 3): the same tensors, each blob but ``e.i`` and ``kc.i`` one zstd
+  frame where that is smaller: lossless, 13-20% fewer bytes for the quantised codecs (docs/store.md).
   Other codecs store k and v in float16 / bfloat16 / float32.
 
 Every read checks magic, version, sizes and the digest before any tensor is built; a truncated or
@@ -32,23 +34,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zstandard
 
 from service.cache.format import (
     _PREFIX,
     MAGIC,
     PACKED_BITS,
+    ZSTD,
     CorruptCacheError,
     Data,
     Pieces,
     check,
+    codable,
     payload_bytes,
     payload_start,
-    tensor_nbytes,
+    tensor_bytes,
     value_groups,
     version_for,
 )
 from service.cache.kvcache import CacheMeta, CompressedKV
-from service.config import CODECS, GROUPED_CODECS
+from service.config import CODECS, GROUPED_CODECS, base_codec
+
+ZSTD_LEVEL = 3  # zstd's default: ~400 MB/s to code and >1 GB/s to decode on one core; level 19 saves ~3% more
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
            "uint8": torch.uint8, "int8": torch.int8}
@@ -154,11 +161,14 @@ def encode(kv: CompressedKV, codec: str = "float16") -> bytes:
     if codec not in CODECS:
         raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
     entries, blobs, offset = [], [], 0
+    zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)  # one per call: a compressor is not thread-safe
     for i, (k, v, e) in enumerate(zip(kv.keys, kv.values, kv.evicted)):
-        for name, t, dtype in _layer_tensors(i, k, v, e, codec):
+        for name, t, dtype in _layer_tensors(i, k, v, e, base_codec(codec)):
             blob = _raw(pack(t, PACKED_BITS[dtype]) if dtype in PACKED_BITS else t)
-            entries.append({"name": name, "dtype": dtype, "shape": list(t.shape), "offset": offset,
-                            "nbytes": len(blob)})
+            entry = {"name": name, "dtype": dtype, "shape": list(t.shape), "offset": offset}
+            if codable(name, codec) and len(frame := zstd.compress(blob)) < len(blob):
+                blob, entry["coding"] = frame, ZSTD
+            entries.append(entry | {"nbytes": len(blob)})
             blobs.append(blob)
             offset += len(blob)
     header = json.dumps({"meta": kv.meta.to_json(), "codec": codec, "layers": kv.num_layers, "tensors": entries},
@@ -182,7 +192,7 @@ def decode(data: Data, device: torch.device | str = "cpu", verified: bool = Fals
         t = {e["name"]: _tensor(data, start, size, e, device) for e in header["tensors"]}
         keys, values, evicted = [], [], []
         for i in range(int(header["layers"])):
-            k, v = _restore_layer(t, i, header["codec"])
+            k, v = _restore_layer(t, i, base_codec(header["codec"]))
             keys.append(k), values.append(v)
             evicted.append(t[f"e.{i}"].bool() if f"e.{i}" in t else None)
         return CompressedKV(keys=keys, values=values, evicted=evicted, meta=CacheMeta.from_json(header["meta"]))
@@ -208,13 +218,9 @@ def _restore_layer(t: dict[str, torch.Tensor], i: int, codec: str) -> tuple[torc
 
 def _tensor(data: Pieces, payload_start: int, payload_bytes: int, entry: dict,
             device: torch.device | str) -> torch.Tensor:
-    """One stored tensor on ``device``: moved as stored, then unpacked there if packed."""
-    start, n = int(entry["offset"]), int(entry["nbytes"])
+    """One stored tensor on ``device``: moved as stored (entropy coding undone), then unpacked there if packed."""
     shape = [int(s) for s in entry["shape"]]
-    if start < 0 or start + n > payload_bytes or n != tensor_nbytes(entry["dtype"], shape):
-        raise ValueError(f"tensor {entry['name']} does not fit the payload")
-    raw = np.empty(n, dtype=np.uint8)  # the one copy: the tensor owns its memory, the chunks can go
-    data.copy_into(raw, payload_start + start)
+    raw = tensor_bytes(data, payload_start, payload_bytes, entry)  # the one copy: the chunks can go
     stored = torch.from_numpy(raw).to(device)
     bits = PACKED_BITS.get(entry["dtype"])
     return unpack(stored, bits, shape) if bits else stored.view(_DTYPES[entry["dtype"]]).reshape(shape)
@@ -222,6 +228,7 @@ def _tensor(data: Pieces, payload_start: int, payload_bytes: int, entry: dict,
 
 def memory_dtype(codec: str) -> torch.dtype:
     """The dtype a cache stored with ``codec`` has in memory (quantised codecs dequantise to float16)."""
+    codec = base_codec(codec)
     return _DTYPES[codec] if codec in ("float16", "bfloat16", "float32") else torch.float16
 
 

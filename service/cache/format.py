@@ -1,4 +1,4 @@
-"""The cache byte format, versions 1 and 2, read without torch: framing, digest, structure and the facts the
+"""The cache byte format, versions 1 to 3, read without torch: framing, digest, structure and the facts the
 store records (slots, kept tokens). ``codec.py`` writes and decodes the tensors.
 
 Layout (all integers little-endian)::
@@ -16,6 +16,11 @@ first; ``shape`` is the logical shape, ``nbytes`` rounds up) for the group-wise 
 Caches of the other codecs are still written as version 1, so readers of version 1 keep reading them,
 and refuse a version 2 cache by its version instead of misreading it.
 
+Version 3 is any codec with ``+zstd``: the same tensors, each of the codec's blobs (not the eviction
+masks or the kept-channel maps, which the store reads) one zstd frame where that is smaller, marked
+``"coding": "zstd"``, its ``nbytes`` the frame's. Lossless: a frame must decode to exactly its
+tensor's stored size.
+
 See ``codec.py`` for the tensors of each layer and the codecs.
 """
 
@@ -30,13 +35,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import zstandard
 
-from service.config import CODECS, GROUPED_CODECS
+from service.config import CODECS, ENTROPY_CODING, GROUPED_CODECS, base_codec
 
 MAGIC = b"KVCPRS\r\n"
 FORMAT_VERSION = 1  # what byte-aligned codecs are written as, and what cache ids name (``ids.py``)
 GROUPED_FORMAT_VERSION = 2  # sub-byte tensors: the group-wise codecs
-READABLE_VERSIONS = (FORMAT_VERSION, GROUPED_FORMAT_VERSION)
+ENTROPY_FORMAT_VERSION = 3  # "<codec>+zstd": each blob of the codec's tensors entropy-coded
+READABLE_VERSIONS = (FORMAT_VERSION, GROUPED_FORMAT_VERSION, ENTROPY_FORMAT_VERSION)
+ZSTD = "zstd"  # a tensor entry's "coding"
 _PREFIX = struct.Struct("<8sII")
 _DIGEST = 32
 
@@ -168,6 +176,8 @@ _BITS = {"float16": 16, "bfloat16": 16, "float32": 32, "uint8": 8, "int8": 8, **
 
 def version_for(codec: str) -> int:
     """The format version a cache of ``codec`` is written as."""
+    if codec.endswith(ENTROPY_CODING):
+        return ENTROPY_FORMAT_VERSION
     return GROUPED_FORMAT_VERSION if codec in GROUPED_CODECS else FORMAT_VERSION
 
 
@@ -183,7 +193,35 @@ def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
 
 def value_groups(codec: str, head_dim: int) -> int:
     """The group size of a grouped codec's values: its group, at most one head's channels."""
-    return min(GROUPED_CODECS[codec].group, head_dim)
+    return min(GROUPED_CODECS[base_codec(codec)].group, head_dim)
+
+
+def codable(name: str, codec: str) -> bool:
+    """Whether tensor ``name`` of a ``codec`` cache may be entropy-coded: every tensor of a "+zstd"
+    codec but the eviction masks and kept-channel maps, which the store reads as they are."""
+    return codec.endswith(ENTROPY_CODING) and name.split(".")[0] not in ("e", "kc")
+
+
+def tensor_bytes(data: Pieces, payload_start: int, payload_bytes: int, entry: dict) -> np.ndarray:
+    """One tensor's stored bytes (uint8, its own memory), its entropy coding undone."""
+    start, n = int(entry["offset"]), int(entry["nbytes"])
+    raw_n = tensor_nbytes(entry["dtype"], [int(s) for s in entry["shape"]])
+    if start < 0 or start + n > payload_bytes or (n != raw_n and entry.get("coding") != ZSTD):
+        raise ValueError(f"tensor {entry['name']} does not fit the payload")
+    if entry.get("coding") != ZSTD:
+        out = np.empty(n, dtype=np.uint8)
+        data.copy_into(out, payload_start + start)
+        return out
+    frame = data.read(payload_start + start, payload_start + start + n)
+    if zstandard.frame_content_size(frame) != raw_n:  # checked before anything is allocated
+        raise ValueError(f"tensor {entry['name']}: its zstd frame does not hold {raw_n} bytes")
+    try:
+        out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=raw_n)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"tensor {entry['name']}: {e}") from None
+    if len(out) != raw_n:
+        raise ValueError(f"tensor {entry['name']}: its zstd frame decodes to {len(out)} bytes, not {raw_n}")
+    return np.frombuffer(bytearray(out), dtype=np.uint8)
 
 
 def check(data: Data, verified: bool = False, body_sha256: bytes | None = None) -> dict:
@@ -225,14 +263,22 @@ def _check_structure(header: dict, payload_bytes: int) -> None:
         if dtype not in _BITS or not isinstance(shape, list) or not all(
                 isinstance(n, int) and n >= 0 for n in shape):
             raise ValueError(f"tensor {name}: bad dtype or shape")
-        if t["offset"] != end or t["nbytes"] != tensor_nbytes(dtype, shape):
+        size, coding, nbytes = tensor_nbytes(dtype, shape), t.get("coding"), t["nbytes"]
+        if coding is not None and (coding != ZSTD or not codable(name, codec)):
+            raise ValueError(f"tensor {name}: coding {coding!r} has no place in a {codec} cache")
+        # a blob is coded only where that makes it smaller
+        if not isinstance(nbytes, int) or not (0 < nbytes < size if coding else nbytes == size):
+            raise ValueError(f"tensor {name}: {nbytes} bytes do not fit its dtype and shape"
+                             + (" (coded)" if coding else ""))
+        if t["offset"] != end:
             raise ValueError(f"tensor {name} does not sit where the payload says")
         end += t["nbytes"]
         by_name[name] = (dtype, shape)
     if end != payload_bytes:
         raise ValueError(f"tensors cover {end} bytes; the payload has {payload_bytes}")
-    grouped = GROUPED_CODECS.get(codec)
-    k_stored, v_stored = (f"uint{grouped.key_bits}", f"uint{grouped.value_bits}") if grouped else (codec, codec)
+    base = base_codec(codec)
+    grouped = GROUPED_CODECS.get(base)
+    k_stored, v_stored = (f"uint{grouped.key_bits}", f"uint{grouped.value_bits}") if grouped else (base, base)
     expected: dict[str, tuple[str, list[int] | None]] = {}
     if len(by_name.get("v.0", (None, []))[1]) != 3:
         raise ValueError("layer 0: values missing or not (heads, slots, head_dim)")
@@ -251,7 +297,7 @@ def _check_structure(header: dict, payload_bytes: int) -> None:
         expected |= {f"k.{i}": (k_stored, None), f"v.{i}": (v_stored, None)}
         if kc:
             expected[f"kc.{i}"] = ("uint8", [heads, dim])
-        if codec == "int8":
+        if base == "int8":
             expected |= {f"ks.{i}": ("float16", [cols[1]]), f"vs.{i}": ("float16", [heads, n])}
         if grouped:  # a scale and a zero point per group: keys' over tokens, values' over channels
             k_groups = [-(-n // grouped.group), cols[1]]
