@@ -21,6 +21,8 @@ class Sampling:
     """Decoding settings, named as vLLM's ``SamplingParams``. temperature 0 = greedy; top_p in (0, 1];
     seed makes sampling repeatable. Answers end at the model's end token, a stop string, or
     ``max_new_tokens`` (128 by default: room for an answer to a question, not an essay).
+    ``stop``: strings that end the answer, not included unless ``include_stop_str_in_output``;
+    empty = the model's own (the embedded model's first-sentence end, kept: ``Engine.prepare``).
 
     The penalties count the answer's own tokens only, not the document's or the question's: a
     document answer quotes its document, and penalising that would push it off the right words.
@@ -37,6 +39,8 @@ class Sampling:
     repetition_penalty: float | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

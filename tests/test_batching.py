@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 from conftest import random_ids
@@ -38,11 +39,11 @@ def caches(tiny_engine):
 
 
 def alone(engine, kv, question, sampling, stop=()):
-    return [piece for _, piece in engine.stream_counted(kv, question, sampling, stop)]
+    return [piece for _, piece in engine.stream_counted(kv, question, replace(sampling, stop=stop))]
 
 
 async def collect(loop: DecodeLoop, kv, question, sampling, stop=()):
-    return [piece async for _, piece in loop.stream(kv, question, sampling, stop)]
+    return [piece async for _, piece in loop.stream(kv, question, replace(sampling, stop=stop))]
 
 
 @pytest.mark.parametrize("static", STATIC.values(), ids=STATIC)

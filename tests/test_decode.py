@@ -58,7 +58,7 @@ def test_stop_strings_cut_the_answer(tiny_engine):
     kv, _ = tiny_engine.compress(random_ids(80), {})
     full = tiny_engine.answer(kv, "hi", Sampling(max_new_tokens=10))
     assert len(full) > 3
-    cut = tiny_engine.answer(kv, "hi", Sampling(max_new_tokens=10), stop_strings=(full[2:4],))
+    cut = tiny_engine.answer(kv, "hi", Sampling(max_new_tokens=10, stop=(full[2:4],)))
     assert cut == full[: full.index(full[2:4])]
 
 

@@ -30,7 +30,7 @@ def generate(losses: int) -> tuple[list, int]:
         return CompressResult("a" * 64, 10, [5], [5.0], 100, 200, len(compresses) > 1, 0.1, "m",
                               {"press": "kvcompose"}, "float16")
 
-    async def answer(tenant, cache_id, question, sampling, stop):
+    async def answer(tenant, cache_id, question, sampling):
         if len(compresses) <= losses:
             raise NotFound(f"no cache {cache_id}")
         yield "forty-two"

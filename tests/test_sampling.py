@@ -101,7 +101,6 @@ def test_the_models_default_stop_applies_only_where_a_request_names_none(tiny):
     assert len(free) > 4
     stop = free[2:4]
     engine.sampling_defaults = {"stop": [stop]}  # as a model's defaults would set it
-    engine._loops = type(engine._loops)()  # a fresh decode loop, made with the new defaults
     assert engine.answer(kv, question, Sampling(max_new_tokens=12)) == free[: free.index(stop) + len(stop)]
     other = free[5:7] if free[5:7] and free[5:7] not in free[:5] else free[-1]
-    assert engine.answer(kv, question, Sampling(max_new_tokens=12), (other,)) == free[: free.index(other)]
+    assert engine.answer(kv, question, Sampling(max_new_tokens=12, stop=(other,))) == free[: free.index(other)]

@@ -37,7 +37,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -63,8 +63,6 @@ class Request:
     kv: CompressedKV
     question_ids: list[int]
     sampling: Sampling
-    stop_strings: tuple[str, ...] = ()
-    keep_stop: bool = False  # the stop string's text stays in the answer (a model's default sentence end)
     until: Callable[[list[int]], bool] | None = None
 
 
@@ -126,15 +124,12 @@ class DecodeLoop:
     PREFILL_PASSES = 4
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None, prepare: Prepare | None = None,
-                 limits: BatchLimits | None = None, static_steps: bool | None = None,
-                 default_stop: tuple[str, ...] = ()):
+                 limits: BatchLimits | None = None, static_steps: bool | None = None):
         """tokenizer: None = token ids only, no text. prepare: turns ``stream``'s question into ids
         (``Engine.prepare``); None = ``stream`` is refused, ``answer`` and ``stream_here`` take ids.
         static_steps: decode steps over fixed buffers (``service.engine.step_graph``), replayed as CUDA
-        graphs on CUDA (unless ``decode_batch.cuda_graphs`` is false); None = on CUDA only.
-        default_stop: ``stream``'s stop strings when a request names none (the model's, kept in the answer)."""
+        graphs on CUDA (unless ``decode_batch.cuda_graphs`` is false); None = on CUDA only."""
         self.model, self.tokenizer, self.prepare = model, tokenizer, prepare
-        self.default_stop = default_stop
         self.limits = limits or BatchLimits()
         device = model.device
         self._static = None
@@ -171,8 +166,7 @@ class DecodeLoop:
                              f"waiting; decode_batch.max_waiting={self.limits.max_waiting}): retry shortly")
 
     async def stream(self, kv: CompressedKV, question: str, sampling: Sampling,
-                     stop_strings: tuple[str, ...] = (), timings: dict[str, float] | None = None,
-                     ) -> AsyncIterator[tuple[int, str]]:
+                     timings: dict[str, float] | None = None) -> AsyncIterator[tuple[int, str]]:
         """(tokens so far, text) as this answer is decoded in the batch: the first token alone, then
         tokens coalesced as ``BatchLimits`` says (``stream_max_tokens``, ``stream_hold_s``). Leaving
         early (a cancelled or disconnected client) takes the answer out of the batch at the next step.
@@ -182,8 +176,7 @@ class DecodeLoop:
         started = time.perf_counter()
         question_ids, sampling = await asyncio.to_thread(self.prepare, kv, question, sampling)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        answer = self._answer(self.with_stops(Request(kv, question_ids, sampling, stop_strings)),
-                              _emitter(loop, queue))
+        answer = self._answer(Request(kv, question_ids, sampling), _emitter(loop, queue))
         if timings is not None:
             timings["prepare_s"] = answer.queued_at - started
             answer.timings = timings
@@ -243,14 +236,9 @@ class DecodeLoop:
                 with self._cond:
                     self._waiting.clear()
 
-    def with_stops(self, r: Request) -> Request:
-        """``r`` ending at the model's default stop strings if it names none of its own."""
-        if r.stop_strings or not self.default_stop:
-            return r
-        return replace(r, stop_strings=self.default_stop, keep_stop=True)
-
     def _answer(self, r: Request, emit: Callable[[object], None]) -> _Answer:
-        answer = _Answer(r.kv, r.question_ids, r.sampling, TextStream(self.tokenizer, r.stop_strings, r.keep_stop),
+        s = r.sampling
+        answer = _Answer(r.kv, r.question_ids, s, TextStream(self.tokenizer, s.stop, s.include_stop_str_in_output),
                          emit, self._row_bytes(r.kv, _padded_width(len(r.question_ids)) + r.sampling.max_new_tokens),
                          until=r.until)
         if answer.nbytes > self.limits.memory_bytes:  # retrying cannot help: a client error

@@ -71,8 +71,7 @@ class Engine:
 
     def new_decode_loop(self, limits: BatchLimits | None = None, static_steps: bool | None = None) -> DecodeLoop:
         """A decode loop over this engine's model, its questions prepared by ``prepare``."""
-        return DecodeLoop(self.loaded.model, self.loaded.tokenizer, self.prepare, limits, static_steps,
-                          tuple(self.sampling_defaults.get("stop", ())))
+        return DecodeLoop(self.loaded.model, self.loaded.tokenizer, self.prepare, limits, static_steps)
 
     @property
     def device(self) -> torch.device:
@@ -159,23 +158,24 @@ class Engine:
         extra = [self.loaded.tokenizer.eos_token_id]
         return tuple(sorted({int(t) for t in eos + extra if t is not None}))
 
-    def stream(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
-               stop_strings: tuple[str, ...] = ()) -> Iterator[str]:
-        """Yield answer text pieces as tokens are produced; stop strings end the answer (not included)."""
-        for _, piece in self.stream_counted(kv, question, sampling, stop_strings):
+    def stream(self, kv: CompressedKV, question: str, sampling: Sampling | None = None) -> Iterator[str]:
+        """Yield answer text pieces as tokens are produced; stop strings end the answer (``Sampling.stop``)."""
+        for _, piece in self.stream_counted(kv, question, sampling):
             yield piece
 
     def prepare(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
                 ) -> tuple[list[int], Sampling]:
-        """(question ids, sampling with the model's stop tokens and default penalties, and an answer
-        that ends at the window). Raises ValueError when the cache is not this model's or the
-        question does not fit."""
+        """(question ids, sampling with every default filled in: the model's stop tokens, its stop
+        strings where the request names none, its penalties, and an answer that ends at the window).
+        Raises ValueError when the cache is not this model's or the question does not fit."""
         self.check_compatible(kv)
         sampling = sampling or Sampling()
         if not sampling.stop_token_ids:
             sampling = dataclasses.replace(sampling, stop_token_ids=self.stop_token_ids())
         unset = {name: self.sampling_defaults[name] for name in PENALTIES
                  if getattr(sampling, name) is None and name in self.sampling_defaults}
+        if not sampling.stop and self.sampling_defaults.get("stop"):  # the model's own: kept in the answer
+            unset |= {"stop": tuple(self.sampling_defaults["stop"]), "include_stop_str_in_output": True}
         if unset:
             sampling = dataclasses.replace(sampling, **unset)
         question_ids = self.prompt.question_ids(question)
@@ -189,16 +189,14 @@ class Engine:
         return question_ids, sampling
 
     def stream_counted(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
-                       stop_strings: tuple[str, ...] = ()) -> Iterator[tuple[int, str]]:
+                       ) -> Iterator[tuple[int, str]]:
         """As ``stream``, with the number of tokens generated so far beside each piece (through the
         service's decode loop, ``batching.DecodeLoop``, driven in this thread)."""
         question_ids, sampling = self.prepare(kv, question, sampling)
-        loop = self.decode_loop()
-        yield from loop.stream_here(loop.with_stops(Request(kv, question_ids, sampling, stop_strings)))
+        yield from self.decode_loop().stream_here(Request(kv, question_ids, sampling))
 
-    def answer(self, kv: CompressedKV, question: str, sampling: Sampling | None = None,
-               stop_strings: tuple[str, ...] = ()) -> str:
-        return "".join(self.stream(kv, question, sampling, stop_strings))
+    def answer(self, kv: CompressedKV, question: str, sampling: Sampling | None = None) -> str:
+        return "".join(self.stream(kv, question, sampling))
 
     def question_logits(self, kv: CompressedKV, question_ids: list[int]) -> torch.Tensor:
         return question_logits(self.loaded.model, kv, question_ids)

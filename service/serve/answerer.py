@@ -134,7 +134,7 @@ class Answerer:
         return True
 
     async def answer(self, tenant: str, cache_id: str, question: str, sampling: Sampling,
-                     stop: tuple[str, ...] = ()) -> AsyncIterator[str | AnswerStats]:
+                     ) -> AsyncIterator[str | AnswerStats]:
         """Yield answer text pieces, then one AnswerStats. The answer is decoded in the replica's
         batch (``service.engine.batching``); a full decoder refuses at once (``Overloaded``)."""
         start = time.perf_counter()
@@ -142,7 +142,7 @@ class Answerer:
         kv, source, fetched = await self.cache(tenant, cache_id)
         timings = {"cache_s": time.perf_counter() - start}
         first, tokens = None, 0
-        async for count, piece in self.decoder.stream(kv, question, sampling, stop, timings):
+        async for count, piece in self.decoder.stream(kv, question, sampling, timings):
             tokens = count
             if first is None:
                 first = time.perf_counter() - start

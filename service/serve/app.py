@@ -105,10 +105,10 @@ class Decoder:
         self.metrics = ServiceMetrics()
         self._fetch_paths = TallyExport(self.metrics.fetches, "path", self.store.read_counts())  # how it read caches
 
-    async def generate(self, tenant: str, cache_id: str, question: str, sampling, stop: tuple) -> AsyncIterator:
+    async def generate(self, tenant: str, cache_id: str, question: str, sampling) -> AsyncIterator:
         received = time.time()
         try:
-            async for item in self.worker.answer(tenant, cache_id, question, sampling, stop):
+            async for item in self.worker.answer(tenant, cache_id, question, sampling):
                 if isinstance(item, str):
                     yield {"text": item, "at": time.time()}  # one Ray message: coalesced by the loop
                 else:
@@ -162,8 +162,8 @@ class Ingress:
         messages.raise_error(out)
         return out["result"]
 
-    async def _answer(self, tenant: str, cache_id: str, question: str, sampling, stop) -> AsyncIterator:
-        stream = self.decoder.options(stream=True).generate.remote(tenant, cache_id, question, sampling, stop)
+    async def _answer(self, tenant: str, cache_id: str, question: str, sampling) -> AsyncIterator:
+        stream = self.decoder.options(stream=True).generate.remote(tenant, cache_id, question, sampling)
         async for item in stream:
             messages.raise_error(item)
             yield Piece(item["text"], item["at"]) if "text" in item else item["stats"]

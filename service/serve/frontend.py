@@ -94,7 +94,7 @@ class Frontend:
 
     async def _generate(self, request: api.GenerateRequest, tenant: str, started: float, answer: AnswerFn,
                         compress: CompressFn | None) -> AsyncIterator[api.GenerateResponse]:
-        sampling, stop = messages.sampling_args(request, self.limits)
+        sampling = messages.sampling_args(request, self.limits)
         compressed = None
         source = request.WhichOneof("source")
         if source == "context":
@@ -114,7 +114,7 @@ class Frontend:
         for attempt in (1, 2):
             try:
                 admitted, asked = time.perf_counter() - started, time.time()
-                async for item in answer(tenant, cache_id, request.question, sampling, stop):
+                async for item in answer(tenant, cache_id, request.question, sampling):
                     if isinstance(item, str | Piece):
                         now = time.time()
                         piece = item if isinstance(item, Piece) else Piece(item, now)  # in-process: sent now

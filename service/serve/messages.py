@@ -146,7 +146,7 @@ def compress_response(r: CompressResult) -> api.CompressResponse:
 _PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")  # unset = the model's default
 
 
-def sampling_args(req: api.GenerateRequest, limits: RequestLimits) -> tuple[Sampling, tuple[str, ...]]:
+def sampling_args(req: api.GenerateRequest, limits: RequestLimits) -> Sampling:
     if not req.question.strip():
         raise _invalid("question is empty")
     _check_text("question", req.question, limits.max_question_bytes, "max_question_bytes")
@@ -161,10 +161,10 @@ def sampling_args(req: api.GenerateRequest, limits: RequestLimits) -> tuple[Samp
     try:
         penalties = {name: getattr(req, name) for name in _PENALTIES if req.HasField(name)}
         sampling = Sampling(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p or 1.0,
-                            seed=req.seed if req.HasField("seed") else None, **penalties)
+                            seed=req.seed if req.HasField("seed") else None, stop=tuple(stop), **penalties)
     except ValueError as e:
         raise _invalid(str(e)) from None
-    return sampling, tuple(stop)
+    return sampling
 
 
 def list_models_response(info: dict) -> api.ListModelsResponse:
