@@ -19,7 +19,7 @@ Tensors of layer i (H KV heads, n slots, head dim d):
   ``vz.i``: (H, n, groups)); k and v are ``uint4`` / ``uint2``, two or four values per byte.
   ``k4v2``: int4 keys and int2 values, groups of 32 (keys are the sensitive half).
 - ``<codec>+zstd`` (format version 3): the same tensors, each blob but ``e.i`` and ``kc.i`` one zstd
-  frame where that is smaller: lossless, 13-20% fewer bytes for the quantised codecs (docs/store.md).
+  frame where that is smaller: lossless, 11-18% fewer bytes for SmolLM2's quantised caches (docs/store.md).
   Other codecs store k and v in float16 / bfloat16 / float32.
 
 Every read checks magic, version, sizes and the digest before any tensor is built; a truncated or
