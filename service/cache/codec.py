@@ -53,7 +53,7 @@ from service.cache.format import (
     version_for,
 )
 from service.cache.kvcache import CacheMeta, CompressedKV
-from service.config import CODECS, GROUPED_CODECS, base_codec
+from service.config import CODECS, ENTROPY_CODING, GROUPED_CODECS, base_codec
 
 ZSTD_LEVEL = 3  # zstd's default: ~400 MB/s to code and >1 GB/s to decode on one core; level 19 saves ~3% more
 
@@ -161,7 +161,8 @@ def encode(kv: CompressedKV, codec: str = "float16") -> bytes:
     if codec not in CODECS:
         raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
     entries, blobs, offset = [], [], 0
-    zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)  # one per call: a compressor is not thread-safe
+    # one per call (a compressor is not thread-safe), and only for a "+zstd" codec
+    zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL) if codec.endswith(ENTROPY_CODING) else None
     for i, (k, v, e) in enumerate(zip(kv.keys, kv.values, kv.evicted)):
         for name, t, dtype in _layer_tensors(i, k, v, e, base_codec(codec)):
             blob = _raw(pack(t, PACKED_BITS[dtype]) if dtype in PACKED_BITS else t)

@@ -350,10 +350,6 @@ def _kept_tokens(slots: int, evicted: np.ndarray) -> float:
 
 def _array(data: Pieces, start: int, size: int, entry: dict) -> np.ndarray:
     """One stored tensor as a numpy array (dtypes numpy has; used for the uint8 masks)."""
-    offset, n = int(entry["offset"]), int(entry["nbytes"])
     shape = [int(s) for s in entry["shape"]]
-    if offset < 0 or offset + n > size or n != tensor_nbytes(entry["dtype"], shape):
-        raise ValueError(f"tensor {entry['name']} does not fit the payload")
-    out = np.empty(n, dtype=np.uint8)
-    data.copy_into(out, start + offset)
+    out = tensor_bytes(data, start, size, entry)
     return out.view(entry["dtype"]).reshape(shape) if entry["dtype"] != "bfloat16" else out.reshape(-1)
