@@ -18,9 +18,9 @@ Tensors of layer i (H KV heads, n slots, head dim d):
   (ceil(n/G), columns)), values per token over groups of min(G, d) channels of a head (``vs.i``,
   ``vz.i``: (H, n, groups)); k and v are ``uint4`` / ``uint2``, two or four values per byte.
   ``k4v2``: int4 keys and int2 values, groups of 32 (keys are the sensitive half).
+  Other codecs store k and v in float16 / bfloat16 / float32.
 - ``<codec>+zstd`` (format version 3): the same tensors, each blob but ``e.i`` and ``kc.i`` one zstd
   frame where that is smaller: lossless, 11-18% fewer bytes for SmolLM2's quantised caches (docs/store.md).
-  Other codecs store k and v in float16 / bfloat16 / float32.
 
 Every read checks magic, version, sizes and the digest before any tensor is built; a truncated or
 altered buffer raises ``CorruptCacheError``.
