@@ -152,7 +152,8 @@ def parser() -> argparse.ArgumentParser:
                    help="rows of KVCompose scored by a task prompt: comma-separated question, paraphrase, unrelated")
     b.add_argument("--no-task-aware", action="store_true", help="no task-aware rows (same as --task-prompts '')")
     b.add_argument("--codecs", default="",
-                   help="also answer from each cache stored with these codecs (rows '<press>@<codec>'), e.g. int8")
+                   help="also answer from each cache stored with these codecs (rows '<press>@<codec>'), e.g. int8, "
+                        "or read back as a layout of service.bench.codec_variants (k4v2-res, k4v2-top)")
     b.add_argument("--codec-presses", default="",
                    help="row labels (e.g. kvcompose,none) whose caches --codecs applies to (default: all)")
     b.add_argument("--out", type=Path, default=Path("bench/results.csv"), help="results CSV (resumed if it exists)")

@@ -12,15 +12,16 @@ def test_perf_runs_every_row_against_its_reference(tiny_model_dir, tmp_path):
     cases = perf.plan([96], [1], kvpress_max_tokens=0, parts={"compress", "ttft", "fetch", "reuse"},
                       reuse_tokens=256)
     assert [c.name for c in cases] == ["compress/plain/96", "compress/kvcompose/96", "compress/kvcompose-1pass/96",
-                                       "ttft/prefill/96", "ttft/reuse/96", "fetch/redis/1", "fetch/grpc/1",
-                                       "fetch/grant/1", "reuse/llama-3.1-8b/256"]
+                                       "compress/kvcompose-compactor/96", "ttft/prefill/96", "ttft/reuse/96",
+                                       "fetch/redis/1", "fetch/grpc/1", "fetch/grant/1", "reuse/llama-3.1-8b/256"]
     other = perf.plan([96], [1], kvpress_max_tokens=96, parts={"compress"}, ratios=(0.5, 0.9))
     assert [c.name for c in other] == ["compress/plain/96", "compress/kvcompose/96", "compress/kvcompose-1pass/96",
-                                       "compress/kvpress/96", "compress/kvcompose@0.9/96",
-                                       "compress/kvcompose-1pass@0.9/96", "compress/kvpress@0.9/96"]
+                                       "compress/kvcompose-compactor/96", "compress/kvpress/96",
+                                       "compress/kvcompose@0.9/96", "compress/kvcompose-1pass@0.9/96",
+                                       "compress/kvcompose-compactor@0.9/96", "compress/kvpress@0.9/96"]
     results = perf.run(cases, 2, str(tiny_model_dir), tmp_path / "work", log=lambda *a, **k: None)
-    assert [r["case"] for r in results[:9]] == [c.name for c in cases]  # interleaved: all rows, then again
-    assert len(results) == 2 * len(cases) + 3  # + one memory run per compress row
+    assert [r["case"] for r in results[:10]] == [c.name for c in cases]  # interleaved: all rows, then again
+    assert len(results) == 2 * len(cases) + 4  # + one memory run per compress row
     rows = {r["case"]: r for r in perf.summarize(cases, results)}
     plain, kvc = rows["compress/plain/96"], rows["compress/kvcompose/96"]
     assert kvc["ratio"] == kvc["seconds"] / plain["seconds"] and kvc["runs"] == 2

@@ -25,6 +25,7 @@ def model():
     {"press": "adakv", "inner": {"press": "expectedattention", "compression_ratio": 0.5}},
     {"press": "kvcompose", "compression_ratio": 0.5},
     {"press": "kvcompose", "compression_ratio": 0.5, "replay_context": False},
+    {"press": "kvcompose", "compression_ratio": 0.5, "replay_context": False, "scorer": "attention"},
 ], ids=lambda s: label(s))
 def test_a_press_on_recorded_inputs_equals_the_press_alone(model, spec):
     ids = random_ids(300, seed=12)
@@ -119,7 +120,8 @@ def test_a_codec_row_answers_from_the_decoded_bytes(tiny_engine):
 @pytest.mark.parametrize("spec", [
     {"press": "kvcompose"},
     {"compose": [{"press": "think", "key_channel_compression_ratio": 0.5}, {"press": "kvcompose"}]},
-], ids=["kvcompose", "think+kvcompose"])
+    {"press": "kvcompose", "scorer": "compactor"},
+], ids=["kvcompose", "think+kvcompose", "kvcompose-compactor"])
 def test_runner_scores_kvcompose_once_per_sample_and_equals_each_ratio_alone(tiny_engine, tmp_path, spec):
     from service.bench import ruler
 
@@ -133,11 +135,16 @@ def test_runner_scores_kvcompose_once_per_sample_and_equals_each_ratio_alone(tin
         alone = prefill(model, ids, build(with_ratio(spec, ratio)), meta(len(ids)))
         assert fast.layer_lengths == alone.layer_lengths
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast.keys + fast.values, alone.keys + alone.values))
-    assert list(scored) == ["x"]  # one scoring served both ratios
+    # one scoring served both ratios; a kvpress scorer takes the ratio (Compactor blends by it)
+    assert list(scored) == ["x"] and scored["x"][2] == (0.8 if "scorer" in spec else None)
 
 
 def test_one_pass_kvcompose_has_rows_of_its_own():
     assert label({"press": "kvcompose"}) == "kvcompose"
-    assert label({"press": "kvcompose", "replay_context": False}) == "kvcompose-1pass"
-    assert label({"compose": [{"press": "think"}, {"press": "kvcompose", "replay_context": False}]}) == \
-        "think+kvcompose-1pass"
+    assert label({"press": "kvcompose", "scorer": "attention"}) == "kvcompose-attention"  # differs at 8k
+    assert label({"press": "kvcompose", "replay_context": False, "scorer": "attention"}) == "kvcompose-1pass"
+    assert label({"compose": [{"press": "think"}, {"press": "kvcompose", "replay_context": False,
+                                                   "scorer": "attention"}]}) == "think+kvcompose-1pass"
+    # one pass by default scores as Compactor, and computes the same rows
+    assert label({"press": "kvcompose", "replay_context": False}) == "kvcompose-compactor"
+    assert label({"press": "kvcompose", "scorer": "compactor"}) == "kvcompose-compactor"

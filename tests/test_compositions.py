@@ -19,7 +19,8 @@ LENGTH, LAYERS = 128, 4
 SNAP = {"press": "snapkv", "compression_ratio": 0.5, "window_size": 16}
 PARTS = {  # name -> (spec, fraction of tokens it keeps)
     "kvcompose": ({"press": "kvcompose", "compression_ratio": 0.5}, 0.5),
-    "kvcompose-one-pass": ({"press": "kvcompose", "compression_ratio": 0.5, "replay_context": False}, 0.5),
+    "kvcompose-one-pass": ({"press": "kvcompose", "compression_ratio": 0.5, "replay_context": False,
+                            "scorer": "attention"}, 0.5),
     "kvcompose-headwise": ({"press": "kvcompose", "compression_ratio": 0.5, "structured": False}, 0.5),
     "think": ({"press": "think", "key_channel_compression_ratio": 0.5}, 1.0),
     "knorm": ({"press": "knorm", "compression_ratio": 0.5}, 0.5),

@@ -27,7 +27,8 @@ from service.engine.presses import build
 
 KVCOMPOSE = {"press": "kvcompose", "compression_ratio": 0.5}
 OWN = {  # our own presses beyond the registry's defaults
-    "kvcompose-one-pass": {**KVCOMPOSE, "replay_context": False},
+    "kvcompose-one-pass": {**KVCOMPOSE, "replay_context": False, "scorer": "attention"},
+    "kvcompose-compactor": {**KVCOMPOSE, "scorer": "compactor"},
     "kvcompose-headwise": {**KVCOMPOSE, "structured": False},
     "kvcompose-task-aware": KVCOMPOSE,  # task_ids set below, as the engine does
     "kvcompose-mean-vnorm": {**KVCOMPOSE, "agg_task": "mean", "add_v_norm": True, "keep_token_lower_bound": 4},

@@ -92,8 +92,8 @@ class FusedKVCompose(KVComposePress):
         return TaskAttention(self.agg_task, n_context, softcap, fused=True)
 
 
-@pytest.mark.parametrize("variant", [{}, {"replay_context": False}, {"agg_task": "mean"}, {"task_ids": [[5, 9, 77]]}],
-                         ids=["two-pass", "one-pass", "mean", "task-aware"])
+@pytest.mark.parametrize("variant", [{}, {"replay_context": False, "scorer": "attention"}, {"agg_task": "mean"},
+                                     {"task_ids": [[5, 9, 77]]}], ids=["two-pass", "one-pass", "mean", "task-aware"])
 def test_kvcompose_keeps_the_same_positions_with_the_fused_scorer(variant):
     model = tiny_llama(layers=2, seed=7)
     ids = random_ids(97, seed=3)

@@ -7,6 +7,7 @@ from conftest import meta, random_ids, tiny_llama
 from torch.utils.hooks import RemovableHandle
 from transformers import DynamicCache
 
+from service.bench.runner import record
 from service.cache.kvcache import CompressedKV
 from service.engine.decode import question_logits
 from service.engine.prefill import collect, prefill
@@ -61,7 +62,7 @@ def test_task_prompts_are_used(model):
 
 
 def test_one_pass_mode_scores_without_replay(model):
-    press = KVComposePress(compression_ratio=0.5, replay_context=False)
+    press = KVComposePress(compression_ratio=0.5, replay_context=False, scorer="attention")
     kv = prefill(model, random_ids(200), press, meta(200))
     assert sum(kv.layer_lengths) <= 0.5 * 200 * 4 + 4
 
@@ -94,6 +95,7 @@ def test_scoring_never_places_queries_past_the_window(length, spec, replayed):
         press = KVComposePress(compression_ratio=0.5, task_ids=spec["task_ids"])
     else:
         press = build({**spec, "compression_ratio": 0.5} if "press" in spec else spec)
+    kvcompose_of(press).scorer = "attention"  # the one pass whose queries have positions to check
     try:
         kv = prefill(model, random_ids(length, seed=6), press, meta(length))
     finally:
@@ -303,3 +305,83 @@ def test_a_full_replay_fraction_is_the_replay_and_a_bad_one_is_refused(model):
     for bad in (0, -0.5, 1.5):
         with pytest.raises(ValueError, match="replay_fraction"):
             KVComposePress(replay_fraction=bad)
+
+
+@pytest.mark.parametrize("scorer", ["compactor", "keydiff"])
+def test_a_kvpress_scorer_gives_kvcompose_its_scores_in_one_pass(model, scorer):
+    ids = random_ids(200, seed=12)
+    press = KVComposePress(compression_ratio=0.6, scorer=scorer)
+    forwards = []
+    hook = model.model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    try:
+        prefill(model, ids, press, meta(200))
+    finally:
+        hook.remove()
+    assert len(forwards) == 1 and press.last_selection["replayed"] is False  # no second pass
+    rec = record(model, ids)
+    for layer in model.model.layers:
+        i = layer.self_attn.layer_idx
+        torch.manual_seed(0)  # the press seeds Compactor's sketch
+        with torch.inference_mode():
+            theirs = kvpress_scorer(scorer).score(layer.self_attn, rec.kwargs[i]["hidden_states"], rec.keys[i],
+                                                  rec.values[i], None, rec.kwargs[i])[0].float()
+        enhanced = theirs + theirs.mean(dim=0, keepdim=True)  # KVCompose's stabiliser, as for attention
+        torch.testing.assert_close(press.last_selection["scores"][i], enhanced)
+
+
+def kvpress_scorer(name):
+    return {"compactor": kvpress.CompactorPress, "keydiff": kvpress.KeyDiffPress}[name](compression_ratio=0.6)
+
+
+def test_a_kvpress_scorer_is_deterministic_and_leaves_the_random_state_alone(model):
+    ids = random_ids(160, seed=13)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    first = prefill(model, ids, KVComposePress(compression_ratio=0.5, scorer="compactor"), meta(160))
+    assert torch.equal(torch.rand(1), before)  # the caller's stream goes on as if nothing had drawn
+    second = prefill(model, ids, KVComposePress(compression_ratio=0.5, scorer="compactor"), meta(160))
+    assert all(torch.equal(a, b) for a, b in zip(first.keys, second.keys))
+
+
+def test_a_kvpress_scorer_is_refused_where_it_cannot_score():
+    with pytest.raises(ValueError, match="scorer must be 'auto', 'attention' or one of"):
+        KVComposePress(scorer="snapkv")
+    with pytest.raises(ValueError, match="query-agnostic"):
+        KVComposePress(scorer="compactor", task_ids=[[1, 2]])
+    model = tiny_llama(layers=2, seed=5, window=64)
+    with pytest.raises(ValueError, match="cannot follow"):
+        prefill(model, random_ids(50, seed=6),
+                build({"compose": [EVICTS_DEEPER_LAYERS, {"press": "kvcompose", "scorer": "compactor"}]}), meta(50))
+
+
+@pytest.mark.parametrize("length, spec, scored_by", [
+    (40, {}, "replay"),  # the replay fits
+    (50, {}, "compactor"),  # too long to replay: Compactor's one pass (the measured better one pass)
+    (40, {"replay_context": False}, "compactor"),
+    (50, {"scorer": "attention"}, "attention"),  # the prefill's queries placed after the context
+    (40, {"scorer": "keydiff"}, "keydiff"),  # a named scorer even where the replay fits
+])
+def test_the_default_replays_where_it_fits_and_scores_as_compactor_beyond(length, spec, scored_by):
+    model = tiny_llama(layers=2, seed=5, window=64)
+    press = KVComposePress(compression_ratio=0.5, **spec)
+    prefill(model, random_ids(length, seed=6), press, meta(length))
+    assert press.last_selection["scored_by"] == scored_by
+
+
+def test_the_one_pass_selection_is_pinned(model):
+    """The kept positions of the default one pass (Compactor's scores, KVCompose's composite selection
+    and global allocation) on a tiny model. If this changes, a stored cache would no longer be what
+    its id says: bump ``selection.SELECTION_REVISION`` with the change, then update these."""
+    press = KVComposePress(compression_ratio=0.75, replay_context=False)
+    prefill(model, random_ids(96, seed=21), press, meta(96))
+    sel = press.last_selection
+    assert sel["scored_by"] == "compactor" and sel["counts"] == [25, 24, 24, 23]
+    sinks_and_tail = [0, 1, 2, 3, 4, 5, 6, 7, 92, 93, 94, 95]  # Compactor keeps 8 sinks and the last 4
+    assert all(set(sinks_and_tail) <= set(head.tolist()) for layer in sel["positions"] for head in layer)
+    assert sel["positions"][1][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 14, 16, 17, 18, 33, 46, 47, 56, 63, 68, 69,
+                                               70, 92, 93, 94, 95]
+    assert sel["positions"][2][1].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 17, 32, 33, 36, 51, 52, 53, 63, 80, 81, 82,
+                                               83, 92, 93, 94, 95]
+    assert sel["positions"][3][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 9, 33, 36, 37, 46, 53, 61, 71, 84, 86, 87, 92,
+                                               93, 94, 95]

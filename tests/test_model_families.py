@@ -102,13 +102,28 @@ def test_one_pass_queries_are_placed_where_the_replay_puts_them(family):
     replay's positions, softmax over the context) equals the replay's layer 0 exactly."""
     _, model = family
     options = dict(compression_ratio=0.5, agg_task="mean", add_mean_across_heads=False)
-    one_pass, replay = KVComposePress(replay_context=False, **options), OverContext(**options)
+    one_pass = KVComposePress(replay_context=False, scorer="attention", **options)
+    replay = OverContext(**options)
     context = random_ids(CONTEXT)
     for press in (one_pass, replay):
         prefill(model, context, press, meta(CONTEXT))
     a, b = one_pass.last_selection["scores"], replay.last_selection["scores"]
     assert torch.allclose(a[0], b[0], atol=1e-6)
     assert not torch.allclose(a[-1], b[-1], atol=1e-7, rtol=0)  # deeper layers: the causal prefill's states
+
+
+def test_one_pass_scores_with_compactor_where_kvpress_can_rotate_its_queries(family):
+    """kvpress's Compactor rotates queries over the whole head: a family that rotates part of each head
+    (Phi-3) gets the attention one pass by default, and a clear error if it names Compactor."""
+    name, model = family
+    press = KVComposePress(compression_ratio=0.5, replay_context=False)
+    kv = prefill(model, random_ids(CONTEXT), press, meta(CONTEXT))
+    assert press.last_selection["scored_by"] == ("attention" if name == "phi3" else "compactor")
+    assert torch.isfinite(question_logits(model, kv, random_ids(4, seed=2))).all()
+    if name == "phi3":
+        with pytest.raises(ValueError, match="rotates queries over the whole head"):
+            prefill(model, random_ids(CONTEXT), KVComposePress(compression_ratio=0.5, scorer="compactor"),
+                    meta(CONTEXT))
 
 
 @pytest.mark.parametrize("which", ["kvcompose", "other"])

@@ -87,9 +87,9 @@ def test_bench_accuracy_reproduces_committed_rows(tmp_path):
     assert ran.returncode == 0, ran.stderr
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 2
-    # Each cache's header records its canonical press spec, which has gained a field since these rows
-    # were written (KVCompose's replay_fraction): those bytes, and only those, are new.
-    grown = {"none": 0, "kvcompose": len('"replay_fraction":1.0,')}
+    # Each cache's header records its canonical press spec, which has gained fields since these rows
+    # were written (KVCompose's replay_fraction and scorer): those bytes, and only those, are new.
+    grown = {"none": 0, "kvcompose": len('"replay_fraction":1.0,') + len('"scorer":"auto",')}
     for row in rows:
         want = committed[(row["press"], row["ratio"])]
         for field in ("score", "prediction", "kept_fraction"):

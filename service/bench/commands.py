@@ -24,6 +24,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def accuracy(args: argparse.Namespace) -> int:
+    from service.bench import codec_variants
     from service.bench.ruler import TASKS
     from service.bench.runner import TASK_PROMPTS, AccuracyRun
     from service.config import CODECS, EngineConfig
@@ -42,8 +43,9 @@ def accuracy(args: argparse.Namespace) -> int:
         raise ValueError(f"--task-prompts: unknown {sorted(set(prompts) - set(TASK_PROMPTS))}; "
                          f"known: {', '.join(TASK_PROMPTS)}")
     codecs = _names(args.codecs)
-    if set(codecs) - set(CODECS):
-        raise ValueError(f"--codecs: unknown {sorted(set(codecs) - set(CODECS))}; known: {', '.join(CODECS)}")
+    known = (*CODECS, *codec_variants.VARIANTS)  # the store's codecs, and layouts measured before building one
+    if set(codecs) - set(known):
+        raise ValueError(f"--codecs: unknown {sorted(set(codecs) - set(known))}; known: {', '.join(known)}")
     coded = _names(args.codec_presses) or None  # none named: every press's caches
     engine = Engine(EngineConfig.from_env(model=args.model))
     AccuracyRun(engine, args.out, args.length).run(list(tasks), args.samples, presses, ratios, task_prompts=prompts,

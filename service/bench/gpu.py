@@ -397,7 +397,8 @@ def _press(method: str, ratio: float):
     from service.engine.presses.kvcompose import KVComposePress
 
     return {"plain": lambda: None, "kvcompose": lambda: KVComposePress(compression_ratio=ratio),
-            "kvcompose-1pass": lambda: KVComposePress(compression_ratio=ratio, replay_context=False),
+            "kvcompose-1pass": lambda: KVComposePress(compression_ratio=ratio, replay_context=False,
+                                                      scorer="attention"),
             "kvpress": lambda: kvpress.KVComposePress(compression_ratio=ratio)}[method]()
 
 

@@ -8,7 +8,8 @@ busy spell of a shared machine hits every row alike:
 - ``compress/<method>/<tokens>``: wall time of prefill + compression of a needle document, against
   ``plain`` (a prefill that keeps everything: the limit); methods ``kvcompose`` (the default:
   two-pass up to about 2/3 of the model's window, one pass beyond), ``kvcompose-1pass``
-  (``replay_context: false``), ``kvcompose-replay<f>`` (``replay_fraction: f``, with
+  (``replay_context: false``), ``kvcompose-compactor`` (``scorer: compactor``: one pass, Compactor's
+  scores), ``kvcompose-replay<f>`` (``replay_fraction: f``, with
   ``--replay-fractions``) and ``kvpress`` (kvpress 0.5.5's KVComposePress). Peak extra memory
   comes from one more process per row with a fixed glibc mmap threshold (so the kernel's peak
   follows live tensors, which slows allocation: hence apart from the timed runs), against the
@@ -90,7 +91,8 @@ def plan(lengths: list[int], fetch_mib: list[int], kvpress_max_tokens: int, part
          replay_fractions: tuple[float, ...] = ()) -> list[Case]:
     cases = []
     for n in lengths if "compress" in parts else []:
-        methods = ["kvcompose", "kvcompose-1pass"] + [f"kvcompose-replay{f:g}" for f in replay_fractions]
+        methods = ["kvcompose", "kvcompose-1pass", "kvcompose-compactor"]
+        methods += [f"kvcompose-replay{f:g}" for f in replay_fractions]
         methods += ["kvpress"] if n <= kvpress_max_tokens else []
         cases += [Case("compress", "plain", n)] + [Case("compress", m, n, ratio=r) for r in ratios for m in methods]
     for n in lengths if "ttft" in parts else []:
@@ -232,15 +234,18 @@ def _compress(case: Case, engine, doc: str, question: str, needle: str, workdir:
     from service.cache import codec
     from service.cache.kvcache import CacheMeta
     from service.engine.prefill import prefill
-    from service.engine.presses.kvcompose import KVComposePress
+    from service.engine.presses.kvcompose import SCORERS, KVComposePress
 
     ids = engine.context_ids(doc)
     r = case.ratio
     if case.method.startswith("kvcompose-replay"):
         press = KVComposePress(compression_ratio=r, replay_fraction=float(case.method.removeprefix("kvcompose-replay")))
+    elif case.method.removeprefix("kvcompose-") in SCORERS:
+        press = KVComposePress(compression_ratio=r, scorer=case.method.removeprefix("kvcompose-"))
     else:
         press = {"plain": lambda: None, "kvcompose": lambda: KVComposePress(compression_ratio=r),
-                 "kvcompose-1pass": lambda: KVComposePress(compression_ratio=r, replay_context=False),
+                 "kvcompose-1pass": lambda: KVComposePress(compression_ratio=r, replay_context=False,
+                                                           scorer="attention"),
                  "kvpress": lambda: kvpress.KVComposePress(compression_ratio=r)}[case.method]()
     meta = CacheMeta(engine.model_id, engine.loaded.revision, len(ids), {})
     prefill(engine.loaded.model, ids[:64], None, meta)  # warm-up: kernels' first-use allocations

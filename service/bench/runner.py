@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from service.bench import metrics, ruler
+from service.bench import codec_variants, metrics, ruler
 from service.cache import codec
 from service.cache.kvcache import CacheMeta, CompressedKV
 from service.config import BatchLimits
@@ -33,7 +33,7 @@ from service.engine.batching import Request
 from service.engine.engine import Engine
 from service.engine.prefill import collect
 from service.engine.presses import build, canonical, presses_in
-from service.engine.presses.kvcompose import KVComposePress
+from service.engine.presses.kvcompose import AUTO_ONE_PASS, SCORERS, KVComposePress
 from service.protocol import Sampling
 
 TASK_AWARE = "kvcompose-aware"  # KVCompose scored by the sample's question (its row label)
@@ -122,11 +122,15 @@ def label(spec: dict) -> str:
     spec = canonical(spec)
     if "compose" in spec:
         return "+".join(label(p) for p in spec["compose"])
-    if spec["press"] == "kvcompose" and not spec["replay_context"]:
-        return "kvcompose-1pass"  # its own rows: the same press name, another scoring
-    if spec["press"] == "kvcompose" and spec["replay_fraction"] < 1:
+    if spec["press"] != "kvcompose":
+        return spec["press"]
+    # each scoring its own rows: the same press name, another scoring
+    if not spec["replay_context"] or spec["scorer"] not in ("auto", "attention"):  # one pass, always
+        scorer = {"auto": AUTO_ONE_PASS}.get(spec["scorer"], spec["scorer"])
+        return "kvcompose-1pass" if scorer == "attention" else f"kvcompose-{scorer}"
+    if spec["replay_fraction"] < 1:
         return f"kvcompose-replay{spec['replay_fraction']:g}"
-    return spec["press"]
+    return "kvcompose-attention" if spec["scorer"] == "attention" else "kvcompose"  # they differ past 2/3 of the window
 
 
 class AccuracyRun:
@@ -202,15 +206,19 @@ class AccuracyRun:
         meta = CacheMeta(self.engine.model_id, self.engine.loaded.revision, rec.ids.shape[1], spec)
         parts = spec.get("compose", [spec]) if spec else []
         if parts and parts[-1]["press"] == "kvcompose":  # score once per sample, select per ratio
-            if name not in scored:
+            # a kvpress scorer takes the ratio (Compactor blends by it): it scores again per ratio
+            entry = scored.get(name)
+            if entry is None or entry[2] not in (None, parts[-1]["compression_ratio"]):
                 before = parts[0] if len(parts) == 2 else {"compose": parts[:-1]} if len(parts) > 2 else None
                 base = run_press(model, build(before), rec) if before else rec.cache()
                 prompt = {TASK_PROMPTS["question"]: sample.question, TASK_PROMPTS["paraphrase"]: sample.paraphrase,
                           TASK_PROMPTS["unrelated"]: ruler.UNRELATED}.get(name)
                 scorer = build(parts[-1], [self.engine.prompt.question_ids(prompt)] if prompt else None)
                 run_press(model, scorer, rec, _copy(base))
-                scored[name] = (base, scorer.last_selection["scores"])
-            base, scores = scored[name]
+                selection = scorer.last_selection
+                ratio = parts[-1]["compression_ratio"] if selection["scored_by"] in SCORERS else None
+                scored[name] = (base, selection["scores"], ratio)
+            base, scores, _ = scored[name]
             cache = _copy(base)
             selector = build(parts[-1])
             selector.compress_with_scores(scores, cache)
@@ -234,7 +242,10 @@ class AccuracyRun:
 
 
 def _through_codec(kv: CompressedKV, codec_name: str) -> CompressedKV:
-    """The cache as a decode worker gets it: stored with ``codec_name`` and read back."""
+    """The cache as a decode worker gets it: stored with ``codec_name`` (or a ``codec_variants`` layout)
+    and read back."""
+    if codec_name in codec_variants.VARIANTS:
+        return codec_variants.read_back(kv, codec_name)
     return codec.decode(codec.encode(kv.to(dtype=codec.memory_dtype(codec_name)), codec_name))
 
 
@@ -247,4 +258,6 @@ def _cache_copy(keys: list[torch.Tensor], values: list[torch.Tensor]) -> Dynamic
 
 
 def _nbytes(kv: CompressedKV, codec_name: str) -> int:
+    if codec_name in codec_variants.VARIANTS:
+        return codec_variants.stored_bytes(kv, codec_name)
     return len(codec.encode(kv, codec_name))

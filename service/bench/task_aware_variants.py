@@ -40,7 +40,7 @@ def variants(question: list[int], question_with_prefix: list[int]) -> dict[str, 
     """name -> scoring press (task ids None: the context itself)."""
     return {
         "agnostic": KVComposePress(),
-        "onepass": KVComposePress(replay_context=False),
+        "onepass": KVComposePress(replay_context=False, scorer="attention"),
         "aware": KVComposePress(task_ids=[question]),
         "aware-mean": KVComposePress(task_ids=[question], agg_task="mean"),  # mean-pooled over task tokens
         "aware-ctx": ContextSoftmaxKVCompose(task_ids=[question]),

@@ -16,7 +16,9 @@ import torch
 # (``cache/ids.py``). 2: KVCompose scores inside the model's window (contexts longer than half of it
 # lost needles with revision 1). 3: contexts between half and about 2/3 of the window are replayed
 # squeezed instead of scored in one pass (RULER's 4k NIAH contexts, 4,119 tokens, lost answers).
-SELECTION_REVISION = 3
+# 4: a document KVCompose does not replay (longer than about 2/3 of the window, or
+# ``replay_context: false``) is scored by Compactor's one pass, not the prefill's attention.
+SELECTION_REVISION = 4
 
 BOOST = 1e9  # added to the first keep_token_lower_bound composite scores, as kvpress does
 

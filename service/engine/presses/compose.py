@@ -54,12 +54,14 @@ def order_problem(parts: list[dict]) -> tuple[int, str] | None:
             if need and part.get("keep_token_lower_bound", 0) <= need:
                 return i, (f"a later press scores from a window of {need} keys, and 'kvcompose' may leave a "
                            f"layer fewer; set its keep_token_lower_bound to at least {need + 1}")
-        if name == "kvcompose" and part.get("replay_context") is False:
+        one_pass = part.get("replay_context") is False or part.get("scorer", "auto") not in ("auto", "attention")
+        if name == "kvcompose" and one_pass:
             before = [n for n in names[:i] if n not in KEEPS_EVERY_TOKEN]
             if before:
-                return i, ("'kvcompose' with replay_context=false scores from the prefill's own attention over "
-                           f"the whole context, so it cannot follow {before[0]!r}; put it first or set "
-                           "replay_context=true")
+                how = "replay_context=false" if part.get("replay_context") is False else f"scorer {part['scorer']!r}"
+                return i, (f"'kvcompose' with {how} scores the prefill's own keys in one pass over the whole "
+                           f"context, so it cannot follow {before[0]!r}; put it first or use its default "
+                           "(replayed) scoring")
     return None
 
 

@@ -5,11 +5,13 @@ Differences from kvpress 0.5.5's KVComposePress (same positions on the same scor
   a time (``scoring.TaskAttention``), O(L x T) memory instead of eager (heads, L, 2L) weights;
 - task-aware scoring works: ``task_ids`` are replayed (each prompt on its own, against the context
   only); with none, the context itself is replayed (task-agnostic), or, with
-  ``replay_context=False``, scored in one pass: the prefill's own queries, rotated to the positions
-  the replay would give them (after the context), attend to every context key; task queries never get
-  positions past the window: a replay that would run past it is squeezed into it, and a context
-  longer than about 2/3 of the window (squeezed tighter than ``MIN_REPLAY_SPACING``) is scored in
-  one pass (after a press that evicted, it is replayed squeezed all the same);
+  ``replay_context=False``, scored in one pass: by default with Compactor's scores (kvpress's
+  ``CompactorPress``; Chari & Van Durme 2025), or (``scorer="attention"``) by the prefill's own
+  queries, rotated to the positions the replay would give them, attending to every context key;
+  task queries never get positions past the window: a replay that would run past it is squeezed
+  into it, and a context longer than about 2/3 of the window (squeezed tighter than
+  ``MIN_REPLAY_SPACING``) is scored in one pass (after a press that evicted, it is replayed squeezed
+  all the same);
 - the replay reads the cache through a view that never stores the replayed tokens, so the cache
   is not doubled and nothing of the replay is left behind;
 - it is a plain forward hook (no patched ``model.forward``), so it composes (``presses.compose``):
@@ -32,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import kvpress
 import torch
 from kvpress.presses.base_press import BasePress, is_prefilling
 from kvpress.utils import get_prerope_query_states
@@ -46,6 +49,20 @@ from service.engine.presses.scoring import TaskAttention
 MIN_REPLAY_SPACING = 0.5  # a context replayed squeezed tighter than this is scored in one pass (_replays)
 SCORE_BLOCK_BYTES = 8 * 2**20  # memory for one block of attention weights while scoring
 REPLAY_WINDOW = 128  # the last context tokens a sampled replay always runs
+SCORER_SEED = 0  # the random state a kvpress scorer starts from (``_score_with_scorer``)
+AUTO_ONE_PASS = "compactor"  # what scorer "auto" scores a document with when it is not replayed
+# kvpress's query-agnostic one-pass scorers KVCompose can select with (``scorer``): each scores every
+# key of a layer from the prefill alone, without attention weights.
+SCORERS: dict[str, type[kvpress.ScorerPress]] = {
+    "compactor": kvpress.CompactorPress,  # Chari & Van Durme 2025: leverage + non-causal chunked attention
+    "noncausalattn": kvpress.NonCausalAttnPress,  # Compactor's attention half alone
+    "leveragescore": kvpress.LeverageScorePress,  # Compactor's key-geometry half alone
+    "keydiff": kvpress.KeyDiffPress,
+    "knorm": kvpress.KnormPress,
+}
+# kvpress rotates these scorers' queries with Llama's rotary over the whole head: wrong shapes where a
+# family rotates part of each head (Phi-3's partial_rotary_factor).
+WHOLE_HEAD_ROTARY = {"compactor", "noncausalattn"}
 
 
 class _ReadOnlyLayer(DynamicLayer):
@@ -69,6 +86,16 @@ class _ReadOnlyLayer(DynamicLayer):
 
 def _read_only(cache: Cache) -> Cache:
     return Cache(layers=[_ReadOnlyLayer(layer) for layer in cache.layers])
+
+
+@dataclass
+class _Scored:
+    """Scores computed whole (a kvpress scorer's), in the place of a ``TaskAttention`` aggregate."""
+
+    scores: torch.Tensor
+
+    def result(self) -> torch.Tensor:
+        return self.scores
 
 
 class PaddingIndices(tuple):
@@ -95,16 +122,21 @@ class KVComposePress(BasePress):
     structured: aligned composite tokens (dense, default) or per-head counts (unstructured).
     replay_context: task-agnostic scoring replays the context as the task (as kvpress does) while
         its squeezed copy keeps ``MIN_REPLAY_SPACING`` (contexts up to about 2/3 of the window);
-        False, or a longer context (unless a press before this one evicted), scores in one pass:
-        each prefill query, placed after the context as the replay would place it (squeezed into
-        the window), attends to every context key (no second forward pass; the queries keep their causal hidden states,
-        and the softmax covers the context keys only).
+        False, or a longer context (unless a press before this one evicted), scores in one pass,
+        as ``scorer`` says.
     replay_fraction: the share of the context a task-agnostic replay runs as queries (1 = all): a
         stride over the document plus its last ``REPLAY_WINDOW`` tokens (where a question follows),
         each at the position the full replay gives it. The replay is a second forward pass, MLPs
         included, so its cost falls with the share; which share keeps the answers is measured
         (docs/accuracy.md).
     task_ids: token ids of task prompts (e.g. expected questions) for task-aware scoring.
+    scorer: how a document that is not replayed is scored (the composite selection and the global
+        allocation are the same for all). "auto" (the default): Compactor's scores, as "compactor".
+        "attention": each prefill query, placed after the context as the replay would place it
+        (squeezed into the window), attends to every context key (the queries keep their causal
+        hidden states; the softmax covers the context keys only). A name in ``SCORERS``: that
+        kvpress scorer (one pass, no attention weights, given this press's compression_ratio),
+        also where the context would fit a replay.
     """
 
     compression_ratio: float = 0.0
@@ -118,6 +150,7 @@ class KVComposePress(BasePress):
     replay_context: bool = True
     replay_fraction: float = 1.0
     task_ids: list[list[int]] | None = None
+    scorer: str = "auto"
     last_selection: dict[str, list] | None = field(default=None, init=False, repr=False, compare=False)
     # (kv_heads, slots) bool masks of the slots each head left empty, by layer (structured=False):
     # a result of the compression, read by ``prefill.collect`` (the modules' copies are for kvpress).
@@ -139,6 +172,10 @@ class KVComposePress(BasePress):
             raise ValueError(f"replay_fraction must be in (0, 1], got {self.replay_fraction}")
         if self.task_ids is not None and not all(len(ids) > 0 for ids in self.task_ids):
             raise ValueError("task_ids must be non-empty token id lists")
+        if self.scorer not in ("auto", "attention", *SCORERS):
+            raise ValueError(f"scorer must be 'auto', 'attention' or one of {sorted(SCORERS)}, got {self.scorer!r}")
+        if self.scorer not in ("auto", "attention") and self.task_ids:
+            raise ValueError(f"scorer {self.scorer!r} is query-agnostic: task_ids need scorer 'auto' or 'attention'")
 
     # kvpress calls this when the press (or a composition holding it) is entered; wrappers may call it
     # without ever entering this press's ``with`` block, so it registers nothing on the model.
@@ -186,16 +223,21 @@ class KVComposePress(BasePress):
         if not is_prefilling(kwargs["cache_position"], q_len):
             return output
         if layer == 0:
-            state.update(scores={}, n_cached={}, context_length=q_len, replay=self._replays(q_len))
+            state.update(scores={}, n_cached={}, context_length=q_len, replay=self._replays(q_len),
+                         one_pass=self._one_pass_scorer(kwargs["position_embeddings"][0].shape[-1] / module.head_dim))
         keys = cache.layers[layer].keys
         if not self._needs_replay() and keys.shape[2] != q_len:  # a press before us evicted here
-            if not self.replay_context:
-                raise ValueError("kvcompose with replay_context=false must come first in a composition "
-                                 "(or after think only)")
+            if self._one_pass_asked():
+                how = "replay_context=false" if not self.replay_context else f"scorer {self.scorer!r}"
+                raise ValueError(f"kvcompose with {how} scores in one pass over every key: it must come first "
+                                 "in a composition (or after think only)")
             state.update(replay=True, scores={}, n_cached={})  # no query for every key: replay, squeezed
         if not self._needs_replay():
-            state["n_cached"][layer] = q_len
-            self._score(module, kwargs, keys, q_len, after_context=True)
+            if state["one_pass"] == "attention":
+                state["n_cached"][layer] = q_len
+                self._score(module, kwargs, keys, q_len, after_context=True)
+            else:
+                self._score_with_scorer(module, kwargs, cache.layers[layer])
         if layer == state["num_layers"] - 1:
             try:
                 if self._needs_replay():
@@ -208,6 +250,36 @@ class KVComposePress(BasePress):
     def _needs_replay(self) -> bool:
         return self._state["replay"]
 
+    def _one_pass_scorer(self, rotary_share: float) -> str:
+        """What scores a document that is not replayed: "attention" (the prefill's queries placed after
+        the context) or a kvpress scorer's name. "auto" takes Compactor: at 2k it kept 0.82 / 0.90
+        (10% / 20% loss) where the attention one pass kept 0.40 / 0.71, and at 8k (where no replay
+        fits) at least 0.95 / 0.95 where it kept 0.77 / 0.81, in 1.2-1.3x a plain prefill against
+        1.9-3.2x (docs/accuracy.md, docs/performance.md); "attention" where kvpress cannot rotate
+        Compactor's queries (``rotary_share``: the share of each head the model rotates, below 1)."""
+        whole = rotary_share == 1
+        if self.scorer == "auto":
+            return AUTO_ONE_PASS if whole or AUTO_ONE_PASS not in WHOLE_HEAD_ROTARY else "attention"
+        if self.scorer in WHOLE_HEAD_ROTARY and not whole:
+            raise ValueError(f"scorer {self.scorer!r} (kvpress) rotates queries over the whole head, and this model "
+                             f"rotates {rotary_share:g} of each: use scorer 'auto' or 'attention'")
+        return self.scorer
+
+    def _one_pass_asked(self) -> bool:
+        """Whether the spec itself asks for one pass (not only a context too long to replay)."""
+        return not self.replay_context or self.scorer not in ("auto", "attention")
+
+    def _score_with_scorer(self, module: nn.Module, kwargs: dict, layer: DynamicLayer) -> None:
+        """One layer's (kv_heads, L) scores from the kvpress scorer chosen for this document."""
+        scorer = SCORERS[self._state["one_pass"]](compression_ratio=self.compression_ratio)
+        device = layer.keys.device
+        # Compactor's leverage half draws a Gaussian sketch: seeded, so that a document gets the same
+        # cache on every replica, without moving the caller's random state.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(SCORER_SEED)
+            scores = scorer.score(module, kwargs["hidden_states"], layer.keys, layer.values, None, kwargs)
+        self._state["scores"][module.layer_idx] = _Scored(scores[0].float())
+
     def _replays(self, context_length: int) -> bool:
         """Whether this document is scored by a second forward pass. Task prompts always are. The
         context is replayed as the task while its squeezed copy keeps at least MIN_REPLAY_SPACING
@@ -218,6 +290,8 @@ class KVComposePress(BasePress):
         press before us turns out to have evicted, the hook replays after all: one pass needs every key.)"""
         if self.task_ids:
             return True
+        if self.scorer not in ("auto", "attention"):
+            return False
         return self.replay_context and self._placement(context_length, context_length)[1] >= MIN_REPLAY_SPACING
 
     def _replay(self, cache: Cache) -> None:
@@ -328,6 +402,7 @@ class KVComposePress(BasePress):
             scores.append(selection.enhance(s, values, self.add_mean_across_heads))
         self.compress_with_scores(scores, cache)
         self.last_selection["replayed"] = state["replay"]
+        self.last_selection["scored_by"] = "replay" if state["replay"] else state["one_pass"]
         if not self.structured:
             self._mark_padding(state["model"])
 
