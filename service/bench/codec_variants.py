@@ -18,6 +18,7 @@ import torch
 
 from service.cache import codec
 from service.cache.kvcache import CompressedKV
+from service.config import CODECS
 
 SINKS = 4
 RECENT = 32
@@ -26,7 +27,9 @@ VARIANTS = ("k4v2-res", "k4v2-top")
 
 
 def read_back(kv: CompressedKV, name: str) -> CompressedKV:
-    """The cache as a decode worker would get it from the variant ``name``."""
+    """The cache as a decode worker would get it from the codec or variant ``name``."""
+    if name in CODECS:
+        return _through(kv, name)
     coded = _through(kv, "k4v2")
     if name == "k4v2-res":
         exact = kv.to(dtype=torch.float16)
@@ -42,7 +45,9 @@ def read_back(kv: CompressedKV, name: str) -> CompressedKV:
 
 
 def stored_bytes(kv: CompressedKV, name: str) -> int:
-    """Estimated bytes the variant ``name`` would store (see the module's docstring)."""
+    """Bytes the codec ``name`` stores, or the variant ``name`` would (estimated: the module's docstring)."""
+    if name in CODECS:
+        return len(codec.encode(kv, name))
     k4v2 = len(codec.encode(kv, "k4v2"))
     if name == "k4v2-res":
         kept = sum(min(SINKS + RECENT, k.shape[1]) * k.shape[0] * k.shape[2] for k in kv.keys)
@@ -55,6 +60,7 @@ def stored_bytes(kv: CompressedKV, name: str) -> int:
 
 
 def _through(kv: CompressedKV, name: str) -> CompressedKV:
+    """Stored with the codec ``name`` and read back."""
     return codec.decode(codec.encode(kv.to(dtype=codec.memory_dtype(name)), name))
 
 

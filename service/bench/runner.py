@@ -26,7 +26,6 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from service.bench import codec_variants, metrics, ruler
-from service.cache import codec
 from service.cache.kvcache import CacheMeta, CompressedKV
 from service.config import BatchLimits
 from service.engine.batching import Request
@@ -244,9 +243,7 @@ class AccuracyRun:
 def _through_codec(kv: CompressedKV, codec_name: str) -> CompressedKV:
     """The cache as a decode worker gets it: stored with ``codec_name`` (or a ``codec_variants`` layout)
     and read back."""
-    if codec_name in codec_variants.VARIANTS:
-        return codec_variants.read_back(kv, codec_name)
-    return codec.decode(codec.encode(kv.to(dtype=codec.memory_dtype(codec_name)), codec_name))
+    return codec_variants.read_back(kv, codec_name)
 
 
 def _copy(cache: DynamicCache) -> DynamicCache:
@@ -258,6 +255,4 @@ def _cache_copy(keys: list[torch.Tensor], values: list[torch.Tensor]) -> Dynamic
 
 
 def _nbytes(kv: CompressedKV, codec_name: str) -> int:
-    if codec_name in codec_variants.VARIANTS:
-        return codec_variants.stored_bytes(kv, codec_name)
-    return len(codec.encode(kv, codec_name))
+    return codec_variants.stored_bytes(kv, codec_name)
